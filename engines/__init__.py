@@ -1,0 +1,1 @@
+"""Backends behind one interface: name, available() -> (ok, reason), build(component, case) -> Runner."""

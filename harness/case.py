@@ -1,0 +1,53 @@
+"""A Case names one thing to measure: component, shape, precision, batch, model source, shape mode."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.errors import HarnessError
+from harness.shapes import VideoShape
+
+COMPONENTS = ("transformer", "transformer_2", "vae_decoder", "text_encoder")
+# fp8 means bf16 activations with fp8 e4m3 matmuls (and attention where the backend has it).
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+def check_component(name: str) -> str:
+    if name not in COMPONENTS:
+        raise HarnessError(f"unknown component {name!r}; choose one of {', '.join(COMPONENTS)}")
+    return name
+
+
+def check_precision(name: str) -> str:
+    if name not in PRECISIONS:
+        raise HarnessError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+    return name
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parametrization; `id` is both the pytest id and the readable part of cache keys."""
+
+    component: str
+    shape: VideoShape
+    precision: str = "fp32"
+    batch: int = 1
+    source: str = "tiny"
+    dynamic: bool = False
+
+    def __post_init__(self):
+        check_component(self.component)
+        check_precision(self.precision)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    @property
+    def id(self) -> str:
+        mode = "-dynamic" if self.dynamic else ""
+        return f"{self.component}-{self.source}-{self.shape.id}-{self.precision}-b{self.batch}{mode}"
+
+    def with_precision(self, precision: str) -> "Case":
+        return Case(self.component, self.shape, precision, self.batch, self.source, self.dynamic)

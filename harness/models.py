@@ -1,0 +1,213 @@
+"""Wan2.2-T2V-A14B components from three sources: tiny (CI), proxy (A14B width, few layers), checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("tiny", "proxy", "checkpoint")
+SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "transformer_2", "vae", "scheduler")
+# Bumped whenever the random-init recipe changes, so cached exports of old weights are not reused.
+INIT_RECIPE = "seeded-normal-v1"
+
+A14B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+TINY_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+    out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+TINY_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                temperal_downsample=[False, True, True])
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
+TINY_UMT5 = dict(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")
+# A small fixed corpus: the offline tokenizer is trained on it, so token ids are deterministic.
+TOKENIZER_CORPUS = (
+    "A cat walks on the grass, realistic, soft light. "
+    "Two astronauts ride horses across a red desert at sunset. "
+    "A drone shot over a snowy mountain ridge with clouds moving fast. "
+    "Close-up of raindrops falling into a puddle in slow motion. "
+    "Low quality, blurry, static, overexposed, worst quality, jpeg artifacts."
+)
+
+
+@dataclass
+class WanModel:
+    """Everything a Wan2.2 T2V run needs, with the pipeline settings of the A14B model card."""
+
+    source: str
+    label: str
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    transformer: torch.nn.Module
+    transformer_2: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    boundary_ratio: float = 0.875
+    guidance_scale: float = 4.0
+    guidance_scale_2: float = 3.0
+    max_sequence_length: int = 512
+
+    def pipeline(self):
+        """A diffusers WanPipeline over these very modules (no copies)."""
+        from diffusers import WanPipeline
+
+        return WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                           scheduler=self.scheduler, transformer=self.transformer,
+                           transformer_2=self.transformer_2, boundary_ratio=self.boundary_ratio)
+
+
+def make_scheduler(flow_shift: float = 3.0):
+    """The A14B model card's scheduler: flow-matching UniPC with shift 3."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   num_train_timesteps=1000, flow_shift=flow_shift)
+
+
+def make_tokenizer():
+    """A UMT5-style tokenizer (pad 0, eos 1, unk 2) trained in memory; nothing is downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+    tok.train_from_iterator([TOKENIZER_CORPUS], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+@torch.no_grad()
+def seeded_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill every parameter from an fp32 draw seeded by (seed, name), whatever the module's dtype.
+
+    Building in bf16 or fp32 therefore gives the same weights up to rounding, which the parity
+    cases rely on, and 40 A14B layers can be initialised directly in bf16 on the GPU.
+    """
+    for name, param in module.named_parameters():
+        gen = torch.Generator(device=param.device).manual_seed(_param_seed(seed, name))
+        draw = torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32)
+        if param.dim() >= 2 and "embed_tokens" not in name and name != "shared.weight":
+            draw /= (param[0].numel()) ** 0.5  # fan-in scaling keeps activations O(1) through depth
+        elif "norm" in name and name.endswith("weight"):
+            draw = 1.0 + 0.02 * draw
+        elif param.dim() < 2:
+            draw *= 0.02
+        param.copy_(draw)
+        del draw
+    return module
+
+
+def _build(cls, config: dict, seed: int, device: str, dtype: torch.dtype):
+    """Construct on the target device in the target dtype, then fill weights deterministically."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    module = seeded_init(torch.nn.Module.to(module, dtype), seed)  # we keep fp32 modules ourselves, below
+    keep_fp32 = getattr(module, "_keep_in_fp32_modules", None) or []
+    if dtype != torch.float32:  # mirror from_pretrained(torch_dtype=...), which keeps these in fp32
+        for name, sub in module.named_modules():
+            if any(part in keep_fp32 for part in name.split(".")):
+                sub.to(torch.float32)
+    return module.eval().requires_grad_(False)
+
+
+def _fingerprint(config: dict, recipe: str) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str) + recipe
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _random_model(source: str, label: str, dit: dict, vae: dict, umt5: dict,
+                  device: str, dtype: torch.dtype) -> WanModel:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    # Seeds 0/1 make the two experts differ, as the real high- and low-noise experts do.
+    parts = {
+        "transformer": (WanTransformer3DModel, dit, 0),
+        "transformer_2": (WanTransformer3DModel, dit, 1),
+        "vae": (AutoencoderKLWan, vae, 2),
+    }
+    built = {name: _build(cls, cfg, seed, device, dtype) for name, (cls, cfg, seed) in parts.items()}
+    built["text_encoder"] = _build(lambda **c: UMT5EncoderModel(UMT5Config(**c)), umt5, 3, device, dtype)
+    fingerprints = {name: _fingerprint(cfg, f"{INIT_RECIPE}/seed{seed}")
+                    for name, (_, cfg, seed) in {**parts, "text_encoder": (None, umt5, 3)}.items()}
+    return WanModel(source=source, label=label, tokenizer=make_tokenizer(), scheduler=make_scheduler(),
+                    fingerprints=fingerprints, **built)
+
+
+def check_checkpoint_folder(path: str | os.PathLike | None) -> Path:
+    """Raise HarnessError listing what is missing from a diffusers Wan folder."""
+    if not path:
+        raise HarnessError("model source 'checkpoint' needs --model-path or WAN_MODEL_PATH pointing at a "
+                           "local diffusers Wan2.2-T2V-A14B folder")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise HarnessError(f"checkpoint folder {root} does not exist; point --model-path at a local "
+                           f"diffusers folder with model_index.json and {', '.join(SUBFOLDERS)}/")
+    missing = [s for s in ("model_index.json", *SUBFOLDERS) if not (root / s).exists()]
+    if missing:
+        raise HarnessError(f"checkpoint folder {root} lacks {', '.join(missing)}; a diffusers Wan2.2 "
+                           f"folder holds model_index.json and the subfolders {', '.join(SUBFOLDERS)}/")
+    return root
+
+
+def _checkpoint_fingerprint(folder: Path) -> str:
+    """Config plus names, sizes and mtimes of weight files: hashing 57 GB of weights would take minutes."""
+    entries = sorted((str(p.relative_to(folder)), p.stat().st_size, int(p.stat().st_mtime))
+                     for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def _checkpoint_model(path, device: str, dtype: torch.dtype) -> WanModel:
+    from diffusers import WanPipeline
+
+    root = check_checkpoint_folder(path)
+    pipe = WanPipeline.from_pretrained(root, torch_dtype=dtype, local_files_only=True)
+    pipe.to(device)
+    return WanModel(
+        source="checkpoint", label=f"checkpoint {root.name}", tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder.eval(), transformer=pipe.transformer.eval(),
+        transformer_2=pipe.transformer_2.eval(), vae=pipe.vae.eval(), scheduler=pipe.scheduler,
+        fingerprints={s: _checkpoint_fingerprint(root / s) for s in SUBFOLDERS},
+        boundary_ratio=pipe.config.boundary_ratio or 0.875)
+
+
+def load_model(source: str = "tiny", *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               layers: int = 2, text_layers: int | None = None, path=None) -> WanModel:
+    """Build or load a WanModel; random sources are deterministic for a given (source, layers)."""
+    if source == "tiny":
+        return _random_model("tiny", "tiny (random weights)", TINY_TRANSFORMER, TINY_VAE, TINY_UMT5, device, dtype)
+    if source == "proxy":
+        if not 1 <= layers <= A14B_TRANSFORMER["num_layers"]:
+            raise HarnessError(f"--proxy-layers {layers} must be between 1 and 40")
+        text_layers = text_layers or layers
+        dit = {**A14B_TRANSFORMER, "num_layers": layers}
+        return _random_model("proxy", f"proxy, {layers} of 40 layers", dit, {},
+                             {**UMT5_XXL, "num_layers": text_layers}, device, dtype)
+    if source == "checkpoint":
+        return _checkpoint_model(path or os.environ.get("WAN_MODEL_PATH"), device, dtype)
+    raise HarnessError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")

@@ -1,0 +1,111 @@
+"""Video shapes: presets, validation, latent shapes, token counts, step split and DiT FLOPs."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from harness.errors import HarnessError
+
+# Wan's VAE compresses 4x in time and 8x in space; the DiT patchifies (1, 2, 2).
+TEMPORAL_COMPRESSION = 4
+SPATIAL_COMPRESSION = 8
+PATCH = (1, 2, 2)
+LATENT_CHANNELS = 16
+# The VAE's causal 3D convs and RoPE table bound what a run can ask for; past these a
+# run would exceed rope_max_seq_len=1024 per axis or a GPU's memory long before.
+MAX_SIDE = 2048
+MAX_FRAMES = 1021
+PRESETS = {"480p": (480, 832, 81), "720p": (720, 1280, 81)}
+
+# A14B expert width (FACTS.md §4), used for the FLOP count of one DiT block.
+A14B_DIM = 5120
+A14B_FFN = 13824
+A14B_LAYERS = 40
+TEXT_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """A pixel-space video size; `id` is the readable form used in case ids (HxWxF)."""
+
+    height: int
+    width: int
+    frames: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames}"
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.frames - 1) // TEMPORAL_COMPRESSION + 1
+
+    def latent_shape(self, batch: int = 1) -> tuple[int, int, int, int, int]:
+        return (batch, LATENT_CHANNELS, self.latent_frames,
+                self.height // SPATIAL_COMPRESSION, self.width // SPATIAL_COMPRESSION)
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length the DiT attends over: latent frames x (H/16) x (W/16)."""
+        _, _, f, h, w = self.latent_shape()
+        return (f // PATCH[0]) * (h // PATCH[1]) * (w // PATCH[2])
+
+
+def validate(height: int, width: int, frames: int) -> VideoShape:
+    """Return the shape, or raise HarnessError naming the Wan rule it breaks."""
+    step = SPATIAL_COMPRESSION * PATCH[1]
+    if min(height, width, frames) <= 0:
+        raise HarnessError(f"shape {height}x{width}x{frames}: height, width and frames must be positive")
+    for name, value in (("height", height), ("width", width)):
+        if value % step:
+            raise HarnessError(f"{name} {value} is not a multiple of {step}: Wan needs H and W "
+                               f"divisible by {step} (VAE x8, patch x2); try {value // step * step or step}")
+        if value > MAX_SIDE:
+            raise HarnessError(f"{name} {value} exceeds {MAX_SIDE}, the largest side this harness supports")
+    if (frames - 1) % TEMPORAL_COMPRESSION:
+        k = (frames - 1) // TEMPORAL_COMPRESSION
+        raise HarnessError(f"frames {frames} is not 4k+1: Wan's VAE needs 4k+1 frames; "
+                           f"try {4 * k + 1} or {4 * k + 5}")
+    if frames > MAX_FRAMES:
+        raise HarnessError(f"frames {frames} exceeds {MAX_FRAMES}, the most this harness supports")
+    return VideoShape(height, width, frames)
+
+
+def parse_shape(spec: str) -> VideoShape:
+    """Parse a preset name (480p, 720p) or HxWxF, e.g. 16x16x9."""
+    spec = spec.strip().lower()
+    if spec in PRESETS:
+        return validate(*PRESETS[spec])
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", spec)
+    if not match:
+        raise HarnessError(f"shape {spec!r} is neither a preset ({', '.join(PRESETS)}) nor HxWxF like 480x832x81")
+    return validate(*(int(g) for g in match.groups()))
+
+
+def parse_shapes(specs: str) -> list[VideoShape]:
+    """Parse a comma-separated list of shape specs."""
+    return [parse_shape(s) for s in specs.split(",") if s.strip()]
+
+
+def block_flops(tokens: int, dim: int = A14B_DIM, ffn: int = A14B_FFN, text_tokens: int = TEXT_TOKENS) -> float:
+    """FLOPs of one DiT block (FACTS.md §5): projections, self-attention, cross-attention, FFN."""
+    return (12 * tokens * dim ** 2 + 4 * tokens ** 2 * dim
+            + 4 * tokens * text_tokens * dim + 4 * tokens * dim * ffn)
+
+
+def dit_flops(tokens: int, layers: int = A14B_LAYERS) -> float:
+    """FLOPs of one DiT forward of `layers` A14B-width blocks (the blocks dominate; embeddings are ignored)."""
+    return layers * block_flops(tokens)
+
+
+def step_split(steps: int, boundary_ratio: float = 0.875, flow_shift: float = 3.0) -> tuple[int, int]:
+    """How many of `steps` run the high-noise expert (t >= boundary) and how many the low-noise one."""
+    from harness.models import make_scheduler  # the real scheduler decides the timesteps
+
+    if steps <= 0:
+        raise HarnessError(f"steps {steps} must be positive")
+    scheduler = make_scheduler(flow_shift)
+    scheduler.set_timesteps(steps)
+    boundary = boundary_ratio * scheduler.config.num_train_timesteps
+    high = int(sum(float(t) >= boundary for t in scheduler.timesteps))
+    return high, steps - high
