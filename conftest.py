@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.case import check_precision
+from engines.base import BackendUnavailable, get_backend
+from harness.case import COMPONENTS, Case, check_precision
+from harness.components import example_inputs, make_component
 from harness.errors import HarnessError
 from harness.models import SOURCES, WanModel, load_model
 from harness.shapes import VideoShape, parse_shapes
@@ -32,6 +34,9 @@ def pytest_addoption(parser):
     g.addoption("--cache-dir", default=os.environ.get("WAN_BENCH_CACHE", ".cache"),
                 help="ONNX files and engines (git-ignored)")
     g.addoption("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.addoption("--perf-rounds", type=int, default=10, help="timed rounds per side in perf cases")
+    g.addoption("--perf-precision", default=None,
+                help="precision of perf cases (default bf16 on CUDA, fp32 on CPU; torch-fp8 always fp8)")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class Settings:
     results_dir: Path
     cache_dir: Path
     device: str
+    perf_precision: str
+    perf_rounds: int
 
 
 def _settings(config) -> Settings:
@@ -63,7 +70,9 @@ def _settings(config) -> Settings:
         precisions=tuple(check_precision(p.strip()) for p in opt("--precisions").split(",") if p.strip()),
         shapes=tuple(parse_shapes(opt("--shapes") or DEFAULT_SHAPES[source])),
         steps=opt("--steps") or (4 if source == "tiny" else 40), speedup_gate=opt("--speedup-gate"),
-        results_dir=Path(opt("--results-dir")), cache_dir=Path(opt("--cache-dir")), device=device)
+        results_dir=Path(opt("--results-dir")), cache_dir=Path(opt("--cache-dir")), device=device,
+        perf_rounds=opt("--perf-rounds"),
+        perf_precision=check_precision(opt("--perf-precision") or ("bf16" if device == "cuda" else "fp32")))
 
 
 def pytest_configure(config):
@@ -71,6 +80,8 @@ def pytest_configure(config):
         config.wan_settings = _settings(config)
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from None
+    # Backends that export or build find their on-disk cache here.
+    os.environ["WAN_BENCH_CACHE"] = str(config.wan_settings.cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +117,156 @@ def models(settings) -> ModelPool:
 def cache_dir(settings) -> Path:
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     return settings.cache_dir
+
+
+@pytest.fixture(scope="session")
+def recorder(request, settings):
+    """The run folder every case writes its rows into; finished (summary, plots) at session end."""
+    from harness.results import RunRecorder
+
+    rec = RunRecorder(settings.results_dir, command="pytest " + " ".join(request.config.invocation_params.args))
+    request.config.wan_recorder = rec
+    return rec
+
+
+@pytest.fixture(scope="session")
+def record(recorder, settings):
+    """record(table, case, backend, metrics, thresholds=None, passed=None): one Row per metric."""
+    from harness.machine import device_name, versions_string
+    from harness.results import Row
+
+    def add(table, case, backend, metrics: dict, thresholds: dict | None = None, passed: dict | None = None,
+            precision: str | None = None):
+        for metric, value in metrics.items():
+            recorder.add(table, Row(
+                case=case.id, component=case.component, backend=backend, precision=precision or case.precision,
+                shape=case.shape.id, tokens=case.shape.tokens, metric=metric,
+                value=None if value is None else float(value),
+                threshold=(thresholds or {}).get(metric), passed=(passed or {}).get(metric),
+                device=device_name(settings.device), versions=versions_string()))
+    return add
+
+
+def pytest_sessionfinish(session):
+    rec = getattr(session.config, "wan_recorder", None)
+    if rec is not None:
+        session.config.wan_summary = rec.finish()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    rec = getattr(config, "wan_recorder", None)
+    if rec is not None and getattr(config, "wan_summary", None):
+        terminalreporter.write_sep("=", "wan-trt-bench results")
+        terminalreporter.write_line(rec.markdown())
+        terminalreporter.write_line(f"summary: {config.wan_summary}")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """GPU, driver, CUDA, TensorRT and torch versions in the benchmark JSON (pytest-benchmark hook)."""
+    from harness.machine import machine_info as wan_machine_info
+
+    machine_info["wan"] = wan_machine_info()
+
+
+class RunnerPool:
+    """Builds each (backend, case) runner once per session; an unusable backend skips with its reason."""
+
+    def __init__(self, models: ModelPool):
+        self.models = models
+        self._runners: dict[tuple, object] = {}
+        self._skips: dict[tuple, str] = {}
+
+    def component(self, case: Case):
+        return make_component(self.models.get(case.dtype), case.component)
+
+    def inputs(self, case: Case, seed: int = 0):
+        return example_inputs(self.models.get(case.dtype), case, self.models.settings.device, seed)
+
+    def get(self, backend: str, case: Case):
+        key = (backend, case)
+        if key not in self._runners and key not in self._skips:
+            self._build(key)
+        if key in self._skips:
+            pytest.skip(self._skips[key])
+        return self._runners[key]
+
+    def _build(self, key):
+        backend, case = key
+        try:
+            impl = get_backend(backend)
+        except HarnessError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        ok, reason = impl.available()
+        if not ok:
+            self._skips[key] = f"{backend} unavailable: {reason}"
+        elif case.precision not in impl.precisions:
+            self._skips[key] = f"{backend} has no {case.precision} path (it runs {', '.join(impl.precisions)})"
+        else:
+            try:
+                self._runners[key] = impl.build(self.component(case), case)
+            except BackendUnavailable as exc:
+                self._skips[key] = f"{backend} unavailable: {exc}"
+
+
+@pytest.fixture(scope="session")
+def runners(models) -> RunnerPool:
+    return RunnerPool(models)
+
+
+@pytest.fixture(scope="session")
+def reference(runners):
+    """reference(case, seed=0): the fp32 eager output on the case's inputs, computed once."""
+    outputs: dict[tuple, torch.Tensor] = {}
+
+    def get(case: Case, seed: int = 0) -> torch.Tensor:
+        ref_case = case.with_precision("fp32")
+        if (ref_case, seed) not in outputs:
+            outputs[ref_case, seed] = runners.get("torch", ref_case)(*runners.inputs(ref_case, seed))
+        return outputs[ref_case, seed]
+    return get
+
+
+def pytest_generate_tests(metafunc):
+    """Parity cases: component x shape x precision x backend, with readable ids."""
+    s = metafunc.config.wan_settings
+    if "parity_case" in metafunc.fixturenames:
+        # fp8 means fp8 DiT matmuls; the text encoder and VAE have no fp8 variant.
+        cases = [Case(c, shape, p, source=s.source) for c in COMPONENTS for shape in s.shapes
+                 for p in s.precisions if p != "fp8" or c.startswith("transformer")]
+        metafunc.parametrize("parity_case", cases, ids=[c.id for c in cases])
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", s.backends)
+
+
+class GenerationPool:
+    """Whole-pipeline runs (text encoder, both experts with CFG, VAE) per backend/precision/prompt, once each."""
+
+    def __init__(self, runners: RunnerPool):
+        self.runners = runners
+        self.settings = runners.models.settings
+        self._runs: dict[tuple, object] = {}
+
+    def get(self, backend: str, precision: str, shape: VideoShape, prompt_index: int = 0):
+        key = (backend, precision, shape, prompt_index)
+        if key not in self._runs:
+            self._runs[key] = self._generate(*key)
+        return self._runs[key]
+
+    def pipeline_runners(self, backend: str, precision: str, shape: VideoShape):
+        from harness.pipeline import build_runners
+
+        return build_runners(self.runners.get, backend, precision, shape, self.settings.source)
+
+    def _generate(self, backend, precision, shape, prompt_index):
+        from harness.case import PRECISIONS
+        from harness.pipeline import PROMPTS, generate
+
+        model = self.runners.models.get(PRECISIONS[precision])
+        return generate(model, self.pipeline_runners(backend, precision, shape), PROMPTS[prompt_index],
+                        shape=shape, steps=self.settings.steps, seed=prompt_index, dtype=PRECISIONS[precision],
+                        device=self.settings.device, keep_latents=True)
+
+
+@pytest.fixture(scope="session")
+def generations(runners) -> GenerationPool:
+    return GenerationPool(runners)

@@ -46,6 +46,64 @@ def cmd_shapes(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """Text to video with one backend; writes an H.264 mp4 and prints per-stage times."""
+    import torch
+
+    from engines.base import BackendUnavailable, get_backend
+    from harness.case import PRECISIONS, check_precision
+    from harness.components import make_component
+    from harness.models import load_model
+    from harness.pipeline import NEGATIVE_PROMPT, build_runners, generate
+    from harness.shapes import parse_shape
+    from harness.video import write_mp4
+
+    shape, precision = parse_shape(args.shape), check_precision(args.precision)
+    get_backend(args.backend)  # an unknown name fails before minutes of model building
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.source, device=device, dtype=PRECISIONS[precision], layers=args.proxy_layers,
+                       path=args.model_path)
+    if args.source != "checkpoint":
+        print(f"note: the {model.label} model has random weights: the video is structured noise, "
+              "useful for timing and plumbing, not for looking at")
+
+    def get_runner(backend, case):
+        impl = get_backend(backend)
+        ok, reason = impl.available()
+        if not ok:
+            raise HarnessError(f"backend {backend} cannot run here: {reason}")
+        try:
+            return impl.build(make_component(model, case.component), case)
+        except BackendUnavailable as exc:
+            raise HarnessError(f"backend {backend} cannot run here: {exc}") from None
+
+    runners = build_runners(get_runner, args.backend, precision, shape, args.source)
+    run = generate(model, runners, args.prompt, shape=shape, steps=args.steps, seed=args.seed,
+                   negative_prompt=args.negative_prompt or NEGATIVE_PROMPT, dtype=PRECISIONS[precision],
+                   device=device, progress=True)
+    out = write_mp4(run.frames, args.out)
+    print(f"wrote {out}: {shape.frames} frames, {shape.width}x{shape.height}, {args.backend} {precision}, "
+          f"{args.steps} steps")
+    for stage, ms in run.stage_ms.items():
+        print(f"  {stage:12} {ms / 1000:8.2f} s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """The main job: parity, quality and perf cases (tiny source by default); prints the summary path."""
+    import os
+
+    import pytest
+
+    from harness.results import RUN_ID_ENV, new_run_id
+
+    os.environ.setdefault(RUN_ID_ENV, new_run_id())
+    code = pytest.main(["-m", "parity or quality or perf", "-p", "no:cacheprovider", *args.pytest_args])
+    results_dir = next((a.split("=", 1)[1] for a in args.pytest_args if a.startswith("--results-dir=")), "results")
+    print(f"summary: {os.path.join(results_dir, os.environ[RUN_ID_ENV], 'summary.md')}")
+    return int(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -55,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="a preset (480p, 720p) or HxWxF, e.g. 480x832x81")
     p.add_argument("--steps", type=int, default=40, help="denoising steps (default 40, the model card's)")
     p.set_defaults(func=cmd_shapes)
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--source", default="tiny", help="tiny | proxy | checkpoint")
+    p.add_argument("--model-path", default=None, help="checkpoint folder (or WAN_MODEL_PATH)")
+    p.add_argument("--proxy-layers", type=int, default=2)
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | fp8")
+    p.add_argument("--shape", default="480p", help="a preset or HxWxF")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default="video.mp4")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help=cmd_bench.__doc__)
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest options, e.g. --model-source proxy")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -109,3 +109,9 @@ def step_split(steps: int, boundary_ratio: float = 0.875, flow_shift: float = 3.
     boundary = boundary_ratio * scheduler.config.num_train_timesteps
     high = int(sum(float(t) >= boundary for t in scheduler.timesteps))
     return high, steps - high
+
+
+def forward_flops(dit_config, tokens: int, text_tokens: int = TEXT_TOKENS) -> float:
+    """FLOPs of one forward of a WanTransformer3DModel with this config (any width, any depth)."""
+    dim = dit_config.num_attention_heads * dit_config.attention_head_dim
+    return dit_config.num_layers * block_flops(tokens, dim, dit_config.ffn_dim, text_tokens)

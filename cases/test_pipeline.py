@@ -1,0 +1,66 @@
+"""The harness's own denoising loop against diffusers' WanPipeline, on the tiny source."""
+import pytest
+import torch
+
+from engines.torch_eager import TorchEager
+from harness.case import Case
+from harness.components import make_component
+from harness.pipeline import NEGATIVE_PROMPT, PROMPTS, Runners, expert_for, generate, initial_latents
+from harness.shapes import parse_shape
+
+pytestmark = pytest.mark.unit
+SHAPE = parse_shape("16x16x9")
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(models):
+    return models.get(torch.float32, "cpu")
+
+
+def eager_runners(model) -> Runners:
+    build = TorchEager().build
+    return Runners(**{name: build(make_component(model, name), Case(name, SHAPE)) for name in
+                      ("text_encoder", "transformer", "transformer_2", "vae_decoder")})
+
+
+def diffusers_video(model, latents, calls):
+    """WanPipeline's own output, counting which expert ran at each step through forward hooks."""
+    hooks = [getattr(model, n).register_forward_hook(lambda *_, n=n: calls.append(n))
+             for n in ("transformer", "transformer_2")]
+    try:
+        pipe = model.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(PROMPTS[0], negative_prompt=NEGATIVE_PROMPT, height=SHAPE.height, width=SHAPE.width,
+                   num_frames=SHAPE.frames, num_inference_steps=STEPS, latents=latents.clone(), output_type="pt",
+                   guidance_scale=model.guidance_scale, guidance_scale_2=model.guidance_scale_2)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.frames[0].permute(0, 2, 3, 1)  # [F, C, H, W] -> [F, H, W, C]
+
+
+def test_loop_matches_wan_pipeline(tiny):
+    latents = initial_latents(tiny, SHAPE, seed=0, device="cpu")
+    calls = []
+    expected = diffusers_video(tiny, latents, calls)
+    ours = generate(tiny, eager_runners(tiny), PROMPTS[0], shape=SHAPE, steps=STEPS, latents=latents)
+    assert ours.frames.shape == (SHAPE.frames, SHAPE.height, SHAPE.width, 3)
+    torch.testing.assert_close(ours.frames, expected.float(), rtol=0, atol=1e-6)
+    # CFG: each step runs the chosen expert twice (cond, uncond), in the same order as ours.
+    assert calls[::2] == ours.experts and calls[1::2] == ours.experts
+
+
+def test_both_experts_run_on_either_side_of_the_boundary(tiny):
+    run = generate(tiny, eager_runners(tiny), PROMPTS[1], shape=SHAPE, steps=STEPS)
+    assert run.experts[0] == "transformer", "the first (noisiest) step must use the high-noise expert"
+    assert run.experts[-1] == "transformer_2", "the last step must use the low-noise expert"
+    switch = run.experts.index("transformer_2")
+    assert set(run.experts[:switch]) == {"transformer"} and set(run.experts[switch:]) == {"transformer_2"}
+    assert expert_for(tiny, 875)[0] == "transformer" and expert_for(tiny, 874)[0] == "transformer_2"
+
+
+def test_experts_differ(tiny):
+    a = tiny.transformer.blocks[0].attn1.to_q.weight
+    b = tiny.transformer_2.blocks[0].attn1.to_q.weight
+    assert not torch.equal(a, b), "the two experts must have different random weights"

@@ -1,0 +1,140 @@
+"""The Wan2.2 denoising loop with a swappable runner per component.
+
+It follows diffusers' WanPipeline step for step (same prompt cleaning, padding, boundary switch,
+CFG as two batch-1 forwards, fp32 latents between steps, UniPC flow matching, latent
+un-normalisation), but calls Runners, so any backend can stand in for any component.
+A unit case proves it matches WanPipeline exactly with eager runners.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from harness.models import WanModel
+from harness.shapes import VideoShape
+
+# A fixed prompt set for quality cases: varied content, one negative prompt (the model card's style).
+PROMPTS = (
+    "Two astronauts ride horses across a red desert at sunset, cinematic, wide shot.",
+    "Close-up of raindrops falling into a puddle in slow motion, soft light.",
+)
+NEGATIVE_PROMPT = "low quality, blurry, static, overexposed, worst quality, jpeg artifacts"
+COMPONENT_NAMES = ("text_encoder", "transformer", "transformer_2", "vae_decoder")
+
+
+@dataclass
+class Runners:
+    """One callable per component, in the harness Runner convention (tensors in, one tensor out)."""
+
+    text_encoder: Callable
+    transformer: Callable
+    transformer_2: Callable
+    vae_decoder: Callable
+
+
+@dataclass
+class Generation:
+    """A finished run: frames in [0, 1] as [F, H, W, 3], the latents after every step, stage times."""
+
+    frames: torch.Tensor
+    step_latents: list[torch.Tensor] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+def build_runners(get_runner: Callable, backend: str, precision: str, shape: VideoShape, source: str) -> Runners:
+    """Runners for all four components from `get_runner(backend, case)`.
+
+    fp8 covers the DiT experts only (fp8 matmuls where the time goes); the text encoder and the VAE
+    stay bf16 eager, as NVIDIA's Wan2.2 TensorRT demo keeps the VAE in PyTorch.
+    """
+    from harness.case import Case
+
+    def runner(component):
+        fp8_elsewhere = precision == "fp8" and not component.startswith("transformer")
+        case = Case(component, shape, "bf16" if fp8_elsewhere else precision, source=source)
+        return get_runner("torch" if fp8_elsewhere else backend, case)
+
+    return Runners(**{name: runner(name) for name in COMPONENT_NAMES})
+
+
+def tokenize(model: WanModel, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize exactly as WanPipeline does: cleaned text, padded to max_sequence_length."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    tokens = model.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
+                             max_length=model.max_sequence_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
+
+def initial_latents(model: WanModel, shape: VideoShape, seed: int, device, batch: int = 1) -> torch.Tensor:
+    """fp32 Gaussian latents drawn on the CPU, so every device starts from the same noise."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape.latent_shape(batch), generator=gen, dtype=torch.float32).to(device)
+
+
+def expert_for(model: WanModel, timestep) -> tuple[str, float]:
+    """The high-noise expert runs while t >= boundary_ratio * 1000, the low-noise one after."""
+    boundary = model.boundary_ratio * model.scheduler.config.num_train_timesteps
+    if float(timestep) >= boundary:
+        return "transformer", model.guidance_scale
+    return "transformer_2", model.guidance_scale_2
+
+
+def cfg_noise(runner: Callable, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+              negative_embeds: torch.Tensor, guidance: float, dtype: torch.dtype) -> torch.Tensor:
+    """One classifier-free-guided prediction: two batch-1 forwards, as WanPipeline runs them."""
+    latent_in = latents.to(dtype)
+    t = timestep.expand(latents.shape[0]).to(torch.int64)
+    cond = runner(latent_in, t, embeds)
+    uncond = runner(latent_in, t, negative_embeds)
+    return uncond + guidance * (cond - uncond)
+
+
+def decode(model: WanModel, runner: Callable, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Un-normalise the latents with the VAE's mean/std, decode, and map [-1, 1] to [0, 1] frames."""
+    cfg = model.vae.config
+    mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, dtype)
+    std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, dtype)
+    video = runner(latents.to(dtype) * std + mean)
+    # [B, C, F, H, W] in [-1, 1] -> [F, H, W, C] in [0, 1] for the first video
+    return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
+
+
+def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShape, steps: int,
+             seed: int = 0, negative_prompt: str = NEGATIVE_PROMPT, dtype: torch.dtype = torch.float32,
+             device="cpu", latents: torch.Tensor | None = None, progress: bool = False,
+             keep_latents: bool = False) -> Generation:
+    """Text encode -> two experts with the boundary switch and CFG -> VAE decode."""
+    from tqdm.auto import tqdm
+
+    from harness.timing import timed_call
+
+    run = Generation(frames=torch.empty(0))
+    ids, mask = tokenize(model, [prompt, negative_prompt], device)
+    embeds, run.stage_ms["text_encode"] = timed_call(runners.text_encoder, ids, mask, device=device)
+    embeds = embeds.to(dtype)
+    latents = initial_latents(model, shape, seed, device) if latents is None else latents.clone()
+    scheduler = copy.deepcopy(model.scheduler)
+    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_begin_index(0)
+
+    def denoise(latents):
+        for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, unit="step"):
+            name, guidance = expert_for(model, t)
+            noise = cfg_noise(getattr(runners, name), latents, t, embeds[:1], embeds[1:], guidance, dtype)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            run.experts.append(name)
+            if keep_latents:
+                run.step_latents.append(latents.detach().cpu())
+        return latents
+
+    latents, run.stage_ms["denoise"] = timed_call(denoise, latents, device=device)
+    run.frames, run.stage_ms["vae_decode"] = timed_call(decode, model, runners.vae_decoder, latents, dtype,
+                                                        device=device)
+    run.frames = run.frames.cpu()
+    return run

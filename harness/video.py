@@ -1,0 +1,40 @@
+"""Frames to a playable H.264 mp4 and back (imageio-ffmpeg carries its own ffmpeg binary)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Wan2.2-T2V-A14B renders at 16 frames per second.
+FPS = 16
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[F, H, W, 3] floats in [0, 1] -> uint8 array."""
+    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: int = FPS) -> Path:
+    """Write atomically (temp file, then rename) so a crash never leaves half a video behind."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial.mp4")
+    # macro_block_size=1 keeps small sizes (e.g. 16x16) exact instead of padding them to 16-multiples.
+    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                            pixelformat="yuv420p", ffmpeg_log_level="error") as writer:
+        for frame in to_uint8(frames):
+            writer.append_data(frame)
+    os.replace(tmp, path)
+    return path
+
+
+def read_mp4(path: str | os.PathLike) -> np.ndarray:
+    """[F, H, W, 3] uint8, for checking what was written."""
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(path) as reader:
+        return np.stack(list(reader))
