@@ -1,9 +1,24 @@
 """One flat row schema for every table, and the run folder that collects rows as they arrive."""
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from harness.errors import HarnessError
 
 TABLES = ("export", "parity", "quality", "perf")
+PARTS = "parts"  # xdist workers write parts/<worker>/<table>.csv; the controller merges them
+RUN_ID_ENV = "WAN_BENCH_RUN_ID"  # optional: a run id chosen by the caller (`bench`, CI naming its run folder)
 
 
 @dataclass(frozen=True)
@@ -17,7 +32,7 @@ class Row:
     shape: str
     tokens: int
     metric: str
-    value: float
+    value: float | None  # None: not measured (e.g. a metric the backend cannot report)
     threshold: float | None
     passed: bool | None
     device: str
@@ -29,3 +44,319 @@ class Row:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """`run-YYYYmmdd-HHMMSS` in UTC: sorts by time and matches the git-ignore pattern."""
+    return (now or dt.datetime.now(dt.timezone.utc)).strftime("run-%Y%m%d-%H%M%S")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write next to the target, then rename: a reader never sees half a file."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                     encoding="utf-8") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+class RunRecorder:
+    """The run folder `results/<run-id>/`: one CSV per table, appended row by row, then summary and plots.
+
+    Rows hit the disk as they arrive so a crash keeps everything measured so far. The folder is made
+    on the first row, so a run that records nothing (unit tests only) leaves no empty folder. An xdist
+    worker (`part="gw0"`) writes `parts/gw0/<table>.csv`; the controller's `finish()` merges the parts.
+    """
+
+    def __init__(self, results_dir: Path, run_id: str | None = None, command: str = "",
+                 settings: dict | None = None, part: str | None = None):
+        self.run_id = run_id or new_run_id()
+        self.path = Path(results_dir) / self.run_id
+        self.command = command or " ".join(sys.argv)
+        self.settings = settings or {}
+        self.part = part
+        self._dir = self.path / PARTS / part if part else self.path
+
+    def add(self, table: str, row: Row) -> None:
+        """Append one row to its table's CSV now (header first when the file is new)."""
+        if table not in TABLES:
+            raise HarnessError(f"unknown results table {table!r}; use one of {', '.join(TABLES)}")
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._dir / f"{table}.csv"
+        new = not path.exists() or path.stat().st_size == 0
+        with path.open("a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=Row.columns())
+            if new:
+                writer.writeheader()
+            writer.writerow(_csv_fields(row))
+            f.flush()
+
+    def tables(self) -> dict[str, list[Row]]:
+        """Every row of the run so far, by table, with workers' parts merged in first."""
+        if not self._dir.is_dir():
+            return {}
+        if self.part is None:
+            merge_parts(self.path)
+        return load_tables(self._dir)
+
+    def markdown(self) -> str:
+        """The tables as Markdown, for the terminal summary and summary.md."""
+        return tables_markdown(self.tables())
+
+    def finish(self) -> Path | None:
+        """Write summary.md and the PNG plots (atomically); returns summary.md's path.
+
+        None when there is nothing to summarise: no rows, or this is a worker (its controller merges).
+        """
+        if self.part is not None or not self.path.is_dir():
+            return None
+        tables = self.tables()
+        plots = write_plots(tables, self.path)
+        text = summary_header(self.run_id, self.command, self.settings, git_commit())
+        text += "\n" + (self.markdown() or "No rows were recorded.\n")
+        text += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+        summary = self.path / "summary.md"
+        atomic_write_text(summary, text)
+        return summary
+
+
+def _csv_fields(row: Row) -> dict:
+    """Empty cells for None keep the CSV readable by pandas and by `load_run`."""
+    return {k: ("" if v is None else v) for k, v in row.as_dict().items()}
+
+
+def _parse_float(text: str) -> float | None:
+    return float(text) if text else None
+
+
+def _parse_bool(text: str) -> bool | None:
+    return {"True": True, "False": False, "": None}[text]
+
+
+def _parse_row(record: dict, where: str) -> Row:
+    try:
+        return Row(case=record["case"], component=record["component"], backend=record["backend"],
+                   precision=record["precision"], shape=record["shape"], tokens=int(record["tokens"]),
+                   metric=record["metric"], value=_parse_float(record["value"]),
+                   threshold=_parse_float(record["threshold"]),
+                   passed=_parse_bool(record["passed"]), device=record["device"], versions=record["versions"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise HarnessError(f"{where}: unreadable row ({type(exc).__name__}: {exc}); the CSV must have the "
+                           f"columns {', '.join(Row.columns())}; rerun the cases to rebuild it") from None
+
+
+def _read_csv(path: Path) -> Iterator[Row]:
+    with path.open(newline="", encoding="utf-8") as f:
+        for line, record in enumerate(csv.DictReader(f), start=2):
+            yield _parse_row(record, f"{path}:{line}")
+
+
+def load_tables(path: Path) -> dict[str, list[Row]]:
+    """Rows of a run folder by table; a table with no CSV is absent."""
+    path = Path(path)
+    if not path.is_dir():
+        raise HarnessError(f"{path} is not a run folder; pass results/<run-id> as written by pytest")
+    return {t: list(_read_csv(path / f"{t}.csv")) for t in TABLES if (path / f"{t}.csv").is_file()}
+
+
+def load_run(path: Path) -> list[Row]:
+    """All rows of a run folder, typed (ints, floats, None for empty cells)."""
+    return [row for rows in load_tables(path).values() for row in rows]
+
+
+def merge_parts(run_path: Path) -> list[Path]:
+    """Fold each xdist worker's part CSVs into the run's tables (sorted by worker), then drop the parts."""
+    parts = Path(run_path) / PARTS
+    if not parts.is_dir():
+        return []
+    workers = sorted((p for p in parts.iterdir() if p.is_dir()), key=_worker_order)
+    merged = []
+    for table in TABLES:
+        sources = [w / f"{table}.csv" for w in workers if (w / f"{table}.csv").is_file()]
+        if sources:
+            merged.append(_merge_table(Path(run_path) / f"{table}.csv", sources))
+    shutil.rmtree(parts)
+    return merged
+
+
+def _worker_order(path: Path) -> tuple[int, int, str]:
+    """gw2 before gw10: numeric order of xdist worker ids, other names after them."""
+    m = re.fullmatch(r"gw(\d+)", path.name)
+    return (0, int(m.group(1)), "") if m else (1, 0, path.name)
+
+
+def _merge_table(target: Path, sources: list[Path]) -> Path:
+    rows = list(_read_csv(target)) if target.is_file() else []
+    for source in sources:
+        rows.extend(_read_csv(source))
+    lines = _CsvText()
+    writer = csv.DictWriter(lines, fieldnames=Row.columns())
+    writer.writeheader()
+    writer.writerows(_csv_fields(r) for r in rows)
+    atomic_write_text(target, "".join(lines))
+    return target
+
+
+class _CsvText(list):
+    """A list that csv.writer can write into, so a merged table is written in one atomic step."""
+
+    def write(self, text: str) -> None:
+        self.append(text)
+
+
+def git_commit() -> str:
+    """The commit that produced the numbers, with `-dirty` when the tree had changes."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown (not a git checkout)"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not found)"
+
+
+# --- summary.md: tables pivoted per (case, backend) so a reviewer reads one line per measurement ---
+
+STEP_METRIC = re.compile(r"(?P<metric>.+)@step=(?P<step>\d+)")
+
+
+def tables_markdown(tables: dict[str, list[Row]]) -> str:
+    """One Markdown table per results table; per-step metrics get their own table."""
+    from tabulate import tabulate
+
+    sections = []
+    for table, rows in tables.items():
+        plain = [r for r in rows if not STEP_METRIC.fullmatch(r.metric)]
+        steps = [r for r in rows if STEP_METRIC.fullmatch(r.metric)]
+        if plain:
+            headers, body = _pivot(plain)
+            sections.append(f"## {table}\n\n{tabulate(body, headers, tablefmt='github')}\n")
+        if steps:
+            headers, body = _step_pivot(steps)
+            sections.append(f"## {table}: error by denoising step\n\n{tabulate(body, headers, tablefmt='github')}\n")
+    return "\n".join(sections)
+
+
+def _cell(row: Row) -> str:
+    text = "n/a" if row.value is None else f"{row.value:.4g}"
+    if row.threshold is not None:
+        text += f" (thr {row.threshold:.3g})"
+    return text + (" FAIL" if row.passed is False else "")
+
+
+def _pivot(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """case | backend | precision | shape | <metric>... | verdict."""
+    metrics = list(dict.fromkeys(r.metric for r in rows))
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.case, r.backend, r.precision, r.shape), []).append(r)
+    body = []
+    for key, members in groups.items():
+        cells = {r.metric: _cell(r) for r in members}
+        body.append([*key, *(cells.get(m, "") for m in metrics), _verdict(members)])
+    return ["case", "backend", "precision", "shape", *metrics, "verdict"], body
+
+
+def _verdict(rows: list[Row]) -> str:
+    failed = [r.metric for r in rows if r.passed is False]
+    if failed:
+        return "FAIL: " + ", ".join(failed)
+    return "pass" if any(r.passed for r in rows) else ""
+
+
+def _step_pivot(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """case | backend | metric | step 1 | step 2 | ...: how an error grows through the loop."""
+    steps = sorted({int(STEP_METRIC.fullmatch(r.metric)["step"]) for r in rows})
+    groups: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        m = STEP_METRIC.fullmatch(r.metric)
+        groups.setdefault((r.case, r.backend, m["metric"]), {})[int(m["step"])] = r.value
+    body = [[*key, *("" if values.get(s) is None else f"{values[s]:.4g}" for s in steps)]
+            for key, values in groups.items()]
+    return ["case", "backend", "metric", *(f"step {s}" for s in steps)], body
+
+
+def summary_header(run_id: str, command: str, settings: dict, commit: str) -> str:
+    """Who made these numbers: command, commit, date, settings, machine and versions."""
+    from harness.machine import machine_info
+
+    lines = [f"# {run_id}", "", f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC",
+             f"- command: `{command}`", f"- git commit: {commit}"]
+    lines += [f"- {k}: {_plain(v)}" for k, v in settings.items()]
+    lines += ["", "## machine", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {'not installed' if v is None else v} |" for k, v in machine_info().items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return str(getattr(value, "id", value))
+
+
+# --- plots: PNG files next to summary.md, written atomically ---
+
+def write_plots(tables: dict[str, list[Row]], folder: Path) -> list[Path]:
+    """speedup.png (per backend and shape, with the gate) and error_vs_step.png, where rows exist."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI runners
+    written = []
+    speedups = [r for r in tables.get("perf", []) if r.metric == "speedup" and r.value is not None]
+    if speedups:
+        written.append(_save(_speedup_figure(speedups), Path(folder) / "speedup.png"))
+    steps = [r for r in tables.get("parity", []) if STEP_METRIC.fullmatch(r.metric) and r.value is not None]
+    if steps:
+        written.append(_save(_step_figure(steps), Path(folder) / "error_vs_step.png"))
+    return written
+
+
+def _speedup_figure(rows: list[Row]):
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(f"{r.component}\n{r.shape}\n{r.precision}" for r in rows))
+    backends = list(dict.fromkeys(r.backend for r in rows))
+    width = 0.8 / len(backends)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(labels)), 4))
+    for i, backend in enumerate(backends):
+        values = {f"{r.component}\n{r.shape}\n{r.precision}": r.value for r in rows if r.backend == backend}
+        xs = [j + (i - (len(backends) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, [values.get(lbl, math.nan) for lbl in labels], width, label=backend)
+    for gate in sorted({r.threshold for r in rows if r.threshold is not None}):
+        ax.axhline(gate, color="red", linestyle="--", label=f"gate {gate:g}x")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("speed-up over torch eager (x)")
+    ax.set_title("speed-up per backend and shape")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _step_figure(rows: list[Row]):
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        m = STEP_METRIC.fullmatch(r.metric)
+        series.setdefault(f"{r.case} {r.backend} {m['metric']}", []).append((int(m["step"]), r.value))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if all(r.value > 0 for r in rows):
+        ax.set_yscale("log")  # errors grow by orders of magnitude through a loop
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("error vs fp32 eager reference")
+    ax.set_title("error vs step count")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp.name, path)
+    return path

@@ -1,0 +1,99 @@
+"""The run folder: rows on disk as they arrive, summary.md, plots, and reading a run back."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.results import Row, RunRecorder, load_run, load_tables
+
+pytestmark = pytest.mark.unit
+
+CASE = "transformer-tiny-16x16x9-bf16-b1"
+
+
+def row(metric: str, value: float | None, backend: str = "tensorrt_rtx", threshold: float | None = None,
+        passed: bool | None = None) -> Row:
+    return Row(case=CASE, component="transformer", backend=backend, precision="bf16", shape="16x16x9",
+               tokens=16, metric=metric, value=value, threshold=threshold, passed=passed,
+               device="cpu (x86_64, 2 threads)", versions="torch=2.14.1;tensorrt_rtx=1.7.1.116")
+
+
+def recorded_run(tmp_path) -> RunRecorder:
+    rec = RunRecorder(tmp_path, "run-test", command="pytest -m parity", settings={"steps": 4})
+    rec.add("parity", row("rel_l2", 4e-3, threshold=1e-2, passed=True))
+    rec.add("parity", row("max_abs", 0.5, threshold=0.1, passed=False))
+    for step, err in enumerate((1e-3, 3e-3, 9e-3), start=1):
+        rec.add("parity", row(f"rel_l2@step={step}", err))
+    rec.add("perf", row("median_ms", 12.5, backend="torch"))
+    rec.add("perf", row("speedup", 1.2, threshold=1.5, passed=None))
+    rec.add("perf", row("tflops", None))
+    return rec
+
+
+def test_row_is_on_disk_right_after_add(tmp_path):
+    rec = RunRecorder(tmp_path, "run-x")
+    rec.add("parity", row("rel_l2", 4e-3))
+    with (tmp_path / "run-x" / "parity.csv").open(newline="") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 1 and records[0]["metric"] == "rel_l2" and float(records[0]["value"]) == 4e-3
+    rec.add("parity", row("max_abs", 0.1))
+    assert len(load_run(rec.path)) == 2  # appended, header written once
+
+
+def test_load_run_round_trips_types(tmp_path):
+    rows = [row("rel_l2", 4e-3, threshold=1e-2, passed=True), row("psnr_mean", math.inf, passed=False),
+            row("tflops", None)]
+    rec = RunRecorder(tmp_path)
+    for r in rows:
+        rec.add("parity", r)
+    assert load_run(rec.path) == rows
+    assert rec.run_id.startswith("run-") and rec.path == tmp_path / rec.run_id
+
+
+def test_summary_has_header_tables_and_failures(tmp_path):
+    summary = recorded_run(tmp_path).finish()
+    text = summary.read_text()
+    assert summary == tmp_path / "run-test" / "summary.md"
+    assert "`pytest -m parity`" in text and "git commit:" in text and "- steps: 4" in text
+    assert "| device |" in text and "torch" in text  # machine table
+    assert "## parity" in text and "## perf" in text and "## quality" not in text  # empty table absent
+    assert "FAIL: max_abs" in text and "0.5 (thr 0.1) FAIL" in text
+    assert "error by denoising step" in text and "step 3" in text
+    assert "n/a" in text  # the unmeasured tflops
+    assert not (tmp_path / "run-test" / "quality.csv").exists()
+
+
+def test_plots_are_real_pngs(tmp_path):
+    rec = recorded_run(tmp_path)
+    rec.finish()
+    for name in ("speedup.png", "error_vs_step.png"):
+        data = (rec.path / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5_000, name
+    assert not [p for p in rec.path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_markdown_matches_summary_tables(tmp_path):
+    rec = recorded_run(tmp_path)
+    assert rec.markdown() in rec.finish().read_text()
+
+
+def test_nothing_recorded_leaves_no_folder(tmp_path):
+    rec = RunRecorder(tmp_path, "run-empty")
+    assert rec.finish() is None and not rec.path.exists()
+
+
+def test_unknown_table_is_a_harness_error(tmp_path):
+    with pytest.raises(HarnessError, match="unknown results table 'speed'"):
+        RunRecorder(tmp_path).add("speed", row("rel_l2", 1.0))
+
+
+def test_corrupt_csv_names_file_and_line(tmp_path):
+    rec = RunRecorder(tmp_path, "run-bad")
+    rec.add("parity", row("rel_l2", 1.0))
+    path = rec.path / "parity.csv"
+    path.write_text(path.read_text().replace(",1.0,", ",one,"))
+    with pytest.raises(HarnessError, match=r"parity\.csv:2: unreadable row"):
+        load_tables(rec.path)
