@@ -1,0 +1,93 @@
+"""torchao fp8 row-wise matmuls on the DiT linears, then torch.compile: Hopper's best non-TensorRT stack.
+
+FACTS.md §5 measured it at 1.39x over eager bf16 on one A14B block (torchao 0.18, torch 2.11, H100).
+Quantization replaces weights, so it works on a deep copy: the eager bf16 baseline shares the original.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+
+import torch
+
+from harness.case import Case
+from harness.components import Component
+from engines.base import BackendUnavailable, Runner
+from engines.inductor import Inductor
+
+log = logging.getLogger(__name__)
+
+# fp8 e4m3 tensor-core matmuls (torch._scaled_mm) exist from Ada/Hopper on.
+MIN_CAPABILITY = (8, 9)
+DIT_COMPONENTS = ("transformer", "transformer_2")
+
+
+def _torchao_reason() -> str:
+    """'' when torchao imports with the fp8 config this backend uses, else why not."""
+    try:
+        importlib.import_module("torchao.quantization")
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow  # noqa: F401
+    except Exception as exc:  # an ImportError, or a torchao built against another torch failing on load
+        return f"torchao not importable: {type(exc).__name__}: {exc}"
+    return ""
+
+
+def _device_reason() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA device: fp8 matmuls need compute capability >= 8.9"
+    capability = torch.cuda.get_device_capability()
+    if capability < MIN_CAPABILITY:
+        return (f"{torch.cuda.get_device_name()} has compute capability {capability[0]}.{capability[1]}: "
+                f"fp8 matmuls need >= 8.9 (Ada, Hopper, Blackwell)")
+    return ""
+
+
+def fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """Linears inside the transformer blocks whose dims suit torch._scaled_mm (multiples of 16).
+
+    Embedders and the output projection stay bf16, as in FACTS.md §5's per-block measurement.
+    """
+    return (isinstance(module, torch.nn.Linear) and ".blocks." in f".{fqn}"
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def quantized_copy(module: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+    """A deep copy of `module` whose block linears hold fp8 e4m3 row-wise weights; and how many were quantized."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    clone = copy.deepcopy(module)
+    count = sum(fp8_linear(m, name) for name, m in clone.named_modules())
+    if count:
+        quantize_(clone, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_linear)
+    return clone, count
+
+
+class TorchFp8:
+    """fp8 row-wise GEMMs (torchao) + torch.compile per block; bf16 activations."""
+
+    name = "torch-fp8"
+    precisions = ("fp8",)
+
+    def __init__(self, mode: str = "default", regional: bool = True):
+        self.compiler = Inductor(mode=mode, regional=regional)
+
+    def available(self) -> tuple[bool, str]:
+        reason = _device_reason() or _torchao_reason()
+        return (not reason), reason
+
+    def build(self, component: Component, case: Case) -> Runner:
+        ok, reason = self.available()
+        if not ok:
+            raise BackendUnavailable(reason)
+        if case.component not in DIT_COMPONENTS or case.precision != "fp8":
+            raise BackendUnavailable(f"torch-fp8 quantizes the DiT experts at precision fp8 only, "
+                                     f"not {case.component} at {case.precision}")
+        module, count = quantized_copy(component.module)
+        if count == 0:  # the tiny DiT (width 24) has no linear fit for fp8 matmuls: it would be plain bf16
+            raise BackendUnavailable(f"torch-fp8: no linear in {case.component}'s blocks has dims that are "
+                                     f"multiples of 16, so nothing would run in fp8; use the proxy source")
+        log.info("torch-fp8: %d linears of %s quantized to fp8 e4m3 row-wise", count, case.component)
+        quantized = Component(component.name, module, component.input_names,
+                              component.output_name, component.dynamic_axes)
+        return self.compiler.build(quantized, case)
