@@ -1,0 +1,236 @@
+"""Regression gating: noise-aware perf verdicts, parity/quality tolerances, baselines as checked data."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from harness.__main__ import build_parser, main
+from harness.errors import HarnessError
+from harness.regression import compare, compare_run, exit_code, load_baseline, load_rules, run_entries, save_baseline
+from harness.results import Row, RunRecorder
+
+pytestmark = pytest.mark.unit
+
+H100 = "NVIDIA H100 80GB HBM3 (sm_90)"
+VERSIONS = "torch=2.11.0;tensorrt=10.13.0.35"
+DIT, VIDEO = "transformer-proxy-480p-bf16-b1", "pipeline-proxy-480p-bf16-b1"
+# (table, case, backend, metric) -> value: an accepted run of a bf16 candidate on one GPU.
+ACCEPTED = {
+    ("parity", DIT, "tensorrt", "max_abs"): 2e-2,
+    ("parity", DIT, "tensorrt", "rel_l2"): 4e-3,
+    ("parity", DIT, "tensorrt", "cosine"): 0.99999,
+    ("parity", DIT, "tensorrt", "rel_l2@step=4"): 1e-2,
+    ("quality", VIDEO, "tensorrt", "psnr_mean"): 38.0,
+    ("quality", VIDEO, "tensorrt", "ssim_min"): 0.97,
+    ("perf", DIT, "torch", "median_ms"): 150.0,
+    ("perf", DIT, "torch", "iqr_ms"): 1.0,
+    ("perf", DIT, "tensorrt", "median_ms"): 100.0,
+    ("perf", DIT, "tensorrt", "iqr_ms"): 1.0,
+    ("perf", DIT, "tensorrt", "tflops"): 410.0,  # no rule: not gated, not stored
+}
+
+
+def write_run(root: Path, run_id: str, numbers: dict, device: str = H100, versions: str = VERSIONS) -> Path:
+    rec = RunRecorder(root, run_id)
+    for (table, case, backend, metric), value in numbers.items():
+        rec.add(table, Row(case, case.split("-")[0], backend, "bf16", "480p", 32760, metric, value, None, None,
+                           device, versions))
+    return rec.path
+
+
+def with_changes(**changes: float) -> dict:
+    """ACCEPTED with some values replaced: key 'backend__metric' (metrics with '@' use 'at')."""
+    numbers = dict(ACCEPTED)
+    for name, value in changes.items():
+        backend, metric = name.split("__")
+        key = next(k for k in numbers if k[2] == backend and k[3] == metric.replace("at", "@step="))
+        numbers[key] = value
+    return numbers
+
+
+@pytest.fixture
+def baseline(tmp_path) -> Path:
+    return save_baseline(write_run(tmp_path, "run-accepted", ACCEPTED), "h100", tmp_path / "baselines")
+
+
+def verdicts_against(baseline: Path, tmp_path: Path, numbers: dict, **kwargs):
+    rules = load_rules()
+    current, _ = run_entries(write_run(tmp_path, "run-current", numbers, **kwargs), rules)
+    verdicts = compare(load_baseline(baseline, rules), current, rules)
+    return {v.key: v.verdict for v in verdicts}, exit_code(verdicts)
+
+
+def test_ten_percent_slowdown_outside_noise_regresses(baseline, tmp_path):
+    verdicts, code = verdicts_against(baseline, tmp_path, with_changes(tensorrt__median_ms=110.0))
+    assert verdicts[f"{DIT}|tensorrt|median_ms"] == "regressed" and code == 1
+
+
+def test_two_percent_change_inside_noise_is_ok(baseline, tmp_path):
+    verdicts, code = verdicts_against(baseline, tmp_path, with_changes(tensorrt__median_ms=102.0))
+    assert set(verdicts.values()) == {"ok"} and code == 0
+
+
+def test_slowdown_within_measured_spread_is_ok(baseline, tmp_path):
+    # +10% but both runs' IQRs (1 + 12 ms) exceed the 10 ms change: noise, not a regression.
+    verdicts, _ = verdicts_against(baseline, tmp_path, with_changes(tensorrt__median_ms=110.0, tensorrt__iqr_ms=12.0))
+    assert verdicts[f"{DIT}|tensorrt|median_ms"] == "ok"
+
+
+def test_speedup_is_improved_not_failing(baseline, tmp_path):
+    verdicts, code = verdicts_against(baseline, tmp_path, with_changes(tensorrt__median_ms=80.0))
+    assert verdicts[f"{DIT}|tensorrt|median_ms"] == "improved" and code == 0
+
+
+def test_doubled_parity_error_regresses(baseline, tmp_path):
+    verdicts, code = verdicts_against(baseline, tmp_path, with_changes(tensorrt__rel_l2=8e-3))
+    assert verdicts[f"{DIT}|tensorrt|rel_l2"] == "regressed" and code == 1
+
+
+def test_step_error_and_cosine_follow_their_rules(baseline, tmp_path):
+    verdicts, _ = verdicts_against(baseline, tmp_path, with_changes(tensorrt__rel_l2at4=2.5e-2, tensorrt__cosine=0.9999))
+    assert verdicts[f"{DIT}|tensorrt|rel_l2@step=4"] == "regressed"
+    assert verdicts[f"{DIT}|tensorrt|cosine"] == "regressed"  # 1 - cosine went from 1e-5 to 1e-4
+
+
+def test_cpu_float_noise_is_not_flagged(baseline, tmp_path):
+    # Another CPU's SIMD path moves bf16 errors by some percent and PSNR by a hundredth of a dB.
+    noisy = with_changes(tensorrt__rel_l2=4.3e-3, tensorrt__max_abs=2.4e-2, tensorrt__psnr_mean=37.97,
+                         tensorrt__ssim_min=0.968)
+    verdicts, code = verdicts_against(baseline, tmp_path, noisy)
+    assert set(verdicts.values()) == {"ok"} and code == 0
+
+
+def test_psnr_fall_of_three_db_regresses(baseline, tmp_path):
+    verdicts, code = verdicts_against(baseline, tmp_path, with_changes(tensorrt__psnr_mean=35.0))
+    assert verdicts[f"{VIDEO}|tensorrt|psnr_mean"] == "regressed" and code == 1
+
+
+def test_nan_error_regresses(baseline, tmp_path):
+    verdicts, _ = verdicts_against(baseline, tmp_path, with_changes(tensorrt__max_abs=math.nan))
+    assert verdicts[f"{DIT}|tensorrt|max_abs"] == "regressed"
+
+
+def test_new_case_is_new_and_missing_case_fails(baseline, tmp_path):
+    numbers = dict(ACCEPTED)
+    del numbers[("quality", VIDEO, "tensorrt", "ssim_min")]
+    numbers[("parity", "vae_decoder-proxy-480p-bf16-b1", "tensorrt", "rel_l2")] = 1e-3
+    rules = load_rules()
+    current, _ = run_entries(write_run(tmp_path, "run-current", numbers), rules)
+    verdicts = compare(load_baseline(baseline, rules), current, rules)
+    by_key = {v.key: v.verdict for v in verdicts}
+    assert by_key["vae_decoder-proxy-480p-bf16-b1|tensorrt|rel_l2"] == "new"
+    assert by_key[f"{VIDEO}|tensorrt|ssim_min"] == "missing"
+    assert exit_code(verdicts) == 1 and exit_code(verdicts, allow_missing=True) == 0
+
+
+def test_refuses_baseline_from_another_gpu(baseline, tmp_path):
+    run = write_run(tmp_path, "run-a100", ACCEPTED, device="NVIDIA A100-SXM4-80GB (sm_80)")
+    with pytest.raises(HarnessError, match="another machine.*device: baseline NVIDIA H100.*--cross-machine"):
+        compare_run(baseline, run)
+    report, code = compare_run(baseline, run, cross_machine=True)
+    assert code == 0 and "note: device differs" in report
+
+
+def test_refuses_another_tensorrt_version(baseline, tmp_path):
+    run = write_run(tmp_path, "run-trt11", ACCEPTED, versions="torch=2.11.0;tensorrt=11.4.0.106")
+    with pytest.raises(HarnessError, match="tensorrt: baseline 10.13.0.35, current 11.4.0.106"):
+        compare_run(baseline, run)
+
+
+def test_baseline_round_trips_and_compares_ok_with_itself(baseline, tmp_path):
+    text = baseline.read_text()
+    doc = json.loads(text)
+    assert doc["schema"] and doc["about"] and doc["machine"] == {
+        "device": H100, "tensorrt": "10.13.0.35", "tensorrt_rtx": None, "torch": "2.11.0"}
+    assert doc["entries"][f"{DIT}|tensorrt|median_ms"] == {"iqr_ms": 1.0, "table": "perf", "value": 100.0}
+    assert not any("tflops" in key for key in doc["entries"])
+    entry_lines = [line for line in text.splitlines() if line.startswith('  "')]
+    assert len(entry_lines) == len(doc["entries"]) and entry_lines == sorted(entry_lines)  # one per line, sorted
+    report, code = compare_run(baseline, tmp_path / "run-accepted")
+    assert code == 0 and f"{len(doc['entries'])} ok, 0 regressed, 0 improved, 0 new, 0 missing" in report
+
+
+def test_identical_frames_psnr_inf_round_trips(tmp_path):
+    numbers = {("quality", VIDEO, "torch", "psnr_mean"): math.inf}
+    path = save_baseline(write_run(tmp_path, "run-inf", numbers), "inf", tmp_path)
+    assert json.loads(path.read_text())["entries"][f"{VIDEO}|torch|psnr_mean"]["value"] == "inf"
+    verdicts, code = verdicts_against(path, tmp_path, numbers)
+    assert set(verdicts.values()) == {"ok"} and code == 0
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d.update(schema="v0"), "'schema'"),
+    (lambda d: d.pop("machine"), "'machine.device'"),
+    (lambda d: d["entries"][f"{DIT}|tensorrt|rel_l2"].update(value="abc"), f'entries["{DIT}|tensorrt|rel_l2"].value'),
+    (lambda d: d["entries"][f"{DIT}|tensorrt|median_ms"].update(iqr_ms=-1), "median_ms\"].iqr_ms"),
+    (lambda d: d["entries"][f"{DIT}|tensorrt|rel_l2"].update(vaule=1), "rel_l2\"].vaule"),
+    (lambda d: d["entries"][f"{DIT}|tensorrt|rel_l2"].update(table="speed"), "rel_l2\"].table"),
+    (lambda d: d["entries"].update({"no-pipes": {"table": "parity", "value": 1}}), 'entries["no-pipes"]'),
+])
+def test_hand_edited_baseline_names_the_field(baseline, edit, field):
+    doc = json.loads(baseline.read_text())
+    edit(doc)
+    baseline.write_text(json.dumps(doc))
+    with pytest.raises(HarnessError, match=re.escape(field)):
+        load_baseline(baseline)
+
+
+def test_corrupt_baseline_json_is_a_clear_error(baseline):
+    baseline.write_text(baseline.read_text()[:-40])
+    with pytest.raises(HarnessError, match=r"not valid JSON \(.* at line \d+, column \d+\)"):
+        load_baseline(baseline)
+
+
+def test_cli_exit_codes(baseline, tmp_path, capsys):
+    slow = write_run(tmp_path, "run-slow", with_changes(tensorrt__median_ms=120.0))
+    assert main(["compare", "--baseline", str(baseline), "--current", str(slow)]) == 1
+    assert "regressed" in capsys.readouterr().out
+    assert main(["compare", "--baseline", str(baseline), "--current", str(slow), "--tables", "parity,quality"]) == 0
+    assert main(["compare", "--baseline", str(baseline), "--current", str(tmp_path / "nope")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert main(["baseline", "save", "--from", str(slow), "--name", "a/b", "--dir", str(tmp_path)]) == 2
+    assert main(["baseline", "save", "--from", str(slow), "--name", "ok", "--dir", str(tmp_path)]) == 0
+
+
+def test_thresholds_cover_every_parity_and_quality_metric():
+    rules = load_rules()
+    for metric in ("max_abs", "rel_l2", "cosine", "p99_abs", "rel_l2@step=7", "psnr_mean", "psnr_min",
+                   "ssim_mean", "ssim_min", "lpips_mean", "lpips_max"):
+        assert rules.for_metric(metric) is not None, metric
+    assert 0 < rules.perf_tolerance < 1
+
+
+WORKFLOW = Path(__file__).resolve().parent.parent / ".github" / "workflows" / "gpu-regression.yml"
+
+
+def workflow_commands(prefix: str) -> list[list[str]]:
+    """Every shell command in the workflow's steps that starts with `prefix`, with variables filled in."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML (a transformers dependency) parses the workflow")
+    steps = yaml.safe_load(WORKFLOW.read_text())["jobs"]["gpu-regression"]["steps"]
+    commands = []
+    for step in steps:
+        script = re.sub(r"\$\{\{[^}]*\}\}|\$\{?[A-Z_]+\}?", "X", step.get("run", "").replace("\\\n", " "))
+        commands += [shlex.split(line) for line in script.splitlines() if line.strip().startswith(prefix)]
+    return commands
+
+
+def test_workflow_harness_commands_parse():
+    commands = workflow_commands("python -m harness")
+    assert {c[3] for c in commands} >= {"compare"}
+    for command in commands:
+        build_parser().parse_args(command[3:])  # exits (SystemExit) on an unknown command or option
+
+
+def test_workflow_pytest_options_exist(request):
+    (command,) = workflow_commands("python -m pytest")
+    args = command[3:]
+    for option in [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]:
+        request.config.getoption(option)  # ValueError when no plugin or conftest registers it
+    registered = {m.split(":")[0] for m in request.config.getini("markers")}
+    marks = args[args.index("-m") + 1]
+    assert set(re.findall(r"\w+", marks)) - {"or", "and", "not"} <= registered
