@@ -6,7 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
+
+from harness import workers
+
+# Under `pytest -n <gpus>` each xdist worker takes its own GPU. This must run before torch can
+# initialise CUDA, which reads CUDA_VISIBLE_DEVICES once; hence here, above `import torch`.
+workers.pin_worker(os.environ)
+
+import torch  # noqa: E402
 
 from engines.base import BackendUnavailable, get_backend
 from harness.case import COMPONENTS, Case, check_precision
@@ -78,10 +85,28 @@ def _settings(config) -> Settings:
 def pytest_configure(config):
     try:
         config.wan_settings = _settings(config)
+        # Made here, not in a fixture: under xdist the controller runs no fixtures, yet it owns the run
+        # folder (it merges the workers' parts in pytest_sessionfinish). No rows, no folder.
+        config.wan_recorder = workers.session_recorder(
+            config.wan_settings.results_dir, getattr(config, "workerinput", None), os.environ,
+            torch.cuda.device_count(), command="pytest " + " ".join(config.invocation_params.args))
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from None
     # Backends that export or build find their on-disk cache here.
     os.environ["WAN_BENCH_CACHE"] = str(config.wan_settings.cache_dir)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist, controller side: every worker writes into the controller's run folder."""
+    node.workerinput.update(workers.worker_input(node.config.wan_recorder))
+
+
+def pytest_runtest_setup(item):
+    """Perf cases time nothing on a GPU (or CPU) that other xdist workers share."""
+    reason = workers.perf_skip_reason(os.environ) if item.get_closest_marker("perf") else None
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -122,11 +147,7 @@ def cache_dir(settings) -> Path:
 @pytest.fixture(scope="session")
 def recorder(request, settings):
     """The run folder every case writes its rows into; finished (summary, plots) at session end."""
-    from harness.results import RunRecorder
-
-    rec = RunRecorder(settings.results_dir, command="pytest " + " ".join(request.config.invocation_params.args))
-    request.config.wan_recorder = rec
-    return rec
+    return request.config.wan_recorder
 
 
 @pytest.fixture(scope="session")

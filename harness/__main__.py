@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from harness.errors import HarnessError
 
@@ -104,6 +105,56 @@ def cmd_bench(args) -> int:
     return int(code)
 
 
+def cmd_baseline_save(args) -> int:
+    """Store a run's parity, quality and perf numbers as an accepted baseline (baselines/<name>.json)."""
+    from harness.regression import save_baseline
+
+    path = save_baseline(args.run, args.name, args.dir, _tables(args.tables))
+    print(f"baseline written: {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Compare a run against a baseline: a verdict per case and metric; exit 1 on a regression."""
+    from harness.regression import compare_run
+
+    report, code = compare_run(args.baseline, args.current, args.perf_tolerance, args.allow_missing,
+                               args.cross_machine, _tables(args.tables))
+    print(report, end="")
+    return code
+
+
+def _tables(text: str) -> tuple[str, ...]:
+    from harness.results import TABLES
+
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in TABLES]
+    if unknown or not names:
+        raise HarnessError(f"--tables {text!r}: use a comma-separated subset of {', '.join(TABLES)}")
+    return names
+
+
+def _add_regression_commands(sub) -> None:
+    tables = dict(default="parity,quality,perf", help="comma-separated tables to include (default: %(default)s)")
+    p = sub.add_parser("baseline", help="accepted numbers for regression gating")
+    save = p.add_subparsers(dest="action", required=True).add_parser("save", help=cmd_baseline_save.__doc__)
+    save.add_argument("--from", dest="run", type=Path, required=True, help="a run folder, results/<run-id>")
+    save.add_argument("--name", required=True, help="baseline name: writes <dir>/<name>.json")
+    save.add_argument("--dir", type=Path, default=Path("baselines"), help="baselines folder (default: %(default)s)")
+    save.add_argument("--tables", **tables)
+    save.set_defaults(func=cmd_baseline_save)
+    p = sub.add_parser("compare", help=cmd_compare.__doc__)
+    p.add_argument("--baseline", type=Path, required=True, help="baselines/<name>.json")
+    p.add_argument("--current", type=Path, required=True, help="a run folder, results/<run-id>")
+    p.add_argument("--perf-tolerance", type=float, default=None,
+                   help="share a median may slow before it counts (default: thresholds.toml, 0.05)")
+    p.add_argument("--allow-missing", action="store_true", help="a baseline case absent from the run is no failure")
+    p.add_argument("--cross-machine", action="store_true",
+                   help="compare even when the GPU or TensorRT version differs from the baseline's")
+    p.add_argument("--tables", **tables)
+    p.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -132,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help=cmd_bench.__doc__)
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest options, e.g. --model-source proxy")
     p.set_defaults(func=cmd_bench)
+    _add_regression_commands(sub)
     return parser
 
 
