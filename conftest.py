@@ -103,7 +103,7 @@ def pytest_configure_node(node):
 
 
 def pytest_runtest_setup(item):
-    """Perf cases time nothing on a GPU (or CPU) that other xdist workers share."""
+    """Perf cases never time inside an xdist worker (see harness.workers.perf_skip_reason)."""
     reason = workers.perf_skip_reason(os.environ) if item.get_closest_marker("perf") else None
     if reason:
         pytest.skip(reason)

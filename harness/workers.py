@@ -1,4 +1,4 @@
-"""pytest-xdist on several GPUs: one GPU per worker, one shared run id, perf kept off shared GPUs.
+"""pytest-xdist on several GPUs: one GPU per worker, one shared run folder, perf kept out of workers.
 
 No torch here: `pin_worker` must run before anything initialises CUDA, which reads
 CUDA_VISIBLE_DEVICES once, at initialisation. So the GPU list travels in the environment (workers
@@ -56,17 +56,16 @@ def pin_worker(environ: MutableMapping[str, str]) -> str | None:
 
 
 def perf_skip_reason(environ: Mapping[str, str]) -> str | None:
-    """Why perf cases must not time here (workers sharing a GPU, or the CPU), or None when they may."""
-    workers = int(environ.get(WORKER_COUNT_ENV, "1") or 1)
-    if WORKER_ENV not in environ or workers <= 1:
+    """Why perf cases do not run in this process (an xdist worker), or None when they may.
+
+    Timing beside other workers would measure contention (they share the host's CPU, PCIe and memory
+    even with a GPU each), and pytest-benchmark turns itself off under xdist in any case
+    (pytest_benchmark/session.py: "Benchmarks are automatically disabled because xdist plugin is active").
+    """
+    if WORKER_ENV not in environ:
         return None
-    gpus = [g for g in environ.get(GPUS_ENV, "").split(",") if g]
-    if workers <= len(gpus):
-        return None
-    if gpus:
-        return (f"perf timing needs a GPU of its own: {workers} xdist workers share {len(gpus)} GPU(s); "
-                f"run perf cases with -n {len(gpus)} or fewer")
-    return f"perf timing needs the machine to itself: {workers} xdist workers share the CPU; run perf without -n"
+    return (f"perf cases run without -n ({environ.get(WORKER_COUNT_ENV, 'several')} xdist workers share this "
+            "machine, and pytest-benchmark disables itself under xdist): run `pytest -m perf` on its own")
 
 
 def session_recorder(results_dir: Path, workerinput: Mapping | None, environ: MutableMapping[str, str],
