@@ -73,7 +73,7 @@ class TorchFp8:
         self.compiler = Inductor(mode=mode, regional=regional)
 
     def available(self) -> tuple[bool, str]:
-        reason = _device_reason() or _torchao_reason()
+        reason = "; ".join(r for r in (_device_reason(), _torchao_reason()) if r)
         return (not reason), reason
 
     def build(self, component: Component, case: Case) -> Runner:
