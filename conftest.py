@@ -257,6 +257,9 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("parity_case", cases, ids=[c.id for c in cases])
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", s.backends)
+    if "reduced_precision" in metafunc.fixturenames:
+        # Whole-pipeline cases compare each precision against the fp32 reference, so fp32 itself is not one.
+        metafunc.parametrize("reduced_precision", [p for p in s.precisions if p != "fp32"])
 
 
 class GenerationPool:

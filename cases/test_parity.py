@@ -27,11 +27,9 @@ def test_component_parity(parity_case: Case, backend, runners, reference, record
     assert result, result.message()
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp8"])
-def test_denoising_loop_parity(backend, precision, settings, generations, record):
+def test_denoising_loop_parity(backend, reduced_precision, settings, generations, record):
     """Same seed and latents through both experts with CFG; reports how the error grows per step."""
-    if precision not in settings.precisions:
-        pytest.skip(f"{precision} not in --precisions {','.join(settings.precisions)}")
+    precision = reduced_precision
     shape = settings.shapes[0]
     reference = generations.get("torch", "fp32", shape)
     eager = generations.get("torch", eager_precision(precision), shape)

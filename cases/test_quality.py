@@ -6,7 +6,6 @@ from harness.compare import load_lpips, video_quality
 from harness.pipeline import PROMPTS
 
 pytestmark = pytest.mark.quality
-QUALITY_PRECISIONS = ["fp16", "bf16", "fp8"]
 
 
 @pytest.fixture(scope="session")
@@ -16,29 +15,27 @@ def lpips_model():
 
 
 def videos(backend, precision, prompt, settings, generations):
-    if precision not in settings.precisions:
-        pytest.skip(f"{precision} not in --precisions {','.join(settings.precisions)}")
     shape = settings.shapes[0]
     candidate = generations.get(backend, precision, shape, prompt)
     reference = generations.get("torch", "fp32", shape, prompt)
-    return Case("video", shape, precision, source=settings.source), candidate.frames, reference.frames
+    case = Case("video", shape, precision, source=settings.source, variant=f"prompt{prompt}")
+    return case, candidate.frames, reference.frames
 
 
 @pytest.mark.parametrize("prompt", range(len(PROMPTS)), ids=[f"prompt{i}" for i in range(len(PROMPTS))])
-@pytest.mark.parametrize("precision", QUALITY_PRECISIONS)
-def test_video_quality(backend, precision, prompt, settings, generations, record):
+def test_video_quality(backend, reduced_precision, prompt, settings, generations, record):
+    precision = reduced_precision
     case, got, want = videos(backend, precision, prompt, settings, generations)
     result = video_quality(got, want, precision)
     record("quality", case, backend, result.metrics(), thresholds=result.thresholds, passed=result.checks)
     assert result, result.message()
 
 
-@pytest.mark.parametrize("precision", QUALITY_PRECISIONS)
-def test_video_lpips(backend, precision, settings, generations, record, lpips_model):
+def test_video_lpips(backend, reduced_precision, settings, generations, record, lpips_model):
     model, reason = lpips_model
     if model is None:
         pytest.skip(f"LPIPS skipped: {reason}")
-    case, got, want = videos(backend, precision, 0, settings, generations)
-    result = video_quality(got, want, precision, lpips_model=model)
+    case, got, want = videos(backend, reduced_precision, 0, settings, generations)
+    result = video_quality(got, want, reduced_precision, lpips_model=model)
     record("quality", case, backend, result.metrics(), thresholds=result.thresholds, passed=result.checks)
     assert result, result.message()

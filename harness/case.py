@@ -1,6 +1,7 @@
 """A Case names one thing to measure: component, shape, precision, batch, model source, shape mode."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ class Case:
     batch: int = 1
     source: str = "tiny"
     dynamic: bool = False
+    variant: str = ""  # e.g. "prompt1": tells apart runs of one stage that differ only in their inputs
 
     def __post_init__(self):
         if self.component not in STAGES:
@@ -50,7 +52,8 @@ class Case:
     @property
     def id(self) -> str:
         mode = "-dynamic" if self.dynamic else ""
-        return f"{self.component}-{self.source}-{self.shape.id}-{self.precision}-b{self.batch}{mode}"
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{self.component}-{self.source}-{self.shape.id}-{self.precision}-b{self.batch}{mode}{variant}"
 
     def with_precision(self, precision: str) -> "Case":
-        return Case(self.component, self.shape, precision, self.batch, self.source, self.dynamic)
+        return dataclasses.replace(self, precision=precision)

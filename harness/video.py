@@ -33,8 +33,13 @@ def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: int = FPS) -> 
 
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:
-    """[F, H, W, 3] uint8, for checking what was written."""
-    import imageio.v2 as imageio
+    """[F, H, W, 3] uint8, for checking what was written.
 
-    with imageio.get_reader(path) as reader:
-        return np.stack(list(reader))
+    Reads through imageio_ffmpeg directly: imageio's ffmpeg reader reports nframes=inf for H.264
+    streams and its iterator then never ends.
+    """
+    import imageio_ffmpeg
+
+    frames = imageio_ffmpeg.read_frames(str(path))
+    width, height = next(frames)["size"]
+    return np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in frames])
