@@ -77,7 +77,8 @@ def test_two_percent_change_inside_noise_is_ok(baseline, tmp_path):
 
 def test_slowdown_within_measured_spread_is_ok(baseline, tmp_path):
     # +10% but both runs' IQRs (1 + 12 ms) exceed the 10 ms change: noise, not a regression.
-    verdicts, _ = verdicts_against(baseline, tmp_path, with_changes(tensorrt__median_ms=110.0, tensorrt__iqr_ms=12.0))
+    noisy = with_changes(tensorrt__median_ms=110.0, tensorrt__iqr_ms=12.0)
+    verdicts, _ = verdicts_against(baseline, tmp_path, noisy)
     assert verdicts[f"{DIT}|tensorrt|median_ms"] == "ok"
 
 
@@ -182,7 +183,7 @@ def test_hand_edited_baseline_names_the_field(baseline, edit, field):
 
 def test_corrupt_baseline_json_is_a_clear_error(baseline):
     baseline.write_text(baseline.read_text()[:-40])
-    with pytest.raises(HarnessError, match=r"not valid JSON \(.* at line \d+, column \d+\)"):
+    with pytest.raises(HarnessError, match=r"not valid JSON \(.*: line \d+, column \d+\)"):
         load_baseline(baseline)
 
 

@@ -195,7 +195,7 @@ def load_baseline(path: Path, rules: Rules | None = None) -> Baseline:
         raise HarnessError(f"cannot read baseline {path}: {exc.strerror}; save one with "
                            "`python -m harness baseline save --from results/<run-id> --name <name>`") from None
     except json.JSONDecodeError as exc:
-        raise HarnessError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+        raise HarnessError(f"{path} is not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}); "
                            "restore it from git or save it again") from None
     return _check_baseline(doc, path, rules or load_rules())
 
@@ -221,25 +221,31 @@ def _check_baseline(doc, path: Path, rules: Rules) -> Baseline:
 
 
 def _check_entry(key: str, doc, path: Path, rules: Rules) -> Entry:
-    where = f"'entries[\"{key}\"]'"
     parts = key.split("|")
     if len(parts) != 3 or not all(parts):
-        raise _field_error(path, where, "has a key that is not 'case|backend|metric'")
+        raise _field_error(path, _entry_field(key), "has a key that is not 'case|backend|metric'")
     if not isinstance(doc, dict):
-        raise _field_error(path, where, "must be an object with 'table' and 'value'")
-    unknown = set(doc) - {"table", "value", "iqr_ms"}
+        raise _field_error(path, _entry_field(key), "must be an object with 'table' and 'value'")
+    unknown = sorted(set(doc) - {"table", "value", "iqr_ms"})
     if unknown:
-        raise _field_error(path, f"{where[:-1]}.{sorted(unknown)[0]}'", "is not a baseline field")
+        raise _field_error(path, _entry_field(key, unknown[0]), "is not a baseline field")
     if doc.get("table") not in TABLES:
-        raise _field_error(path, f"{where[:-1]}.table'", f"is {doc.get('table')!r}, expected one of {TABLES}")
+        raise _field_error(path, _entry_field(key, "table"), f"is {doc.get('table')!r}, expected one of {TABLES}")
     metric = parts[2]
     if metric != PERF_METRIC and rules.for_metric(metric) is None:
-        raise _field_error(path, where, f"names metric {metric!r}, which has no rule in thresholds.toml")
-    value = _number(doc.get("value"), path, f"{where[:-1]}.value'")
-    iqr = _number(doc.get("iqr_ms", 0.0), path, f"{where[:-1]}.iqr_ms'") if metric == PERF_METRIC else None
-    if iqr is not None and not iqr >= 0:
-        raise _field_error(path, f"{where[:-1]}.iqr_ms'", f"is {iqr}, a spread must be >= 0")
+        raise _field_error(path, _entry_field(key), f"names metric {metric!r}, which has no rule in thresholds.toml")
+    value = _number(doc.get("value"), path, _entry_field(key, "value"))
+    if metric != PERF_METRIC:
+        return Entry(doc["table"], value)
+    iqr = _number(doc.get("iqr_ms", 0.0), path, _entry_field(key, "iqr_ms"))
+    if iqr < 0:
+        raise _field_error(path, _entry_field(key, "iqr_ms"), f"is {iqr}, a spread must be >= 0")
     return Entry(doc["table"], value, iqr)
+
+
+def _entry_field(key: str, name: str | None = None) -> str:
+    suffix = f".{name}" if name else ""
+    return f"'entries[\"{key}\"]{suffix}'"
 
 
 def _number(raw, path: Path, field: str) -> float:
