@@ -155,6 +155,74 @@ def _add_regression_commands(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _export_cases(args) -> list:
+    """Cases for `export`/`build`: one per named component (`all` = every component)."""
+    from harness.case import COMPONENTS, Case, check_component
+    from harness.shapes import parse_shape
+
+    names = COMPONENTS if args.component == "all" else (check_component(args.component),)
+    shape = parse_shape(args.shape)
+    return [Case(name, shape, args.precision, source=args.source, dynamic=args.dynamic) for name in names]
+
+
+def cmd_export(args) -> int:
+    """Export components to ONNX (cached), validate each, and print the validation table."""
+    from harness.cache import DiskCache
+    from harness.export import export_case, validate_graph
+    from harness.models import load_model
+
+    cases = _export_cases(args)
+    cache = DiskCache(args.cache_dir)
+    model = load_model(args.source, dtype=cases[0].dtype, path=args.model_path)
+    reference = model if args.precision == "fp32" else load_model(args.source, path=args.model_path)
+    failed = 0
+    for case in cases:
+        graph = export_case(model, case, cache)
+        check = validate_graph(graph, model, reference)
+        failed += not check
+        print(f"{case.id:48} {'hit ' if graph.hit else 'miss'} export {graph.export_s:6.2f} s  "
+              f"{graph.size_bytes / 2 ** 20:7.2f} MB  {graph.path}")
+        print(f"  {check}")
+    return 1 if failed else 0
+
+
+def cmd_build(args) -> int:
+    """Export (cached) and build (cached) a TensorRT engine for each component; print its summary."""
+    from engines.base import get_backend
+    from harness.models import load_model
+
+    if args.backend not in ("tensorrt", "tensorrt_rtx"):
+        raise HarnessError(f"--backend {args.backend!r}: build makes TensorRT engines; use tensorrt or tensorrt_rtx")
+    cases = _export_cases(args)
+    model = load_model(args.source, dtype=cases[0].dtype, path=args.model_path)
+    backend = get_backend(args.backend, model=model, cache_dir=args.cache_dir, opt_level=args.opt_level)
+    ok, reason = backend.can_build()
+    if not ok:
+        raise HarnessError(f"cannot build with {args.backend} here: {reason}")
+    for case in cases:
+        backend.build_engine(case)  # logs its one-line summary (time, size, layers, cache hit/miss)
+    return 0
+
+
+def _add_export_commands(sub) -> None:
+    from harness.cache import default_cache_dir
+
+    for name, func in (("export", cmd_export), ("build", cmd_build)):
+        p = sub.add_parser(name, help=func.__doc__)
+        if name == "build":
+            p.add_argument("--backend", default="tensorrt_rtx", help="tensorrt | tensorrt_rtx (default)")
+            p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5")
+        p.add_argument("--component", default="all", help="transformer | transformer_2 | vae_decoder | text_encoder | all")
+        p.add_argument("--source", default="tiny", help="tiny | proxy | checkpoint")
+        p.add_argument("--model-path", default=None, help="checkpoint folder (or WAN_MODEL_PATH)")
+        p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16")
+        p.add_argument("--shape", default="16x16x9", help="a preset or HxWxF")
+        p.add_argument("--dynamic", action="store_true", help="dynamic batch/latent/text axes (VAE frames stay static)")
+        p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                       help="ONNX and engine cache (default: $WAN_BENCH_CACHE or .cache)")
+        p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -184,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest options, e.g. --model-source proxy")
     p.set_defaults(func=cmd_bench)
     _add_regression_commands(sub)
+    _add_export_commands(sub)
     return parser
 
 
