@@ -6,6 +6,7 @@ checked in a private temporary cache so the outcomes recorded there are this run
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -13,25 +14,18 @@ import torch
 
 from engines.base import BackendUnavailable, get_backend
 from engines.tensorrt import TensorRT, TensorRTRTX, engine_spec, import_trt, profile_from
-from harness.cache import DiskCache, entry_key
+from harness.cache import DiskCache, entry_key, spec_hash
 from harness.case import COMPONENTS, Case
 from harness.components import example_inputs, make_component
 from harness.errors import HarnessError
-from harness.export import assert_plain_types, export_case, export_friendly, validate_graph
+from harness.export import (OPSET, assert_plain_types, default_exporter, export_case, export_friendly, export_spec,
+                             validate_graph)
 from harness.shapes import parse_shape
 
 pytestmark = pytest.mark.export
 
 SHAPE = parse_shape("16x16x9")
-# transformers' UMT5Block clamps fp16 activations with torch.where(..., finfo.max - 1000, finfo.max): Python
-# floats the exporter turns into a float64 Cast, which assert_plain_types refuses. Kept as a strict xfail
-# so the day the graph comes out clean this case turns red and the marker goes.
-UMT5_FP16_FLOAT64 = pytest.mark.xfail(raises=ValueError, strict=True,
-                                      reason="UMT5 fp16 clamp exports a float64 Cast (transformers modeling_umt5)")
-MATRIX = [pytest.param(case, id=case.id, marks=UMT5_FP16_FLOAT64 if case.component == "text_encoder"
-                       and case.precision == "fp16" else ())
-          for case in (Case(c, SHAPE, p, dynamic=d) for c in COMPONENTS for p in ("fp32", "fp16", "bf16")
-                       for d in (False, True))]
+MATRIX = [Case(c, SHAPE, p, dynamic=d) for c in COMPONENTS for p in ("fp32", "fp16", "bf16") for d in (False, True)]
 TABLE_HEADER = ("| component | precision | shape mode | export s | ORT rel err | TRT layers | engine MB | build s |\n"
                 "|---|---|---|---|---|---|---|---|\n")
 
@@ -57,20 +51,42 @@ def rtx(cpu_models, cache_dir):
 
 @pytest.fixture(scope="module")
 def export_table(request, settings):
-    """Collects one line per matrix case; written to <results-dir>/export-cpu.md when the module ends."""
-    lines: dict[str, str] = {}
-    yield lines
-    if lines:
+    """Collects a table line and the engine's layer summary per matrix case; written to
+    <results-dir>/export-cpu.md when the module ends."""
+    rows: dict[str, tuple[str, object]] = {}
+    yield rows
+    if rows:
         from harness.machine import device_name, versions_string
         from harness.results import atomic_write_text
 
         text = (f"# ONNX export and TensorRT-RTX build on the CPU (tiny source, {SHAPE.id})\n\n"
                 f"Command: `pytest -m export`; device: {device_name('cpu')}; {versions_string()}\n\n"
-                + TABLE_HEADER + "".join(lines[p.id] for p in MATRIX if p.id in lines))
+                + TABLE_HEADER + "".join(rows[c.id][0] for c in MATRIX if c.id in rows)
+                + _layer_notes([rows[c.id] for c in MATRIX if c.id in rows]))
         atomic_write_text(Path(settings.results_dir) / "export-cpu.md", text)
 
 
-@pytest.mark.parametrize("case", MATRIX)
+def _short(reason: str) -> str:
+    """ORT's refusal without the cache path, for a table cell."""
+    return re.sub(r"Load model from \S+ failed:", "", reason.split(": ", 1)[-1]).replace("|", "/")
+
+
+def _layer_notes(rows) -> str:
+    """Which TensorRT layer kinds each component's ops became, and any plugin layers (none expected)."""
+    kinds: dict[str, set[str]] = {}
+    plugins: dict[str, set[str]] = {}
+    for line, engine in rows:
+        component = line.split("|")[1].strip()
+        kinds.setdefault(component, set()).update(engine.layer_types)
+        plugins.setdefault(component, set()).update(engine.plugin_layers)
+    text = "\n## How TensorRT-RTX took each component's ops (from the parsed networks)\n\n"
+    for component, names in kinds.items():
+        found = ", ".join(sorted(plugins[component])) or "none"
+        text += f"- {component}: plugin layers: {found}; layer kinds: {', '.join(sorted(names))}\n"
+    return text
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=[c.id for c in MATRIX])
 def test_export_check_and_trt_build(case, cpu_models, disk_cache, rtx, record, export_table):
     model = cpu_models(case.dtype)
     graph = export_case(model, case, disk_cache)
@@ -83,11 +99,11 @@ def test_export_check_and_trt_build(case, cpu_models, disk_cache, rtx, record, e
     metrics = {"export_s": graph.export_s, "ort_rel_l2": check.worst_rel_l2, "trt_layers": engine.layers,
                "engine_mb": engine.size_bytes / 2 ** 20, "build_s": engine.build_s}
     record("export", case, "tensorrt_rtx", metrics, passed={"ort_rel_l2": bool(check)})
-    ort = f"{check.worst_rel_l2:.2e}" if check.parity else "skipped: ORT CPU refuses bf16"
+    ort = f"{check.worst_rel_l2:.2e}" if check.parity else f"skipped: {_short(check.parity_skipped)}"
     plugins = f" (plugins: {', '.join(engine.plugin_layers)})" if engine.plugin_layers else ""
     export_table[case.id] = (f"| {case.component} | {case.precision} | {'dynamic' if case.dynamic else 'static'} | "
                              f"{graph.export_s:.2f} | {ort} | {engine.layers}{plugins} | "
-                             f"{engine.size_bytes / 2 ** 20:.2f} | {engine.build_s:.2f} |\n")
+                             f"{engine.size_bytes / 2 ** 20:.2f} | {engine.build_s:.2f} |\n", engine)
 
 
 def test_second_export_is_a_cache_hit(cpu_models, tmp_path, record):
@@ -127,10 +143,15 @@ def test_engine_cache_hit_and_key_changes(cpu_models, tmp_path):
     static = profile_from(names, [inputs])
     wider = profile_from(names, [inputs, tuple(t[:, :64] for t in inputs)])
     base = engine_spec("tensorrt_rtx", "1.7.1.116", graph.fingerprint, [static])
-    fp16_graph = export_case(cpu_models(torch.float16), case.with_precision("fp16"), cache)
+    fp16 = case.with_precision("fp16")
+    fp16_inputs = example_inputs(cpu_models(torch.float16), fp16)
+    fp16_fingerprint = spec_hash(export_spec(make_component(cpu_models(torch.float16), "text_encoder"), fp16,
+                                             "tiny-weights", OPSET, default_exporter(fp16), fp16_inputs))
+    assert fp16_fingerprint != spec_hash(export_spec(make_component(cpu_models(), "text_encoder"), case,
+                                                     "tiny-weights", OPSET, default_exporter(case), inputs))
     variants = [engine_spec("tensorrt_rtx", "1.7.1.116", graph.fingerprint, [wider]),
                 engine_spec("tensorrt_rtx", "1.8.0.0", graph.fingerprint, [static]),
-                engine_spec("tensorrt_rtx", "1.7.1.116", fp16_graph.fingerprint, [static])]
+                engine_spec("tensorrt_rtx", "1.7.1.116", fp16_fingerprint, [static])]
     keys = {entry_key(case.id, spec) for spec in [base, *variants]}
     assert len(keys) == 4, "profile, TensorRT version and precision must each change the engine key"
     assert static.static and not wider.static

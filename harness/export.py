@@ -148,13 +148,19 @@ def export_case(model: WanModel, case: Case, cache: DiskCache, component: Compon
 
 
 def default_exporter(case: Case) -> str:
-    """TorchScript where it is right (~10x faster here); dynamo for dynamic DiT graphs.
+    """TorchScript where it is right (~10x faster here); dynamo where TorchScript goes wrong.
 
-    The TorchScript tracer bakes the DiT's RoPE sizes (Python ints from hidden_states.shape in
-    WanRotaryPosEmbed.forward) into Expand nodes, so a dynamic DiT graph fails at any other shape
-    ("invalid expand shape"); torch.export keeps them symbolic.
+    - Dynamic DiT: the TorchScript tracer bakes the RoPE sizes (Python ints from hidden_states.shape
+      in WanRotaryPosEmbed.forward) into Expand nodes, so the graph fails at any other shape
+      ("invalid expand shape"); torch.export keeps them symbolic.
+    - UMT5 at fp16: its clamp, torch.where(isinf(x).any(), finfo.max - 1000, finfo.max), leaves a
+      float64 Cast in the TorchScript graph; at bf16 TorchScript serialisation fails ("ScalarType
+      ComplexDouble is an unexpected tensor scalar type"). Dynamo exports both cleanly.
     """
-    return "dynamo" if case.dynamic and case.component in ("transformer", "transformer_2") else "torchscript"
+    dit = case.component in ("transformer", "transformer_2")
+    if (dit and case.dynamic) or (case.component == "text_encoder" and case.precision != "fp32"):
+        return "dynamo"
+    return "torchscript"
 
 
 def _weights_of(component: str) -> str:
