@@ -2,7 +2,7 @@
 import pytest
 
 from harness.case import Case
-from harness.compare import compare, drift_tolerance
+from harness.compare import compare, drift_tolerance, min_cosine
 
 pytestmark = pytest.mark.parity
 UNBOUNDED = float("inf")
@@ -21,9 +21,11 @@ def test_component_parity(parity_case: Case, backend, runners, reference, record
     eager_error = compare(runners.get("torch", eager_case)(*runners.inputs(eager_case)), expected,
                           tolerance=UNBOUNDED).rel_l2
     tolerance = drift_tolerance(eager_error, case.precision)
-    result = compare(runner(*runners.inputs(case)), expected, tolerance=tolerance)
+    floor = min_cosine(case.precision)
+    result = compare(runner(*runners.inputs(case)), expected, tolerance=tolerance, min_cosine=floor)
     record("parity", case, backend, {**result.metrics(), "eager_rel_l2": eager_error},
-           thresholds={"rel_l2": tolerance}, passed={"rel_l2": bool(result)})
+           thresholds={"rel_l2": tolerance, "cosine": floor},
+           passed={"rel_l2": result.rel_l2 <= tolerance, "cosine": None if floor is None else result.cosine >= floor})
     assert result, result.message()
 
 

@@ -70,6 +70,8 @@ def peak_gib(fn, device) -> float | None:
 @pytest.mark.parametrize("stage", STAGES)
 def test_speed(stage, shape, candidate, settings, runners, generations, benchmark, record, speedups):
     precision = precision_of(candidate, settings)
+    if precision == "fp8" and stage in ("vae_decoder", "text_encoder"):
+        pytest.skip(f"{candidate} quantizes the DiT experts only; the {stage} stays bf16 eager")
     base_precision = "bf16" if precision == "fp8" else precision
     cand_fn, flops = workload(stage, candidate, precision, shape, runners, generations, settings)
     base_fn, _ = workload(stage, "torch", base_precision, shape, runners, generations, settings)

@@ -48,3 +48,11 @@ def get_backend(name: str, **options) -> Backend:
         raise HarnessError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module, attr = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), attr)(**options)
+
+# Backends that export the component to ONNX first need the whole model (fingerprints, example inputs).
+ONNX_BACKENDS = ("onnxruntime", "tensorrt", "tensorrt_rtx")
+
+
+def backend_for(name: str, model) -> Backend:
+    """get_backend with the model handed to the ONNX-based backends, which export before they build."""
+    return get_backend(name, model=model) if name in ONNX_BACKENDS else get_backend(name)

@@ -1,7 +1,9 @@
-"""torchao fp8 row-wise matmuls on the DiT linears, then torch.compile: Hopper's best non-TensorRT stack.
+"""torchao fp8 row-wise matmuls on the DiT linears, fp8 self-attention, then torch.compile.
 
-FACTS.md §5 measured it at 1.39x over eager bf16 on one A14B block (torchao 0.18, torch 2.11, H100).
-Quantization replaces weights, so it works on a deep copy: the eager bf16 baseline shares the original.
+FACTS.md §5 measured fp8 GEMMs + compile at 1.39x over eager bf16 on one A14B block (torchao 0.18,
+torch 2.11, H100), with attention, half the block's FLOPs, still bf16; the 1.5x gate needs fp8
+attention too (engines/fp8_attention.py). Quantization replaces weights, so it works on a deep copy:
+the eager bf16 baseline shares the original.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 from harness.case import Case
 from harness.components import Component
 from engines.base import BackendUnavailable, Runner
+from engines.fp8_attention import enable_fp8_attention
+from harness.errors import HarnessError
 from engines.inductor import Inductor
 
 log = logging.getLogger(__name__)
@@ -69,8 +73,11 @@ class TorchFp8:
     name = "torch-fp8"
     precisions = ("fp8",)
 
-    def __init__(self, mode: str = "default", regional: bool = True):
+    def __init__(self, mode: str = "default", regional: bool = True, attention: str = "fp8"):
+        if attention not in ("fp8", "bf16"):
+            raise HarnessError(f"unknown torch-fp8 attention {attention!r}; choose fp8 or bf16")
         self.compiler = Inductor(mode=mode, regional=regional)
+        self.attention = attention
 
     def available(self) -> tuple[bool, str]:
         reason = "; ".join(r for r in (_device_reason(), _torchao_reason()) if r)
@@ -88,6 +95,10 @@ class TorchFp8:
             raise BackendUnavailable(f"torch-fp8: no linear in {case.component}'s blocks has dims that are "
                                      f"multiples of 16, so nothing would run in fp8; use the proxy source")
         log.info("torch-fp8: %d linears of %s quantized to fp8 e4m3 row-wise", count, case.component)
+        if self.attention == "fp8":
+            # Installed before compiling, so Inductor fuses the Q/K/V quantization with RoPE and the norms.
+            for reason in enable_fp8_attention(module.transformer):
+                log.warning("torch-fp8 %s: self-attention stays bf16: %s", case.component, reason)
         quantized = Component(component.name, module, component.input_names,
                               component.output_name, component.dynamic_axes)
         return self.compiler.build(quantized, case)

@@ -1,7 +1,8 @@
-"""Timing-only: one full 40-layer A14B expert in bf16 against the extrapolation from a 2-layer slice.
+"""Timing-only GPU cases: one full 40-layer A14B expert in bf16 against the extrapolation from a
+2-layer slice, and the real-config VAE decode at 480p x 81 frames.
 
 The whole expert is 28.6 GB in bf16, so it runs alone (no second expert, no fp32 reference).
-Writes full_expert.csv into the given folder and prints a short table.
+Writes timing_only.csv into the given folder and prints a short table.
 """
 from __future__ import annotations
 
@@ -37,6 +38,26 @@ def time_forward(layers: int, shape, rounds: int) -> tuple[float, float]:
     return result.median_ms, result.iqr_ms
 
 
+def time_vae_decode(shape, rounds: int) -> tuple[float, float, float]:
+    """Median and IQR (ms) and peak GiB of the eager bf16 decode of the real-config Wan VAE."""
+    from diffusers import AutoencoderKLWan
+
+    from harness.components import VaeDecoder
+    from harness.models import _build
+
+    module = VaeDecoder(_build(AutoencoderKLWan, {}, 2, "cuda", torch.bfloat16))
+    latents = torch.randn(shape.latent_shape(), generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
+    with torch.inference_mode():
+        module(latents)
+        torch.cuda.reset_peak_memory_stats()
+        times = [timed_call(module, latents, device="cuda")[1] for _ in range(rounds)]
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    del module
+    torch.cuda.empty_cache()
+    result = summarize("vae", times, "cuda")
+    return result.median_ms, result.iqr_ms, peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -54,8 +75,13 @@ def main() -> None:
                      "extrapolated_40_layer_ms": round(extrapolated, 1),
                      "measured_40_layer_ms": round(full_ms, 1), "measured_iqr_ms": round(full_iqr, 1),
                      "measured_over_extrapolated": round(full_ms / extrapolated, 3)})
+    vae_shape = parse_shape("480p")
+    vae_ms, vae_iqr, vae_peak = time_vae_decode(vae_shape, args.rounds)
+    print(f"vae_decode {vae_shape.id} bf16 eager: {vae_ms:.0f} ms (IQR {vae_iqr:.0f}), peak {vae_peak:.1f} GiB")
+    for row in rows:
+        row.update(vae_decode_480p_bf16_ms=round(vae_ms, 1), vae_peak_gib=round(vae_peak, 2))
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "full_expert.csv", "w", newline="") as fh:
+    with open(args.out / "timing_only.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

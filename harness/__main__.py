@@ -51,7 +51,7 @@ def cmd_generate(args) -> int:
     """Text to video with one backend; writes an H.264 mp4 and prints per-stage times."""
     import torch
 
-    from engines.base import BackendUnavailable, get_backend
+    from engines.base import BackendUnavailable, backend_for, get_backend
     from harness.case import PRECISIONS, check_precision
     from harness.components import make_component
     from harness.models import load_model
@@ -69,7 +69,7 @@ def cmd_generate(args) -> int:
               "useful for timing and plumbing, not for looking at")
 
     def get_runner(backend, case):
-        impl = get_backend(backend)
+        impl = backend_for(backend, model)
         ok, reason = impl.available()
         if not ok:
             raise HarnessError(f"backend {backend} cannot run here: {reason}")
