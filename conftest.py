@@ -19,7 +19,7 @@ from engines.base import BackendUnavailable, backend_for
 from harness.case import COMPONENTS, Case, check_precision
 from harness.components import example_inputs, make_component
 from harness.errors import HarnessError
-from harness.models import SOURCES, WanModel, load_model
+from harness.models import SOURCES, WanModel, check_checkpoint_folder, load_model
 from harness.shapes import VideoShape, parse_shapes
 
 DEFAULT_SHAPES = {"tiny": "16x16x9", "proxy": "480p", "checkpoint": "480p"}
@@ -73,6 +73,8 @@ class Settings:
 def _settings(config) -> Settings:
     opt = config.getoption
     source = opt("--model-source")
+    if source == "checkpoint":  # a missing folder fails the session in one line, before any case runs
+        check_checkpoint_folder(opt("--model-path"))
     device = opt("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
     return Settings(
         source=source, model_path=opt("--model-path"), proxy_layers=opt("--proxy-layers"),
@@ -137,10 +139,7 @@ class ModelPool:
 
 @pytest.fixture(scope="session")
 def models(settings) -> ModelPool:
-    try:
-        return ModelPool(settings)
-    except HarnessError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    return ModelPool(settings)
 
 
 @pytest.fixture(scope="session")
