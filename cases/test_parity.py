@@ -1,16 +1,11 @@
 """Numeric parity of every backend against the fp32 eager reference, judged against eager's own drift."""
 import pytest
 
-from harness.case import Case
+from harness.case import Case, eager_precision
 from harness.compare import compare, drift_tolerance, min_cosine
 
 pytestmark = pytest.mark.parity
 UNBOUNDED = float("inf")
-
-
-def eager_precision(precision: str) -> str:
-    """The eager run whose drift sets the tolerance: fp8 is judged against bf16 eager's drift."""
-    return "bf16" if precision == "fp8" else precision
 
 
 def test_component_parity(parity_case: Case, backend, runners, reference, record):

@@ -7,10 +7,10 @@ with CUDA events on the GPU, and the gate compares those medians.
 import pytest
 import torch
 
-from harness.case import PRECISIONS, Case
+from harness.case import PRECISIONS, Case, eager_precision
 from harness.pipeline import cfg_noise, generate, initial_latents, tokenize
 from harness.shapes import A14B_LAYERS, forward_flops
-from harness.timing import summarize, timed_call
+from harness.timing import RoundRecorder
 
 pytestmark = pytest.mark.perf
 STAGES = ("transformer", "transformer_2", "cfg_step", "vae_decoder", "text_encoder", "end_to_end")
@@ -57,49 +57,38 @@ def workload(stage, backend, precision, shape, runners, generations, settings):
                               PRECISIONS[precision])), 2 * flops
 
 
-def peak_gib(fn, device) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2 ** 30
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_speed(stage, shape, candidate, settings, runners, generations, benchmark, record, speedups):
     precision = precision_of(candidate, settings)
     if precision == "fp8" and stage in ("vae_decoder", "text_encoder"):
         pytest.skip(f"{candidate} quantizes the DiT experts only; the {stage} stays bf16 eager")
-    base_precision = "bf16" if precision == "fp8" else precision
+    base_precision = eager_precision(precision)
     cand_fn, flops = workload(stage, candidate, precision, shape, runners, generations, settings)
     base_fn, _ = workload(stage, "torch", base_precision, shape, runners, generations, settings)
     device = settings.device
     for _ in range(WARMUP):  # compile, autotune and allocator warm-up stay out of the numbers
         base_fn(), cand_fn()
-    base_ms, cand_ms = [], []
-    benchmark.pedantic(lambda: cand_ms.append(timed_call(cand_fn, device=device)[1]),
-                       setup=lambda: base_ms.append(timed_call(base_fn, device=device)[1]),
-                       rounds=settings.perf_rounds, iterations=1)
-    base, cand = summarize("torch", base_ms, device), summarize(candidate, cand_ms, device)
+    base_rounds = RoundRecorder("torch", base_fn, device=device)
+    cand_rounds = RoundRecorder(candidate, cand_fn, device=device)
+    benchmark.pedantic(cand_rounds, setup=base_rounds, rounds=settings.perf_rounds, iterations=1)
+    base, cand = base_rounds.result(), cand_rounds.result()
     speedup = base.median_ms / cand.median_ms
     case = Case(stage, shape, precision, source=settings.source)
     extra = {"case": case.id, "tokens": shape.tokens, "precision": precision, "baseline": f"torch {base_precision}",
              "timer": cand.method, "baseline_median_ms": base.median_ms, "baseline_iqr_ms": base.iqr_ms,
              "candidate_median_ms": cand.median_ms, "candidate_iqr_ms": cand.iqr_ms, "speedup": speedup,
-             "peak_mem_gib_baseline": peak_gib(base_fn, device), "peak_mem_gib_candidate": peak_gib(cand_fn, device)}
+             "peak_mem_gib_baseline": base.peak_mem_gib, "peak_mem_gib_candidate": cand.peak_mem_gib}
     if flops:
         extra.update(tflops_baseline=base.tflops(flops), tflops_candidate=cand.tflops(flops))
         layers = runners.models.get(PRECISIONS[precision]).transformer.config.num_layers
         if settings.source == "proxy":
-            per_layer = base.median_ms / layers / (2 if stage == "cfg_step" else 1)
+            forwards = 2 if stage == "cfg_step" else 1
+            per_layer = base.median_ms / layers / forwards
             extra.update(layers=f"proxy, {layers} of 40 layers", baseline_per_layer_ms=per_layer,
-                         baseline_40_layer_ms_extrapolated=per_layer * A14B_LAYERS * (2 if stage == "cfg_step" else 1))
+                         baseline_40_layer_ms_extrapolated=per_layer * A14B_LAYERS * forwards)
     benchmark.extra_info.update(extra)
     for backend, side, prec in (("torch", base, base_precision), (candidate, cand, precision)):
-        key = "baseline" if backend == "torch" else "candidate"
-        metrics = {"median_ms": side.median_ms, "iqr_ms": side.iqr_ms, f"peak_mem_gib": extra[f"peak_mem_gib_{key}"]}
+        metrics = {"median_ms": side.median_ms, "iqr_ms": side.iqr_ms, "peak_mem_gib": side.peak_mem_gib}
         if flops:
             metrics["tflops"] = side.tflops(flops)
         record("perf", case, backend, {k: v for k, v in metrics.items() if v is not None}, precision=prec)

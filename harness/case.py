@@ -16,6 +16,11 @@ STAGES = ("cfg_step", "denoising_loop", "video", "end_to_end")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
+def eager_precision(precision: str) -> str:
+    """The eager precision a case runs beside and is judged against: fp8 has no eager run, so bf16."""
+    return "bf16" if precision == "fp8" else precision
+
+
 def check_component(name: str) -> str:
     if name not in COMPONENTS:
         raise HarnessError(f"unknown component {name!r}; choose one of {', '.join(COMPONENTS)}")

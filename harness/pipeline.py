@@ -53,11 +53,11 @@ def build_runners(get_runner: Callable, backend: str, precision: str, shape: Vid
     backend's VAE separately, and Inductor takes minutes to compile its per-frame cache loop). fp8
     covers the DiT experts only; the rest runs bf16.
     """
-    from harness.case import Case
+    from harness.case import Case, eager_precision
 
     def runner(component):
         eager = component == "vae_decoder" or (precision == "fp8" and component == "text_encoder")
-        component_precision = "bf16" if precision == "fp8" and not component.startswith("transformer") else precision
+        component_precision = precision if component.startswith("transformer") else eager_precision(precision)
         return get_runner("torch" if eager else backend, Case(component, shape, component_precision, source=source))
 
     return Runners(**{name: runner(name) for name in COMPONENT_NAMES})
