@@ -1,7 +1,10 @@
-"""Whole-pipeline video quality of each backend against the fp32 eager video: PSNR, SSIM, LPIPS."""
+"""Whole-pipeline video quality of each backend against an eager video: PSNR, SSIM, LPIPS.
+
+The reference is the fp32 eager video, except for fp8: the bf16 eager video (harness.case.quality_reference).
+"""
 import pytest
 
-from harness.case import Case
+from harness.case import Case, quality_reference
 from harness.compare import load_lpips, video_quality
 from harness.pipeline import PROMPTS
 
@@ -17,7 +20,7 @@ def lpips_model():
 def videos(backend, precision, prompt, settings, generations):
     shape = settings.shapes[0]
     candidate = generations.get(backend, precision, shape, prompt)
-    reference = generations.get("torch", "fp32", shape, prompt)
+    reference = generations.get("torch", quality_reference(precision), shape, prompt)
     case = Case("video", shape, precision, source=settings.source, variant=f"prompt{prompt}")
     return case, candidate.frames, reference.frames
 
@@ -39,3 +42,8 @@ def test_video_lpips(backend, reduced_precision, settings, generations, record, 
     result = video_quality(got, want, reduced_precision, lpips_model=model)
     record("quality", case, backend, result.metrics(), thresholds=result.thresholds, passed=result.checks)
     assert result, result.message()
+
+
+def test_fp8_is_judged_against_the_bf16_eager_video_and_the_rest_against_fp32():
+    assert quality_reference("fp8") == "bf16"
+    assert [quality_reference(p) for p in ("fp32", "fp16", "bf16")] == ["fp32"] * 3

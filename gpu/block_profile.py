@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shapes", default="480p,720p")
     parser.add_argument("--rounds", type=int, default=10)
+    # Labels hold commas and spaces, so each is one quoted argument: --variants "eager bf16" torch-fp8
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
     expert = load_expert(1)
     component = Component("transformer", DiT(expert), ("hidden_states", "timestep", "encoder_hidden_states"),
@@ -85,7 +87,8 @@ def main() -> None:
                   torch.tensor([EXPERT_TIMESTEP["transformer"]], device="cuda"),
                   torch.randn((1, TEXT_TOKENS, 4096), generator=gen).to("cuda", torch.bfloat16))
         flops = region_flops(shape.tokens)
-        for label, (cls, options, precision) in VARIANTS.items():
+        for label in args.variants:
+            cls, options, precision = VARIANTS[label]
             runner = cls(**options).build(component, Case("transformer", shape, precision, source="proxy"))
             for _ in range(3):  # compile, autotune, cuDNN graph build
                 runner(*inputs)

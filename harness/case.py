@@ -21,6 +21,16 @@ def eager_precision(precision: str) -> str:
     return "bf16" if precision == "fp8" else precision
 
 
+def quality_reference(precision: str) -> str:
+    """The eager precision whose video a candidate's video is judged against.
+
+    fp32 for every precision that has an eager run of its own, so the bands measure distance from the
+    exact video; fp8 against the bf16 eager video, the one people run today, so its band measures what
+    fp8 alone changes (issue 8).
+    """
+    return "fp32" if eager_precision(precision) == precision else eager_precision(precision)
+
+
 def check_component(name: str) -> str:
     if name not in COMPONENTS:
         raise HarnessError(f"unknown component {name!r}; choose one of {', '.join(COMPONENTS)}")
