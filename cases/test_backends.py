@@ -98,3 +98,22 @@ def test_torch_fp8_quantizes_a_copy_and_keeps_the_bf16_weights():
     # e4m3 keeps 3 mantissa bits: ~3.6% rms rounding on x and on w gives ~5% rel L2 per matmul
     result = compare(clone.blocks[0](x), wide.blocks[0](x), tolerance=0.1, min_cosine=min_cosine("fp8"))
     assert result, result.message()
+
+
+@pytest.mark.unit
+def test_cuda_graph_replays_the_eager_forward_and_refuses_another_shape():
+    """engines/cuda_graph.py on the tiny DiT: replay equals the plain call for new inputs; another shape is refused."""
+    if not torch.cuda.is_available():
+        pytest.skip("a CUDA graph needs a CUDA device; this machine has none")
+    from engines.cuda_graph import GraphedRunner
+
+    model = load_model("tiny", device="cuda")
+    component = make_component(model, "transformer")
+    plain = get_backend("torch").build(component, CASE)
+    graphed = GraphedRunner(plain)
+    first, second = (example_inputs(model, CASE, "cuda", seed) for seed in (0, 1))
+    assert torch.equal(graphed(*first), plain(*first))
+    assert torch.equal(graphed(*second), plain(*second))  # new inputs reach the captured graph
+    other = example_inputs(model, CASE, "cuda", shape=parse_shape("32x32x9"))
+    with pytest.raises(ValueError, match="build one runner per static shape"):
+        graphed(*other)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import stat
 
 import pytest
 
@@ -73,6 +75,18 @@ def test_plots_are_real_pngs(tmp_path):
         data = (rec.path / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5_000, name
     assert not [p for p in rec.path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_written_files_get_the_umask_mode_not_owner_only(tmp_path):
+    """Atomic writes go through mkstemp (0600); others on a shared runner must still read the results."""
+    umask = os.umask(0o022)
+    try:
+        rec = recorded_run(tmp_path)
+        rec.finish()
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in rec.path.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
 
 
 def test_markdown_matches_summary_tables(tmp_path):

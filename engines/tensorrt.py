@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 
 from engines.base import BackendUnavailable, Runner
+from engines.cuda_graph import GraphedRunner
 from engines.onnxruntime import _require_model
 from harness.cache import DiskCache, atomic_write_bytes, default_cache_dir
 from harness.case import Case
@@ -283,10 +284,10 @@ class EngineRunner:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dynamic = any(-1 in tuple(self.engine.get_tensor_shape(n)) for n in self.inputs)
-        self.use_graph = cuda_graph and not self.dynamic
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._graph = None
-        self._static_inputs: list[torch.Tensor] = []
+        # The first enqueue runs outside capture: TensorRT finishes lazy set-up there.
+        self._graphed = GraphedRunner(self._enqueue_inputs, warmup=self._enqueue) \
+            if cuda_graph and not self.dynamic else None
 
     def _set_streaming_budget(self) -> None:
         """Keep as many weights resident as free memory allows (10% headroom); stream the rest."""
@@ -296,14 +297,10 @@ class EngineRunner:
         log.info("weight streaming: %.2f of %.2f GB resident", budget / 1e9, self.engine.streamable_weights_size / 1e9)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if not self.use_graph:
-            return self._enqueue(inputs)
-        if self._graph is None:
-            self._capture(inputs)
-        for static, new in zip(self._static_inputs, inputs):
-            static.copy_(new)
-        self._graph.replay()
-        return self._buffers[self._output_key()].clone()  # the graph's buffer is rewritten on each replay
+        return self._enqueue(inputs) if self._graphed is None else self._graphed(*inputs)
+
+    def _enqueue_inputs(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._enqueue(inputs)
 
     def _enqueue(self, inputs) -> torch.Tensor:
         stream = torch.cuda.current_stream()
@@ -333,18 +330,6 @@ class EngineRunner:
             dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(self.outputs[0]))
             self._buffers[key] = torch.empty(key[1], dtype=dtype, device="cuda")
         return self._buffers[key]
-
-    def _capture(self, inputs) -> None:
-        """Enqueue once outside capture (TensorRT finishes lazy set-up there), then capture a replayable graph."""
-        self._static_inputs = [self._checked(n, t).clone() for n, t in zip(self.inputs, inputs)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._enqueue(self._static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._enqueue(self._static_inputs)
 
 
 class _TensorRTBackend:

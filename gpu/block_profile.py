@@ -18,7 +18,7 @@ from engines.inductor import Inductor
 from engines.torch_eager import TorchEager
 from engines.torch_fp8 import TorchFp8
 from harness.case import Case
-from harness.components import DiT, EXPERT_TIMESTEP, Component
+from harness.components import DiT, Component, dit_inputs
 from harness.models import load_expert
 from harness.shapes import A14B_DIM, A14B_FFN, TEXT_TOKENS, parse_shape
 from harness.timing import summarize, timed_call
@@ -82,10 +82,7 @@ def main() -> None:
         csv.DictWriter(fh, fieldnames=fields).writeheader()
     for spec in args.shapes.split(","):
         shape = parse_shape(spec)
-        gen = torch.Generator().manual_seed(0)
-        inputs = (torch.randn(shape.latent_shape(), generator=gen).to("cuda", torch.bfloat16),
-                  torch.tensor([EXPERT_TIMESTEP["transformer"]], device="cuda"),
-                  torch.randn((1, TEXT_TOKENS, 4096), generator=gen).to("cuda", torch.bfloat16))
+        inputs = dit_inputs(expert, shape, device="cuda")
         flops = region_flops(shape.tokens)
         for label in args.variants:
             cls, options, precision = VARIANTS[label]

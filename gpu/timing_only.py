@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from harness.components import DiT, EXPERT_TIMESTEP
+from harness.components import DiT, dit_inputs
 from harness.machine import device_name
 from harness.models import load_expert
 from harness.shapes import A14B_LAYERS, parse_shape
@@ -22,11 +22,9 @@ from harness.timing import summarize, timed_call
 
 def time_forward(layers: int, shape, rounds: int) -> tuple[float, float]:
     """Median and IQR (ms) of one bf16 eager forward of a `layers`-deep expert at `shape`."""
-    module = DiT(load_expert(layers))
-    gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(shape.latent_shape(), generator=gen).to("cuda", torch.bfloat16)
-    text = torch.randn((1, 512, 4096), generator=gen).to("cuda", torch.bfloat16)
-    t = torch.tensor([EXPERT_TIMESTEP["transformer"]], device="cuda")
+    expert = load_expert(layers)
+    module = DiT(expert)
+    latents, t, text = dit_inputs(expert, shape, device="cuda")
     with torch.inference_mode():
         for _ in range(2):
             module(latents, t, text)

@@ -146,13 +146,25 @@ def _discard(target: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _file_mode() -> int:
+    """What open() would give a new file: 0o666 less the umask (read without changing it for good)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a single file atomically (temp file beside it, then os.replace)."""
+    """Write a single file atomically (temp file beside it, then os.replace).
+
+    mkstemp makes the temp file owner-only (0600); it gets the usual mode back before the rename, so
+    results and engines stay readable by the other users of a shared runner.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

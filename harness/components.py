@@ -11,7 +11,7 @@ import torch
 
 from harness.case import Case
 from harness.models import WanModel
-from harness.shapes import VideoShape
+from harness.shapes import TEXT_TOKENS, VideoShape
 
 # Timesteps on either side of the 875 boundary, so each expert is fed a value it really sees.
 EXPERT_TIMESTEP = {"transformer": 937, "transformer_2": 500}
@@ -99,11 +99,8 @@ def example_inputs(model: WanModel, case: Case, device: str | torch.device = "cp
     gen = torch.Generator().manual_seed(seed)
     b, text_len = case.batch, model.max_sequence_length
     if case.component in ("transformer", "transformer_2"):
-        text_dim = getattr(model, case.component).config.text_dim
-        latents = torch.randn(shape.latent_shape(b), generator=gen)
-        timestep = torch.full((b,), EXPERT_TIMESTEP[case.component], dtype=torch.int64)
-        text = torch.randn((b, text_len, text_dim), generator=gen)
-        out = (latents.to(case.dtype), timestep, text.to(case.dtype))
+        out = dit_inputs(getattr(model, case.component), shape, case.component, batch=b, text_len=text_len,
+                         dtype=case.dtype, generator=gen)
     elif case.component == "vae_decoder":
         out = (torch.randn(shape.latent_shape(b), generator=gen).to(case.dtype),)
     else:
@@ -113,3 +110,17 @@ def example_inputs(model: WanModel, case: Case, device: str | torch.device = "cp
         ids = torch.randint(3, vocab, (b, text_len), generator=gen) * mask
         out = (ids, mask)
     return tuple(t.to(device) for t in out)
+
+
+def dit_inputs(expert, shape: VideoShape, component: str = "transformer", *, batch: int = 1,
+               text_len: int = TEXT_TOKENS, dtype: torch.dtype = torch.bfloat16, device="cpu",
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """Seeded inputs of one expert forward: latents, the expert's timestep, text embeddings.
+
+    Also for GPU scripts that hold a bare expert and no WanModel (the 40-layer one fills the card alone).
+    """
+    gen = generator or torch.Generator().manual_seed(0)
+    latents = torch.randn(shape.latent_shape(batch), generator=gen)
+    timestep = torch.full((batch,), EXPERT_TIMESTEP[component], dtype=torch.int64)
+    text = torch.randn((batch, text_len, expert.config.text_dim), generator=gen)
+    return tuple(t.to(device) for t in (latents.to(dtype), timestep, text.to(dtype)))

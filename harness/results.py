@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import math
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from harness.cache import atomic_write_bytes
 from harness.errors import HarnessError
 
 TABLES = ("export", "parity", "quality", "perf")
@@ -53,10 +53,7 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write next to the target, then rename: a reader never sees half a file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                     encoding="utf-8") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class RunRecorder:
@@ -355,8 +352,8 @@ def _step_figure(rows: list[Row]):
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp.name, path)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
