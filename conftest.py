@@ -37,7 +37,8 @@ def pytest_addoption(parser):
     g.addoption("--backends", default=None,
                 help=f"comma-separated backends (default on CUDA: {GPU_BACKENDS}; on the CPU: {CPU_BACKENDS})")
     g.addoption("--candidate", default="tensorrt", help="the backend the speed-up gate judges")
-    g.addoption("--precisions", default="fp32,fp16,bf16", help="comma-separated: fp32, fp16, bf16, fp8")
+    g.addoption("--precisions", default=None,
+                help="comma-separated: fp32, fp16, bf16, fp8 (default fp32,fp16,bf16, and fp8 when torch-fp8 is a backend)")
     g.addoption("--shapes", default=None, help="presets or HxWxF, comma-separated (default per source)")
     g.addoption("--steps", type=int, default=None, help="denoising steps (default 4 tiny, 40 otherwise)")
     g.addoption("--speedup-gate", type=float, default=1.5, help="minimum candidate/eager speed-up")
@@ -76,12 +77,14 @@ def _settings(config) -> Settings:
     if source == "checkpoint":  # a missing folder fails the session in one line, before any case runs
         check_checkpoint_folder(opt("--model-path"))
     device = opt("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    backends = tuple(b.strip() for b in (opt("--backends") or (GPU_BACKENDS if device == "cuda" else CPU_BACKENDS))
+                     .split(",") if b.strip())
+    # torch-fp8 runs fp8 only: without fp8 among the precisions its parity and quality cases would all skip.
+    precisions = opt("--precisions") or ("fp32,fp16,bf16" + (",fp8" if "torch-fp8" in backends else ""))
     return Settings(
         source=source, model_path=opt("--model-path"), proxy_layers=opt("--proxy-layers"),
-        backends=tuple(b.strip() for b in (opt("--backends") or (GPU_BACKENDS if device == "cuda" else CPU_BACKENDS))
-                       .split(",") if b.strip()),
-        candidate=opt("--candidate"),
-        precisions=tuple(check_precision(p.strip()) for p in opt("--precisions").split(",") if p.strip()),
+        backends=backends, candidate=opt("--candidate"),
+        precisions=tuple(check_precision(p.strip()) for p in precisions.split(",") if p.strip()),
         shapes=tuple(parse_shapes(opt("--shapes") or DEFAULT_SHAPES[source])),
         steps=opt("--steps") or (4 if source == "tiny" else 40), speedup_gate=opt("--speedup-gate"),
         results_dir=Path(opt("--results-dir")), cache_dir=Path(opt("--cache-dir")), device=device,
