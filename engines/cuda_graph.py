@@ -6,8 +6,6 @@ every replay). Shared by the TensorRT engine runner and torch-fp8.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from engines.base import Runner
@@ -16,9 +14,8 @@ from engines.base import Runner
 class GraphedRunner:
     """`runner` replayed as a CUDA graph; a call with other shapes or dtypes than the first is refused."""
 
-    def __init__(self, runner: Runner, warmup: Callable[[tuple[torch.Tensor, ...]], None] | None = None):
+    def __init__(self, runner: Runner):
         self.runner = runner
-        self.warmup = warmup  # lazy set-up that must not be captured (allocations, plan builds, compiles)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_inputs: tuple[torch.Tensor, ...] = ()
         self.static_output: torch.Tensor | None = None
@@ -28,10 +25,12 @@ class GraphedRunner:
 
     def _capture(self, inputs) -> None:
         self.static_inputs = tuple(t.contiguous().clone() for t in inputs)
-        side = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graphs recommends
+        # One call outside capture first, on a side stream as torch.cuda.graphs recommends: lazy set-up
+        # (TensorRT's, cuDNN plan builds, compiles, allocations) must not land in the graph.
+        side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            (self.warmup or (lambda xs: self.runner(*xs)))(self.static_inputs)
+            self.runner(*self.static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

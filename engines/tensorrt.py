@@ -285,9 +285,7 @@ class EngineRunner:
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dynamic = any(-1 in tuple(self.engine.get_tensor_shape(n)) for n in self.inputs)
         self._buffers: dict[tuple, torch.Tensor] = {}
-        # The first enqueue runs outside capture: TensorRT finishes lazy set-up there.
-        self._graphed = GraphedRunner(self._enqueue_inputs, warmup=self._enqueue) \
-            if cuda_graph and not self.dynamic else None
+        self._graphed = GraphedRunner(self._enqueue_inputs) if cuda_graph and not self.dynamic else None
 
     def _set_streaming_budget(self) -> None:
         """Keep as many weights resident as free memory allows (10% headroom); stream the rest."""

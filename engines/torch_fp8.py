@@ -95,6 +95,8 @@ class TorchFp8:
         if case.component not in DIT_COMPONENTS or case.precision != "fp8":
             raise BackendUnavailable(f"torch-fp8 quantizes the DiT experts at precision fp8 only, "
                                      f"not {case.component} at {case.precision}")
+        if self.cuda_graph and case.dynamic:
+            raise BackendUnavailable("torch-fp8: a CUDA graph needs static shapes; this case is dynamic")
         module, count = quantized_copy(component.module)
         if count == 0:  # the tiny DiT (width 24) has no linear fit for fp8 matmuls: it would be plain bf16
             raise BackendUnavailable(f"torch-fp8: no linear in {case.component}'s blocks has dims that are "
@@ -107,6 +109,4 @@ class TorchFp8:
         quantized = Component(component.name, module, component.input_names,
                               component.output_name, component.dynamic_axes)
         runner = self.compiler.build(quantized, case)
-        if self.cuda_graph and case.dynamic:
-            raise BackendUnavailable("torch-fp8: a CUDA graph needs static shapes; this case is dynamic")
         return GraphedRunner(runner) if self.cuda_graph else runner

@@ -18,7 +18,7 @@ from engines.inductor import Inductor
 from engines.torch_eager import TorchEager
 from engines.torch_fp8 import TorchFp8
 from harness.case import Case
-from harness.components import DiT, Component, dit_inputs
+from harness.components import dit_component, dit_inputs
 from harness.models import load_expert
 from harness.shapes import A14B_DIM, A14B_FFN, TEXT_TOKENS, parse_shape
 from harness.timing import summarize, timed_call
@@ -73,8 +73,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
     expert = load_expert(1)
-    component = Component("transformer", DiT(expert), ("hidden_states", "timestep", "encoder_hidden_states"),
-                          "noise_pred")
+    component = dit_component(expert)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "block_profile.csv"
     fields = ["shape", "variant", "forward_ms", "forward_iqr_ms", "region", "kernel_ms", "tflops", "floor_tflops"]

@@ -21,7 +21,7 @@ from engines.torch_eager import TorchEager
 from engines.torch_fp8 import TorchFp8
 from harness.case import Case
 from harness.compare import compare
-from harness.components import DiT, Component, dit_inputs
+from harness.components import dit_component, dit_inputs
 from harness.models import load_expert
 from harness.shapes import parse_shape
 from harness.timing import time_alternating
@@ -37,8 +37,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     expert = load_expert(args.layers)
-    component = Component("transformer", DiT(expert), ("hidden_states", "timestep", "encoder_hidden_states"),
-                          "noise_pred")
+    component = dit_component(expert)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "cuda_graph.csv"
     fields = ["shape", "variant", "plain_ms", "plain_iqr_ms", "graph_ms", "graph_iqr_ms", "graph_speedup",

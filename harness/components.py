@@ -67,14 +67,19 @@ class Component:
         return next(self.module.parameters()).device
 
 
+def dit_component(expert, name: str = "transformer") -> Component:
+    """One DiT expert as a Component; also for GPU scripts that hold a bare expert and no WanModel."""
+    latent = {0: "batch", 2: "latent_frames", 3: "latent_height", 4: "latent_width"}
+    return Component(name, DiT(expert), ("hidden_states", "timestep", "encoder_hidden_states"),
+                     "noise_pred", {"hidden_states": latent, "timestep": {0: "batch"},
+                                    "encoder_hidden_states": {0: "batch", 1: "text_tokens"},
+                                    "noise_pred": latent})
+
+
 def make_component(model: WanModel, name: str) -> Component:
     """Wrap one named part of `model`; the module shares the model's weights."""
     if name in ("transformer", "transformer_2"):
-        latent = {0: "batch", 2: "latent_frames", 3: "latent_height", 4: "latent_width"}
-        return Component(name, DiT(getattr(model, name)), ("hidden_states", "timestep", "encoder_hidden_states"),
-                         "noise_pred", {"hidden_states": latent, "timestep": {0: "batch"},
-                                        "encoder_hidden_states": {0: "batch", 1: "text_tokens"},
-                                        "noise_pred": latent})
+        return dit_component(getattr(model, name), name)
     if name == "vae_decoder":
         return Component(name, VaeDecoder(model.vae), ("latents",), "video",
                          {"latents": {0: "batch", 3: "latent_height", 4: "latent_width"},
