@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -50,9 +49,10 @@ def rtx(cpu_models, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def export_table(request, settings):
-    """Collects a table line and the engine's layer summary per matrix case; written to
-    <results-dir>/export-cpu.md when the module ends."""
+def export_table(request, recorder):
+    """Collects a table line and the engine's layer summary per matrix case; written to the run
+    folder's export-cpu.md when the module ends (results/export-cpu.md is a curated copy of one: a
+    test run never rewrites a committed file)."""
     rows: dict[str, tuple[str, object]] = {}
     yield rows
     if rows:
@@ -63,7 +63,8 @@ def export_table(request, settings):
                 f"Command: `pytest -m export`; device: {device_name('cpu')}; {versions_string()}\n\n"
                 + TABLE_HEADER + "".join(rows[c.id][0] for c in MATRIX if c.id in rows)
                 + _layer_notes([rows[c.id] for c in MATRIX if c.id in rows]))
-        atomic_write_text(Path(settings.results_dir) / "export-cpu.md", text)
+        recorder.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(recorder.path / "export-cpu.md", text)
 
 
 def _short(reason: str) -> str:
