@@ -8,6 +8,7 @@ the eager bf16 baseline shares the original.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import logging
 
@@ -106,7 +107,5 @@ class TorchFp8:
             # Installed before compiling, so Inductor fuses the Q/K/V quantization with RoPE and the norms.
             for reason in enable_fp8_attention(module.transformer):
                 log.warning("torch-fp8 %s: self-attention stays bf16: %s", case.component, reason)
-        quantized = Component(component.name, module, component.input_names,
-                              component.output_name, component.dynamic_axes)
-        runner = self.compiler.build(quantized, case)
+        runner = self.compiler.build(dataclasses.replace(component, module=module), case)
         return GraphedRunner(runner) if self.cuda_graph else runner

@@ -48,7 +48,7 @@ def main() -> None:
     for spec in args.shapes.split(","):
         shape = parse_shape(spec)
         latents, t, cond = dit_inputs(expert, shape, device="cuda")
-        uncond = dit_inputs(expert, shape, device="cuda", generator=torch.Generator().manual_seed(1))[2]
+        uncond = dit_inputs(expert, shape, device="cuda", seed=1)[2]
         for label, (cls, precision) in VARIANTS.items():
             plain = cls().build(component, Case("transformer", shape, precision, source="proxy"))
             graphed = GraphedRunner(plain)  # the same compiled code, replayed as one graph

@@ -105,7 +105,7 @@ def example_inputs(model: WanModel, case: Case, device: str | torch.device = "cp
     b, text_len = case.batch, model.max_sequence_length
     if case.component in ("transformer", "transformer_2"):
         out = dit_inputs(getattr(model, case.component), shape, case.component, batch=b, text_len=text_len,
-                         dtype=case.dtype, generator=gen)
+                         dtype=case.dtype, seed=seed)
     elif case.component == "vae_decoder":
         out = (torch.randn(shape.latent_shape(b), generator=gen).to(case.dtype),)
     else:
@@ -119,12 +119,12 @@ def example_inputs(model: WanModel, case: Case, device: str | torch.device = "cp
 
 def dit_inputs(expert, shape: VideoShape, component: str = "transformer", *, batch: int = 1,
                text_len: int = TEXT_TOKENS, dtype: torch.dtype = torch.bfloat16, device="cpu",
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+               seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded inputs of one expert forward: latents, the expert's timestep, text embeddings.
 
     Also for GPU scripts that hold a bare expert and no WanModel (the 40-layer one fills the card alone).
     """
-    gen = generator or torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(shape.latent_shape(batch), generator=gen)
     timestep = torch.full((batch,), EXPERT_TIMESTEP[component], dtype=torch.int64)
     text = torch.randn((batch, text_len, expert.config.text_dim), generator=gen)
