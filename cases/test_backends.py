@@ -4,11 +4,11 @@ import sys
 import pytest
 import torch
 
-from engines.base import BackendUnavailable, get_backend
+from harness.backends import BackendOptions, make_backend
 from harness.case import Case
-from harness.compare import compare, drift_tolerance, min_cosine
-from harness.components import example_inputs, make_component
-from harness.errors import HarnessError
+from harness.compare import compare, judge_parity, min_cosine
+from harness.components import make_component
+from harness.errors import BackendUnavailable, HarnessError
 from harness.models import load_model
 from harness.shapes import parse_shape
 
@@ -18,16 +18,16 @@ CASE = Case("transformer", parse_shape("16x16x9"), "fp32")
 @pytest.mark.parity
 def test_inductor_matches_eager_on_the_tiny_dit_and_leaves_eager_alone():
     """Regional compile of the tiny DiT: ~35 s cold on 2 CPU cores, ~6 s with Inductor's on-disk cache warm."""
-    inductor = get_backend("inductor")
+    inductor = make_backend("inductor")
     ok, reason = inductor.available()
     if not ok:
         pytest.skip(reason)
     model = load_model("tiny")
     component = make_component(model, "transformer")
-    inputs = example_inputs(model, CASE)
-    eager = get_backend("torch").build(component, CASE)
+    inputs = component.inputs(CASE)
+    eager = make_backend("torch").build(component, CASE)
     expected = eager(*inputs)
-    result = compare(inductor.build(component, CASE)(*inputs), expected, tolerance=drift_tolerance(0.0, "fp32"))
+    result = judge_parity(inductor.build(component, CASE)(*inputs), expected, "fp32")
     assert result, result.message()
     # the eager backend shares the module: it must still run its own, uncompiled blocks
     assert all(type(b).__name__ == "WanTransformerBlock" for b in model.transformer.blocks)
@@ -37,25 +37,24 @@ def test_inductor_matches_eager_on_the_tiny_dit_and_leaves_eager_alone():
 @pytest.mark.unit
 def test_unknown_inductor_mode_is_a_user_error():
     with pytest.raises(HarnessError, match="unknown inductor mode 'fastest'; choose one of default, "):
-        get_backend("inductor", mode="fastest")
+        make_backend("inductor", BackendOptions(compile_mode="fastest"))
 
 
 @pytest.mark.unit
 def test_inductor_on_cpu_needs_a_cxx_compiler(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("engines.inductor.shutil.which", lambda name: None)
-    ok, reason = get_backend("inductor").available()
+    ok, reason = make_backend("inductor").available()
     assert not ok and "no C++ compiler" in reason
 
 
 @pytest.mark.unit
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
-def test_torch_fp8_on_cpu_says_it_needs_a_cuda_device():
-    backend = get_backend("torch-fp8")
-    ok, reason = backend.available()
+def test_torch_fp8_on_cpu_says_it_needs_a_cuda_device(session):
+    ok, reason = make_backend("torch-fp8").available()
     assert not ok and reason.startswith("no CUDA device: fp8 matmuls need compute capability >= 8.9")
-    with pytest.raises(BackendUnavailable, match="no CUDA device"):
-        backend.build(make_component(load_model("tiny", dtype=torch.bfloat16), "transformer"),
+    with pytest.raises(BackendUnavailable, match="torch-fp8 unavailable: no CUDA device"):
+        session.build("torch-fp8", make_component(load_model("tiny", dtype=torch.bfloat16), "transformer"),
                       CASE.with_precision("fp8"))
 
 
@@ -63,7 +62,7 @@ def test_torch_fp8_on_cpu_says_it_needs_a_cuda_device():
 def test_torch_fp8_without_torchao_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)  # `import torchao...` now raises ImportError
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
-    ok, reason = get_backend("torch-fp8").available()
+    ok, reason = make_backend("torch-fp8").available()
     assert not ok and "torchao not importable: ModuleNotFoundError" in reason
 
 
@@ -83,7 +82,7 @@ def test_torch_fp8_picks_block_linears_with_fp8_friendly_dims():
 
 @pytest.mark.gpu
 def test_torch_fp8_quantizes_a_copy_and_keeps_the_bf16_weights():
-    ok, reason = get_backend("torch-fp8").available()
+    ok, reason = make_backend("torch-fp8").available()
     if not ok:
         pytest.skip(reason)
     from engines.torch_fp8 import quantized_copy
@@ -109,11 +108,11 @@ def test_cuda_graph_replays_the_eager_forward_and_refuses_another_shape():
 
     model = load_model("tiny", device="cuda")
     component = make_component(model, "transformer")
-    plain = get_backend("torch").build(component, CASE)
+    plain = make_backend("torch").build(component, CASE)
     graphed = GraphedRunner(plain)
-    first, second = (example_inputs(model, CASE, "cuda", seed) for seed in (0, 1))
+    first, second = (component.inputs(CASE, seed) for seed in (0, 1))
     assert torch.equal(graphed(*first), plain(*first))
     assert torch.equal(graphed(*second), plain(*second))  # new inputs reach the captured graph
-    other = example_inputs(model, CASE, "cuda", shape=parse_shape("32x32x9"))
+    other = component.inputs(CASE, shape=parse_shape("32x32x9"))
     with pytest.raises(ValueError, match="build one runner per static shape"):
         graphed(*other)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
     (["shapes", "480x832x80"], "4k+1"),
     (["generate", "--prompt", "x", "--backend", "nope"], "unknown backend"),
     (["generate", "--prompt", "x", "--precision", "fp4"], "unknown precision"),
-    (["generate", "--prompt", "x", "--source", "checkpoint", "--model-path", "/no/such/folder"], "does not exist"),
+    (["generate", "--prompt", "x", "--model-source", "checkpoint", "--model-path", "/no/such/folder"], "does not exist"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, needle, capsys):
     assert main(argv) == 2

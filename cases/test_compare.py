@@ -7,8 +7,9 @@ import torch
 
 from engines.torch_eager import TorchEager
 from harness.case import Case
-from harness.compare import (compare, drift_tolerance, load_lpips, lpips_untrained, min_cosine, video_quality)
-from harness.components import example_inputs, make_component
+from harness.compare import (compare, drift_tolerance, judge_parity, load_lpips, lpips_untrained, min_cosine, rel_l2,
+                             video_quality)
+from harness.components import make_component
 from harness.models import load_model
 from harness.shapes import parse_shape
 
@@ -29,9 +30,9 @@ def dit_outputs():
         model = load_model("tiny", dtype=dtype)
         case = Case("transformer", SHAPE, precision)
         runner = TorchEager().build(make_component(model, "transformer"), case)
-        out[precision] = runner(*example_inputs(model, case))
+        out[precision] = runner(*make_component(model, "transformer").inputs(case))
         if precision == "fp32":
-            out["fp32_again"] = runner(*example_inputs(model, case))
+            out["fp32_again"] = runner(*make_component(model, "transformer").inputs(case))
     return out
 
 
@@ -50,7 +51,7 @@ def test_eager_vs_eager_passes(dit_outputs):
 
 def test_one_percent_perturbation_fails_at_fp32_with_the_fixed_message(dit_outputs):
     reference = dit_outputs["fp32"]
-    eager_error = compare(dit_outputs["fp32_again"], reference, tolerance=math.inf).rel_l2
+    eager_error = rel_l2(dit_outputs["fp32_again"], reference)
     tolerance = drift_tolerance(eager_error, "fp32")
     result = compare(perturbed(reference, 1e-2), reference, tolerance=tolerance)
     assert not result
@@ -64,7 +65,7 @@ def test_one_percent_perturbation_fails_at_fp32_with_the_fixed_message(dit_outpu
 
 def test_one_percent_perturbation_fails_at_fp16(dit_outputs):
     reference, eager = dit_outputs["fp32"], dit_outputs["fp16"]
-    tolerance = drift_tolerance(compare(eager, reference, tolerance=math.inf).rel_l2, "fp16")
+    tolerance = drift_tolerance(rel_l2(eager, reference), "fp16")
     assert compare(eager, reference, tolerance=tolerance), "eager fp16 must pass its own band"
     result = compare(perturbed(eager, 1e-2), reference, tolerance=tolerance)
     assert not result, result.message()
@@ -75,7 +76,7 @@ def test_bf16_band_is_wider_than_a_one_percent_perturbation(dit_outputs):
     k=3 allows ~1.8e-2 (torch/_dynamo/utils.py::same). This pins that known limit so a threshold change
     that alters it is seen; the quality cases and fp32/fp16 parity are what catch such a slip."""
     reference, eager = dit_outputs["fp32"], dit_outputs["bf16"]
-    eager_error = compare(eager, reference, tolerance=math.inf).rel_l2
+    eager_error = rel_l2(eager, reference)
     tolerance = drift_tolerance(eager_error, "bf16")
     assert 1e-3 < eager_error < 1e-2
     assert compare(perturbed(eager, 1e-2), reference, tolerance=tolerance)
@@ -87,12 +88,32 @@ def test_fp8_band_hides_a_one_percent_slip_and_catches_three(dit_outputs):
     drift + 0.01. An independent 1e-2 slip beside that error passes, as at bf16; 3e-2 fails. Pins the
     limit (harness/thresholds.toml [parity.fp8]) so a threshold change that moves it is seen."""
     reference, eager = dit_outputs["fp32"], dit_outputs["bf16"]
-    eager_error = compare(eager, reference, tolerance=math.inf).rel_l2
+    eager_error = rel_l2(eager, reference)
     tolerance = drift_tolerance(eager_error, "fp8")
     fp8_like = perturbed(reference, 3.2 * eager_error, seed=2)
     assert compare(fp8_like, reference, tolerance=tolerance), "an fp8-sized error must pass its band"
     assert compare(perturbed(fp8_like, 1e-2, seed=3), reference, tolerance=tolerance)
     assert not compare(perturbed(fp8_like, 3e-2, seed=3), reference, tolerance=tolerance)
+
+
+def test_judge_parity_carries_its_band_and_the_eager_error(dit_outputs):
+    """The verdict a case asserts is the one its rows record: band, eager error and per-metric checks."""
+    reference, eager = dit_outputs["fp32"], dit_outputs["bf16"]
+    slipped = judge_parity(perturbed(eager, 3e-2, seed=4), reference, "bf16", eager)
+    assert not slipped and slipped.eager_rel_l2 == rel_l2(eager, reference)
+    assert slipped.tolerance == drift_tolerance(rel_l2(eager, reference), "bf16")
+    assert slipped.checks() == {"rel_l2": False, "cosine": None}
+    assert slipped.thresholds()["rel_l2"] == slipped.tolerance and "eager_rel_l2" in slipped.metrics()
+    exact = judge_parity(dit_outputs["fp32_again"], reference, "fp32")
+    assert exact and exact.eager_rel_l2 is None and exact.tolerance == drift_tolerance(0.0, "fp32")
+    fp8 = judge_parity(perturbed(reference, 0.02, seed=5), reference, "fp8", eager)
+    assert fp8 and fp8.min_cosine == min_cosine("fp8") and fp8.checks()["cosine"]
+
+
+def test_a_nan_in_eager_fails_the_band_too(dit_outputs):
+    reference, eager = dit_outputs["fp32"], dit_outputs["bf16"].clone()
+    eager[0, 0, 0, 0, 0] = math.nan
+    assert not judge_parity(dit_outputs["bf16"], reference, "bf16", eager)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -120,7 +141,8 @@ def video():
     """Real frames: the tiny VAE decoder on seeded latents, as [F, H, W, 3] in [0, 1]."""
     model = load_model("tiny")
     case = Case("vae_decoder", SHAPE)
-    out = TorchEager().build(make_component(model, "vae_decoder"), case)(*example_inputs(model, case))
+    component = make_component(model, "vae_decoder")
+    out = TorchEager().build(component, case)(*component.inputs(case))
     return (out[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).contiguous()
 
 
@@ -140,9 +162,9 @@ def test_quality_identical_video_passes(video):
 def test_quality_catches_a_noisy_video(video):
     result = video_quality(noisy(video, 0.1), video, "bf16")  # ~20 dB: well below the bf16 band
     assert not result
-    assert not result.checks["psnr_mean"] and not result.checks["psnr_min"]
+    assert not result.checks()["psnr_mean"] and not result.checks()["psnr_min"]
     assert "psnr_mean" in result.message() and "FAIL" in result.message()
-    assert result.metrics()["psnr_mean"] < result.thresholds["psnr_mean"]
+    assert result.metrics()["psnr_mean"] < result.thresholds()["psnr_mean"]
 
 
 def test_lpips_plumbing_with_an_untrained_backbone(video):
@@ -151,7 +173,7 @@ def test_lpips_plumbing_with_an_untrained_backbone(video):
     model = lpips_untrained()
     same = video_quality(video, video, "bf16", lpips_model=model)
     other = video_quality(noisy(video, 0.1), video, "bf16", lpips_model=model)
-    assert len(same.lpips) == video.shape[0] and set(same.checks) >= {"lpips_mean", "lpips_max"}
+    assert len(same.lpips) == video.shape[0] and set(same.checks()) >= {"lpips_mean", "lpips_max"}
     assert same.metrics()["lpips_max"] == pytest.approx(0.0, abs=1e-6)
     assert other.metrics()["lpips_mean"] > same.metrics()["lpips_mean"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines import fp8_attention as fa
+from engines.attention import kernels, processor, recipe, triton_fp8
 from harness.models import load_model
 
 pytestmark = pytest.mark.unit
@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's answer")
 def test_cpu_reports_unavailable_and_installs_nothing():
-    ok, reason = fa.fp8_attention_available()
+    ok, reason = kernels.fp8_attention_available()
     assert not ok and "CUDA" in reason
     model = load_model("tiny")
-    reasons = fa.enable_fp8_attention(model.transformer)
+    reasons = processor.enable_fp8_attention(model.transformer)
     assert reasons and "CUDA" in reasons[0]
     assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in model.transformer.blocks)
 
@@ -28,8 +28,8 @@ def test_cpu_reports_unavailable_and_installs_nothing():
 def test_quantize_fills_e4m3_and_centres_exactly():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 300, 2, 64, generator=gen) * 3 + 1 for _ in range(3))
-    x = fa.quantize_qkv(q, k, v)
-    assert x.q.dtype == fa.FP8 and x.q.float().abs().max().item() == fa.E4M3_MAX
+    x = recipe.quantize_qkv(q, k, v)
+    assert x.q.dtype == recipe.FP8 and x.q.float().abs().max().item() == recipe.E4M3_MAX
     k_centred = k - k.mean(dim=1, keepdim=True)
     for fp8, descale, orig in ((x.q, x.descale_q, q), (x.k, x.descale_k, k_centred), (x.v, x.descale_v, v - x.v_mean)):
         back = fp8.float() * descale
@@ -42,8 +42,8 @@ def test_processor_matches_stock_processor():
     model = load_model("tiny")
     stock = model.transformer
     ours = copy.deepcopy(stock)
-    assert fa.enable_fp8_attention(ours, route="sdpa") == []
-    assert all(isinstance(b.attn1.processor, fa.Fp8SelfAttnProcessor) for b in ours.blocks)
+    assert processor.enable_fp8_attention(ours, route="sdpa") == []
+    assert all(isinstance(b.attn1.processor, processor.Fp8SelfAttnProcessor) for b in ours.blocks)
     gen = torch.Generator().manual_seed(1)
     args = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=gen), timestep=torch.tensor([500]),
                 encoder_hidden_states=torch.randn(1, 12, 32, generator=gen), return_dict=False)
@@ -53,15 +53,15 @@ def test_processor_matches_stock_processor():
     assert not torch.equal(got, ours(**{**args, "timestep": torch.tensor([900])})[0])
 
 
-@pytest.mark.skipif(fa.triton is None, reason="triton is not installed here")
+@pytest.mark.skipif(triton_fp8.triton is None, reason="triton is not installed here")
 def test_triton_kernel_in_interpreter():
     """The fp8 flash-attention kernel run by Triton's CPU interpreter, ragged tails included."""
     script = (
-        "import torch; from engines import fp8_attention as fa\n"
+        "import torch; from engines.attention.kernels import fp8_sdpa\n"
         "g = torch.Generator().manual_seed(0)\n"
         "q, k, v = (torch.randn(1, n, 2, 64, generator=g).bfloat16() + o for n, o in ((150, 0), (130, .5), (130, 1)))\n"
-        "ref = fa.fp8_sdpa(q.float(), k.float(), v.float(), route='sdpa')\n"
-        "out = fa.fp8_sdpa(q, k, v, route='triton').float()\n"
+        "ref = fp8_sdpa(q.float(), k.float(), v.float(), route='sdpa')\n"
+        "out = fp8_sdpa(q, k, v, route='triton').float()\n"
         "print(((out - ref).norm() / ref.norm()).item())\n")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -75,6 +75,6 @@ def test_centring_adds_no_bias():
     dropped it from large elements (rel bias 0.11 here, 6-10% rel L2 of attention on the H100)."""
     gen = torch.Generator().manual_seed(2)
     v = torch.randn(1, 32768, 2, 64, generator=gen).bfloat16()
-    x = fa.quantize_qkv(v, v, v)
+    x = recipe.quantize_qkv(v, v, v)
     bias = (x.v.float() * x.descale_v + x.v_mean - v.float()).mean(dim=1)
     assert (bias.norm() / x.v_mean.norm()).item() < 0.06  # fp8 rounding noise alone: 0.03

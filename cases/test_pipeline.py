@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from engines.torch_eager import TorchEager
-from harness.case import Case
+from harness.case import COMPONENTS, Case
 from harness.components import make_component
+from harness.models import load_model
 from harness.pipeline import NEGATIVE_PROMPT, PROMPTS, Runners, expert_for, generate, initial_latents
 from harness.shapes import parse_shape
 
@@ -14,14 +15,13 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def tiny(models):
-    return models.get(torch.float32, "cpu")
+def tiny():
+    return load_model("tiny")
 
 
 def eager_runners(model) -> Runners:
     build = TorchEager().build
-    return Runners(**{name: build(make_component(model, name), Case(name, SHAPE)) for name in
-                      ("text_encoder", "transformer", "transformer_2", "vae_decoder")})
+    return Runners(**{name: build(make_component(model, name), Case(name, SHAPE)) for name in COMPONENTS})
 
 
 def diffusers_video(model, latents, calls):

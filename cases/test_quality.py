@@ -17,30 +17,28 @@ def lpips_model():
     return load_lpips()
 
 
-def videos(backend, precision, prompt, settings, generations):
-    shape = settings.shapes[0]
-    candidate = generations.get(backend, precision, shape, prompt)
-    reference = generations.get("torch", quality_reference(precision), shape, prompt)
-    case = Case("video", shape, precision, source=settings.source, variant=f"prompt{prompt}")
-    return case, candidate.frames, reference.frames
+def judge_video(session, backend, precision, prompt, lpips_model=None):
+    """The candidate's video against its reference video, recorded as one quality row set."""
+    shape = session.settings.shapes[0]
+    candidate = session.generation(backend, precision, shape, prompt)
+    reference = session.generation("torch", quality_reference(precision), shape, prompt)
+    result = video_quality(candidate.frames, reference.frames, precision, lpips_model=lpips_model)
+    case = Case("video", shape, precision, source=session.settings.source, variant=f"prompt{prompt}")
+    session.record("quality", case, backend, result)
+    return result
 
 
 @pytest.mark.parametrize("prompt", range(len(PROMPTS)), ids=[f"prompt{i}" for i in range(len(PROMPTS))])
-def test_video_quality(backend, reduced_precision, prompt, settings, generations, record):
-    precision = reduced_precision
-    case, got, want = videos(backend, precision, prompt, settings, generations)
-    result = video_quality(got, want, precision)
-    record("quality", case, backend, result.metrics(), thresholds=result.thresholds, passed=result.checks)
+def test_video_quality(backend, reduced_precision, prompt, session):
+    result = judge_video(session, backend, reduced_precision, prompt)
     assert result, result.message()
 
 
-def test_video_lpips(backend, reduced_precision, settings, generations, record, lpips_model):
+def test_video_lpips(backend, reduced_precision, session, lpips_model):
     model, reason = lpips_model
     if model is None:
         pytest.skip(f"LPIPS skipped: {reason}")
-    case, got, want = videos(backend, reduced_precision, 0, settings, generations)
-    result = video_quality(got, want, reduced_precision, lpips_model=model)
-    record("quality", case, backend, result.metrics(), thresholds=result.thresholds, passed=result.checks)
+    result = judge_video(session, backend, reduced_precision, 0, lpips_model=model)
     assert result, result.message()
 
 

@@ -43,7 +43,7 @@ def test_bad_specs_raise_our_error(spec):
 
 
 def test_block_flops_match_facts():
-    # FACTS.md §5: ~41.9 TFLOP per block at 480p, ~163 at 720p.
+    # docs/hardware.md: ~41.9 TFLOP per block at 480p, ~163 at 720p.
     assert block_flops(32_760) / 1e12 == pytest.approx(41.9, abs=0.1)
     assert block_flops(75_600) / 1e12 == pytest.approx(163.0, abs=0.5)
 

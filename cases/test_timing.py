@@ -4,7 +4,9 @@ import time
 import pytest
 import torch
 
-from harness.timing import RoundRecorder, summarize, time_alternating, timed_call
+import math
+
+from harness.timing import RoundRecorder, judge_speedup, summarize, time_alternating, timed_call
 
 pytestmark = pytest.mark.unit
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -14,7 +16,32 @@ def test_summary_statistics():
     result = summarize("x", [8, 1, 7, 2, 6, 3, 5, 4])
     assert (result.median_ms, result.q1_ms, result.q3_ms) == (4.5, 2.75, 6.25)
     assert result.iqr_ms == 3.5 and result.min_ms == 1 and result.rounds == 8
-    assert result.method == "perf_counter" and result.tflops(1e12) == pytest.approx(222.222, rel=1e-5)  # 1 TFLOP in 4.5 ms
+    assert result.method == "perf_counter" and result.tflops is None and "tflops" not in result.metrics()
+    timed = summarize("x", [8, 1, 7, 2, 6, 3, 5, 4], flops=1e12, floor_tflops=785)
+    assert timed.tflops == pytest.approx(222.222, rel=1e-5)  # 1 TFLOP in 4.5 ms
+    assert timed.metrics()["tflops"] == timed.tflops and timed.thresholds() == {"tflops": 785}
+
+
+def on(device: str, times) -> object:
+    return summarize(device, times, device=device)
+
+
+def test_the_gate_passes_fails_and_ignores_cpu_timings():
+    base = [10.0, 10.2, 9.8, 10.1]
+    assert judge_speedup(on("cuda", base), on("cuda", [5.0, 5.1, 4.9, 5.0]), 1.5).passed is True
+    slow = judge_speedup(on("cuda", base), on("cuda", [8.0, 8.1, 7.9, 8.0]), 1.5)
+    assert slow.passed is False and not slow and "FAILS the 1.5x gate" in slow.message()
+    cpu = judge_speedup(on("cpu", base), on("cpu", [5.0] * 4), 1.5)
+    assert cpu.passed is None and cpu and cpu.checks() == {"speedup": None}
+    assert judge_speedup(on("cuda", base), on("cuda", [5.0] * 4), None).passed is None
+
+
+@pytest.mark.parametrize("where", ["baseline", "candidate"])
+def test_a_nan_timing_never_passes_the_gate(where):
+    good, bad = [10.0, 10.0, 10.0], [math.nan, math.nan, math.nan]
+    base, cand = (bad, [1.0] * 3) if where == "baseline" else (good, bad)
+    result = judge_speedup(on("cuda", base), on("cuda", cand), 1.5)
+    assert result.passed is False and not result
 
 
 def test_summary_needs_times():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from engines.base import Runner
+from harness.backends import Runner
 
 
 class GraphedRunner:

@@ -1,4 +1,4 @@
-"""torch.compile (Inductor): what a Hopper user runs instead of TensorRT (FACTS.md §5: 1.21x on one A14B block).
+"""torch.compile (Inductor): what a Hopper user runs instead of TensorRT (1.21x on one A14B block, docs/hardware.md).
 
 The eager backend runs the very same module object, so nothing here compiles in place: `module.compile()`
 would swap the forward of the shared module and silently turn the eager baseline into a compiled one.
@@ -14,10 +14,10 @@ import time
 
 import torch
 
+from harness.backends import BackendOptions, Runner
 from harness.case import Case
 from harness.components import Component
 from harness.errors import HarnessError
-from engines.base import BackendUnavailable, Runner
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,10 @@ class Inductor:
     name = "inductor"
     precisions = ("fp32", "fp16", "bf16")
 
-    def __init__(self, mode: str = "default", regional: bool = True):
-        if mode not in MODES:
-            raise HarnessError(f"unknown inductor mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.mode = mode
+    def __init__(self, options: BackendOptions = BackendOptions(), regional: bool = True):
+        if options.compile_mode not in MODES:
+            raise HarnessError(f"unknown inductor mode {options.compile_mode!r}; choose one of {', '.join(MODES)}")
+        self.mode = options.compile_mode
         self.regional = regional
 
     def available(self) -> tuple[bool, str]:
@@ -76,9 +76,6 @@ class Inductor:
         return lambda m: torch.compile(m, mode=self.mode, dynamic=case.dynamic, fullgraph=False)
 
     def build(self, component: Component, case: Case) -> Runner:
-        ok, reason = self.available()
-        if not ok:
-            raise BackendUnavailable(reason)
         compile_fn = self.compile_fn(case)
         regional = _regional(component.module, compile_fn) if self.regional else None
         compiled = compile_fn(component.module) if regional is None else regional

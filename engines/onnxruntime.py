@@ -5,11 +5,12 @@ from pathlib import Path
 
 import torch
 
-from engines.base import BackendUnavailable, Runner
-from harness.cache import DiskCache, default_cache_dir
+from harness.backends import BackendOptions, Runner
+from harness.cache import DiskCache
 from harness.case import Case
 from harness.components import Component
-from harness.models import WanModel
+from harness.errors import BackendUnavailable
+from harness.export import export_case
 
 # Preferred first; ORT falls through the list for ops a provider lacks.
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -36,6 +37,11 @@ class OrtRunner:
         return torch.from_numpy(out).to(inputs[0].device)
 
 
+def cpu_graph_runner(path: Path) -> OrtRunner:
+    """ONNX Runtime's CPU provider over one graph file: what export validation runs."""
+    return OrtRunner(path, ["CPUExecutionProvider"])
+
+
 def providers_for(device: torch.device | str) -> list[str]:
     """CPU for CPU cases; the GPU providers this onnxruntime build has, then CPU, for CUDA cases."""
     import onnxruntime
@@ -51,31 +57,16 @@ class OnnxRuntime:
     # bf16 is tried and, where the provider refuses it (the CPU one does), reported with ORT's words.
     precisions = ("fp32", "fp16", "bf16")
 
-    def __init__(self, model: WanModel | None = None, cache_dir: str | Path | None = None):
-        self.model = model
-        self.cache = DiskCache(Path(cache_dir) if cache_dir else default_cache_dir())
+    def __init__(self, options: BackendOptions = BackendOptions()):
+        self.cache = DiskCache(options.cache_dir)
 
     def available(self) -> tuple[bool, str]:
         try:
-            import onnxruntime
+            import onnxruntime  # noqa: F401
         except ImportError as exc:
             return False, f"onnxruntime not importable: {exc}"
         return True, ""
 
     def build(self, component: Component, case: Case) -> Runner:
-        from harness.export import export_case
-
-        ok, reason = self.available()
-        if not ok:
-            raise BackendUnavailable(reason)
-        model = _require_model(self.model, self.name)
-        graph = export_case(model, case, self.cache, component=component)
+        graph = export_case(component, case, self.cache)
         return OrtRunner(graph.path, providers_for(component.device))
-
-
-def _require_model(model: WanModel | None, backend: str) -> WanModel:
-    """ONNX-based backends export the graph, which needs the model's inputs and fingerprint."""
-    if model is None:  # a skip with this reason, not a crash, where a caller did not pass one
-        raise BackendUnavailable(f"backend {backend!r} exports an ONNX graph and needs the model: "
-                           f"get_backend({backend!r}, model=model)")
-    return model

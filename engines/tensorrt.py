@@ -1,7 +1,7 @@
 """TensorRT and TensorRT-RTX: one implementation, with the TensorRT Python module passed in.
 
 The two modules share the API this needs (strongly typed networks from ONNX, optimization
-profiles, timing cache, execute_async_v3 with tensor addresses; FACTS.md §1). Here on the CPU,
+profiles, timing cache, execute_async_v3 with tensor addresses; docs/hardware.md). Here on the CPU,
 `tensorrt_rtx` builds engines ahead of time, which proves each graph, profile and cache key against
 TensorRT's own parser and builder; running an engine needs a supported GPU on a user's machine.
 """
@@ -18,19 +18,19 @@ from types import ModuleType
 
 import torch
 
-from engines.base import BackendUnavailable, Runner
 from engines.cuda_graph import GraphedRunner
-from engines.onnxruntime import _require_model
-from harness.cache import DiskCache, atomic_write_bytes, default_cache_dir
+from harness.backends import BackendOptions, Runner
+from harness.cache import DiskCache, atomic_write_bytes
 from harness.case import Case
 from harness.components import Component
-from harness.models import WanModel
+from harness.errors import BackendUnavailable
+from harness.export import ExportedGraph, check_inputs, export_case
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "engine.plan"
 NETWORK_FILE = "network.json"
-# TensorRT-RTX 1.7's deserializer names these as the compute capabilities it runs on (FACTS.md §1:
+# TensorRT-RTX 1.7's deserializer names these as the compute capabilities it runs on (docs/hardware.md:
 # "Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1 >12.0"); Hopper (9.0) is not among them.
 RTX_RUNS_ON = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 # Modules that build ahead of time with no GPU present.
@@ -95,11 +95,9 @@ def profile_from(names: tuple[str, ...], input_sets: list[tuple[torch.Tensor, ..
     return Profile(tuple(entries))
 
 
-def case_profile(model: WanModel, case: Case, names: tuple[str, ...]) -> Profile:
+def case_profile(component: Component, case: Case) -> Profile:
     """The case's profile: static at its shape, or spanning the shapes its dynamic graph is checked at."""
-    from harness.export import check_inputs
-
-    return profile_from(names, [inputs for _, inputs in check_inputs(model, case)])
+    return profile_from(component.input_names, [inputs for _, inputs in check_inputs(component, case)])
 
 
 @dataclass
@@ -118,6 +116,16 @@ class EngineBuild:
     target: str = ""
     trt_version: str = ""
 
+    def metrics(self) -> dict[str, float]:
+        return {"trt_layers": self.layers, "engine_mb": self.size_bytes / 2 ** 20, "build_s": self.build_s,
+                "fetch_s": self.fetch_s}
+
+    def thresholds(self) -> dict:
+        return {}
+
+    def checks(self) -> dict:
+        return {}
+
     def __str__(self) -> str:
         plugins = f", plugins: {', '.join(self.plugin_layers)}" if self.plugin_layers else ", no plugin layers"
         return (f"engine {self.key}: {'cache hit' if self.hit else 'built'} in {self.fetch_s:.2f} s "
@@ -134,9 +142,9 @@ def engine_spec(module_name: str, module_version: str, onnx_fingerprint: str, pr
             "flags": ["STRONGLY_TYPED"] + (["WEIGHT_STREAMING"] if weight_streaming else [])}
 
 
-def build_engine(trt: ModuleType, onnx_path: Path, profiles: list[Profile], cache: DiskCache, readable: str,
-                 onnx_fingerprint: str, *, opt_level: int = 3, workspace_gib: float | None = None,
-                 weight_streaming: bool = False) -> EngineBuild:
+def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], cache: DiskCache, readable: str,
+               onnx_fingerprint: str, *, opt_level: int = 3, workspace_gib: float | None = None,
+               weight_streaming: bool = False) -> EngineBuild:
     """Parse the ONNX into a strongly typed network and build a serialized engine, through the cache."""
     spec = engine_spec(trt.__name__, trt.__version__, onnx_fingerprint, profiles, opt_level, workspace_gib, weight_streaming)
     timing_cache = cache.root / "timing" / f"{trt.__name__}-{trt.__version__}-{spec['target'].replace(':', '_')}.cache"
@@ -330,30 +338,17 @@ class EngineRunner:
         return self._buffers[key]
 
 
-class _TensorRTBackend:
-    """The backend over one TensorRT module; subclasses only name the module."""
+class _Builder:
+    """Export (cached) and build (cached) engines with one TensorRT module; subclasses name the module."""
 
-    name = ""
     module_name = ""
-    precisions = ("fp32", "fp16", "bf16")
 
-    def __init__(self, model: WanModel | None = None, cache_dir: str | Path | None = None, opt_level: int = 3,
-                 workspace_gib: float | None = None, cuda_graph: bool = False, weight_streaming: bool = False):
-        self.model = model
-        self.cache = DiskCache(Path(cache_dir) if cache_dir else default_cache_dir())
-        self.options = dict(opt_level=opt_level, workspace_gib=workspace_gib, weight_streaming=weight_streaming)
-        self.cuda_graph = cuda_graph
-
-    def available(self) -> tuple[bool, str]:
-        """Can this machine run engines? (tensorrt_rtx may still build them when it cannot.)"""
-        module, reason = import_trt(self.module_name)
-        if module is None:
-            return False, reason
-        reason = run_reason(self.module_name)
-        return not reason, reason
+    def __init__(self, options: BackendOptions = BackendOptions(), cache: DiskCache | None = None):
+        self.cache = cache or DiskCache(options.cache_dir)
+        self.options = dict(opt_level=options.opt_level, weight_streaming=options.weight_streaming)
 
     def can_build(self) -> tuple[bool, str]:
-        """Can this machine build engines? TensorRT-RTX can without a GPU; full TensorRT cannot."""
+        """TensorRT-RTX builds without a GPU; full TensorRT needs one."""
         module, reason = import_trt(self.module_name)
         if module is None:
             return False, reason
@@ -361,42 +356,57 @@ class _TensorRTBackend:
             return False, run_reason(self.module_name)
         return True, ""
 
-    def build_engine(self, case: Case, component: Component | None = None):
-        """Export (cached) and build (cached) the engine for `case`; returns (ExportedGraph, EngineBuild)."""
-        from harness.export import export_case
-
+    def build(self, component: Component, case: Case) -> tuple[ExportedGraph, EngineBuild]:
         ok, reason = self.can_build()
         if not ok:
             raise BackendUnavailable(reason)
-        model = _require_model(self.model, self.name)
-        graph = export_case(model, case, self.cache, component=component)
-        names = component.input_names if component else _input_names(model, case)
-        profile = case_profile(model, case, names)
+        graph = export_case(component, case, self.cache)
         trt = importlib.import_module(self.module_name)
-        engine = build_engine(trt, graph.path, [profile], self.cache, case.id, graph.fingerprint, **self.options)
+        engine = build_plan(trt, graph.path, [case_profile(component, case)], self.cache, case.id, graph.fingerprint,
+                            **self.options)
         return graph, engine
 
+
+class TensorRTBuilder(_Builder):
+    module_name = "tensorrt"
+
+
+class TensorRTRTXBuilder(_Builder):
+    module_name = "tensorrt_rtx"
+
+
+class _TensorRTBackend:
+    """The backend over one TensorRT module: builds through its builder, runs the engine on CUDA."""
+
+    name = ""
+    builder_class: type[_Builder] = _Builder
+    precisions = ("fp32", "fp16", "bf16")
+
+    def __init__(self, options: BackendOptions = BackendOptions()):
+        self.builder = self.builder_class(options)
+        self.cuda_graph = options.cuda_graph
+        self.weight_streaming = options.weight_streaming
+
+    def available(self) -> tuple[bool, str]:
+        """Can this machine run engines? (tensorrt_rtx may still build them when it cannot.)"""
+        module, reason = import_trt(self.builder.module_name)
+        if module is None:
+            return False, reason
+        reason = run_reason(self.builder.module_name)
+        return not reason, reason
+
     def build(self, component: Component, case: Case) -> Runner:
-        _, engine = self.build_engine(case, component)
-        ok, reason = self.available()
-        if not ok:  # built and cached; this machine just cannot run it
-            raise BackendUnavailable(reason)
-        trt = importlib.import_module(self.module_name)
+        _, engine = self.builder.build(component, case)
+        trt = importlib.import_module(self.builder.module_name)
         return EngineRunner(trt, engine.path.read_bytes(), cuda_graph=self.cuda_graph,
-                            weight_streaming=self.options["weight_streaming"])
-
-
-def _input_names(model: WanModel, case: Case) -> tuple[str, ...]:
-    from harness.components import make_component
-
-    return make_component(model, case.component).input_names
+                            weight_streaming=self.weight_streaming)
 
 
 class TensorRT(_TensorRTBackend):
     name = "tensorrt"
-    module_name = "tensorrt"
+    builder_class = TensorRTBuilder
 
 
 class TensorRTRTX(_TensorRTBackend):
     name = "tensorrt_rtx"
-    module_name = "tensorrt_rtx"
+    builder_class = TensorRTRTXBuilder

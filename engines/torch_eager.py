@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import torch
 
+from harness.backends import BackendOptions, Runner
 from harness.case import Case
 from harness.components import Component
-from engines.base import Runner
 
 
 class TorchEager:
     name = "torch"
     precisions = ("fp32", "fp16", "bf16")
+
+    def __init__(self, options: BackendOptions = BackendOptions()):
+        pass  # eager PyTorch has nothing to set
 
     def available(self) -> tuple[bool, str]:
         return True, ""

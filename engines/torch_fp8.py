@@ -1,8 +1,8 @@
 """torchao fp8 row-wise matmuls on the DiT linears, fp8 self-attention, then torch.compile.
 
-FACTS.md §5 measured fp8 GEMMs + compile at 1.39x over eager bf16 on one A14B block (torchao 0.18,
-torch 2.11, H100), with attention, half the block's FLOPs, still bf16; the 1.5x gate needs fp8
-attention too (engines/fp8_attention.py). Quantization replaces weights, so it works on a deep copy:
+fp8 GEMMs + compile measured 1.39x over eager bf16 on one A14B block (torchao 0.18, torch 2.11, H100;
+docs/hardware.md), with attention, half the block's FLOPs, still bf16; the 1.5x gate needs fp8
+attention too (engines/attention/). Quantization replaces weights, so it works on a deep copy:
 the eager bf16 baseline shares the original.
 """
 from __future__ import annotations
@@ -14,19 +14,19 @@ import logging
 
 import torch
 
-from harness.case import Case
-from harness.components import Component
-from engines.base import BackendUnavailable, Runner
+from engines.attention.kernels import ROUTES
+from engines.attention.processor import enable_fp8_attention
 from engines.cuda_graph import GraphedRunner
-from engines.fp8_attention import enable_fp8_attention
-from harness.errors import HarnessError
 from engines.inductor import Inductor
+from harness.backends import BackendOptions, Runner
+from harness.case import Case, is_dit
+from harness.components import Component
+from harness.errors import BackendUnavailable, HarnessError
 
 log = logging.getLogger(__name__)
 
 # fp8 e4m3 tensor-core matmuls (torch._scaled_mm) exist from Ada/Hopper on.
 MIN_CAPABILITY = (8, 9)
-DIT_COMPONENTS = ("transformer", "transformer_2")
 
 
 def _torchao_reason() -> str:
@@ -52,7 +52,7 @@ def _device_reason() -> str:
 def fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
     """Linears inside the transformer blocks whose dims suit torch._scaled_mm (multiples of 16).
 
-    Embedders and the output projection stay bf16, as in FACTS.md §5's per-block measurement.
+    Embedders and the output projection stay bf16, as in the per-block measurement (docs/hardware.md).
     """
     return (isinstance(module, torch.nn.Linear) and ".blocks." in f".{fqn}"
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
@@ -75,25 +75,21 @@ class TorchFp8:
     name = "torch-fp8"
     precisions = ("fp8",)
 
-    def __init__(self, mode: str = "default", regional: bool = True, attention: str = "fp8",
-                 cuda_graph: bool = False):
-        if attention not in ("fp8", "bf16"):
-            raise HarnessError(f"unknown torch-fp8 attention {attention!r}; choose fp8 or bf16")
-        self.compiler = Inductor(mode=mode, regional=regional)
-        self.attention = attention
+    def __init__(self, options: BackendOptions = BackendOptions()):
+        if options.attention and options.attention not in ROUTES:
+            raise HarnessError(f"unknown torch-fp8 attention {options.attention!r}; choose one of {', '.join(ROUTES)}")
+        self.compiler = Inductor(options)
+        self.attention = options.attention or None  # None: the preferred fp8 route that runs here
         # The whole forward as one CUDA graph (static shapes only). Off by default: on an H100 it changed a
         # CFG step by -0.7% to +0.3%, inside the rounds' IQR (results/gpu-h100-2026-11-26-fp8/cuda_graph.csv).
-        self.cuda_graph = cuda_graph
+        self.cuda_graph = options.cuda_graph
 
     def available(self) -> tuple[bool, str]:
         reason = "; ".join(r for r in (_device_reason(), _torchao_reason()) if r)
         return (not reason), reason
 
     def build(self, component: Component, case: Case) -> Runner:
-        ok, reason = self.available()
-        if not ok:
-            raise BackendUnavailable(reason)
-        if case.component not in DIT_COMPONENTS or case.precision != "fp8":
+        if not is_dit(case.component) or case.precision != "fp8":
             raise BackendUnavailable(f"torch-fp8 quantizes the DiT experts at precision fp8 only, "
                                      f"not {case.component} at {case.precision}")
         if self.cuda_graph and case.dynamic:
@@ -103,9 +99,9 @@ class TorchFp8:
             raise BackendUnavailable(f"torch-fp8: no linear in {case.component}'s blocks has dims that are "
                                      f"multiples of 16, so nothing would run in fp8; use the proxy source")
         log.info("torch-fp8: %d linears of %s quantized to fp8 e4m3 row-wise", count, case.component)
-        if self.attention == "fp8":
+        if self.attention != "sdpa":
             # Installed before compiling, so Inductor fuses the Q/K/V quantization with RoPE and the norms.
-            for reason in enable_fp8_attention(module.transformer):
+            for reason in enable_fp8_attention(module.transformer, self.attention):
                 log.warning("torch-fp8 %s: self-attention stays bf16: %s", case.component, reason)
         runner = self.compiler.build(dataclasses.replace(component, module=module), case)
         return GraphedRunner(runner) if self.cuda_graph else runner

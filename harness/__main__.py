@@ -1,21 +1,22 @@
-"""The CLI: `python -m harness {env,shapes,...}`. User errors exit 2 with one line, no traceback."""
+"""The CLI: `python -m harness <command>`. A user error exits 2 with one line, no traceback."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.errors import BackendUnavailable, HarnessError
+from harness.settings import OPTIONS, Option
 
 
 def cmd_env(args) -> int:
     """Library versions, the device, and every backend's availability with its reason."""
-    from engines.base import BACKENDS, get_backend
     from harness.machine import machine_info
+    from harness.session import availability
 
-    info = machine_info()
-    for key, value in info.items():
+    for key, value in machine_info().items():
         print(f"{key:20} {value if value is not None else 'not installed'}")
     try:
         import onnxruntime
@@ -24,8 +25,7 @@ def cmd_env(args) -> int:
     except ImportError as exc:
         print(f"{'ort providers':20} none ({exc})")
     print("\nbackends")
-    for name in BACKENDS:
-        ok, reason = get_backend(name).available()
+    for name, (ok, reason) in availability().items():
         print(f"  {name:13} {'available' if ok else 'unavailable'}{': ' + reason if reason else ''}")
     return 0
 
@@ -47,44 +47,34 @@ def cmd_shapes(args) -> int:
     return 0
 
 
+def _settings(args, **values):
+    """Settings from the run options this command declares, with `values` (command-specific) over them."""
+    from harness.settings import settings_from
+
+    given = {o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)}
+    return settings_from({**given, **values})
+
+
 def cmd_generate(args) -> int:
     """Text to video with one backend; writes an H.264 mp4 and prints per-stage times."""
-    import torch
-
-    from engines.base import BackendUnavailable, backend_for, get_backend
-    from harness.case import PRECISIONS, check_precision
-    from harness.components import make_component
-    from harness.models import load_model
-    from harness.pipeline import NEGATIVE_PROMPT, build_runners, generate
-    from harness.shapes import parse_shape
+    from harness.pipeline import NEGATIVE_PROMPT
+    from harness.session import Session
     from harness.video import write_mp4
 
-    shape, precision = parse_shape(args.shape), check_precision(args.precision)
-    get_backend(args.backend)  # an unknown name fails before minutes of model building
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.source, device=device, dtype=PRECISIONS[precision], layers=args.proxy_layers,
-                       path=args.model_path)
-    if args.source != "checkpoint":
-        print(f"note: the {model.label} model has random weights: the video is structured noise, "
-              "useful for timing and plumbing, not for looking at")
-
-    def get_runner(backend, case):
-        impl = backend_for(backend, model)
-        ok, reason = impl.available()
-        if not ok:
-            raise HarnessError(f"backend {backend} cannot run here: {reason}")
-        try:
-            return impl.build(make_component(model, case.component), case)
-        except BackendUnavailable as exc:
-            raise HarnessError(f"backend {backend} cannot run here: {exc}") from None
-
-    runners = build_runners(get_runner, args.backend, precision, shape, args.source)
-    run = generate(model, runners, args.prompt, shape=shape, steps=args.steps, seed=args.seed,
-                   negative_prompt=args.negative_prompt or NEGATIVE_PROMPT, dtype=PRECISIONS[precision],
-                   device=device, progress=True)
+    session = Session(_settings(args, backends=args.backend, precisions=args.precision, shapes=args.shape))
+    s = session.settings
+    shape, precision = s.shapes[0], s.precisions[0]
+    if s.source != "checkpoint":
+        print(f"note: the {session.model(precision).label} model: the video is structured "
+              "noise, useful for timing and plumbing, not for looking at")
+    try:
+        run = session.generate(args.backend, precision, shape, args.prompt, seed=args.seed,
+                               negative_prompt=args.negative_prompt or NEGATIVE_PROMPT, progress=True)
+    except BackendUnavailable as exc:
+        raise HarnessError(f"backend {args.backend} cannot run here: {exc}") from None
     out = write_mp4(run.frames, args.out)
     print(f"wrote {out}: {shape.frames} frames, {shape.width}x{shape.height}, {args.backend} {precision}, "
-          f"{args.steps} steps")
+          f"{s.steps} steps")
     for stage, ms in run.stage_ms.items():
         print(f"  {stage:12} {ms / 1000:8.2f} s")
     return 0
@@ -92,17 +82,26 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     """The main job: parity, quality and perf cases (tiny source by default); prints the summary path."""
-    import os
-
     import pytest
 
     from harness.results import RUN_ID_ENV, new_run_id
 
+    settings = _settings(args)  # a bad option fails here, in one line, before pytest starts
     os.environ.setdefault(RUN_ID_ENV, new_run_id())
-    code = pytest.main(["-m", "parity or quality or perf", "-p", "no:cacheprovider", *args.pytest_args])
-    results_dir = next((a.split("=", 1)[1] for a in args.pytest_args if a.startswith("--results-dir=")), "results")
-    print(f"summary: {os.path.join(results_dir, os.environ[RUN_ID_ENV], 'summary.md')}")
+    given = [f"{o.flag}={getattr(args, o.dest)}" for o in OPTIONS if getattr(args, o.dest) is not None]
+    code = pytest.main(["-m", "parity or quality or perf", "-p", "no:cacheprovider", *given, *args.pytest_args])
+    summary = settings.results_dir / os.environ[RUN_ID_ENV] / "summary.md"
+    print(f"summary: {summary}" if summary.is_file() else "no rows were recorded (see the skip reasons above), "
+          "so no summary.md was written")
     return int(code)
+
+
+def cmd_summary(args) -> int:
+    """The short table of a run folder: speed-ups with their gate verdicts, then parity and quality verdicts."""
+    from harness.results import short_summary
+
+    print(short_summary(args.run))
+    return 0
 
 
 def cmd_baseline_save(args) -> int:
@@ -134,6 +133,54 @@ def _tables(text: str) -> tuple[str, ...]:
     return names
 
 
+def _export_cases(args, settings) -> list:
+    """Cases for `export`/`build`: one per named component (`all` = every component)."""
+    from harness.case import COMPONENTS, Case, check_component
+
+    names = COMPONENTS if args.component == "all" else (check_component(args.component),)
+    return [Case(name, settings.shapes[0], settings.precisions[0], source=settings.source, dynamic=args.dynamic)
+            for name in names]
+
+
+def cmd_export(args) -> int:
+    """Export components to ONNX (cached), validate each, and print the validation table."""
+    from harness.session import Session
+
+    session = Session(_settings(args, precisions=args.precision, shapes=args.shape))
+    failed = 0
+    for case in _export_cases(args, session.settings):
+        graph = session.export(case)
+        check = session.check_graph(graph)
+        failed += not check
+        print(f"{case.id:48} {'hit ' if graph.hit else 'miss'} export {graph.export_s:6.2f} s  "
+              f"{graph.size_bytes / 2 ** 20:7.2f} MB  {graph.path}")
+        print(f"  {check}")
+    return 1 if failed else 0
+
+
+def cmd_build(args) -> int:
+    """Export (cached) and build (cached) a TensorRT engine for each component; print its summary."""
+    from harness.session import Session
+
+    session = Session(_settings(args, precisions=args.precision, shapes=args.shape, opt_level=args.opt_level))
+    for case in _export_cases(args, session.settings):
+        try:
+            _, engine = session.build_engine(args.backend, case)
+        except BackendUnavailable as exc:
+            raise HarnessError(str(exc)) from None
+        print(f"{case.id:48} {engine}")
+    return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *flags: str) -> None:
+    """The shared run options (harness.settings.OPTIONS) this command takes; all of them when none are named."""
+    chosen: list[Option] = [o for o in OPTIONS if not flags or o.flag in flags]
+    for option in chosen:
+        parser.add_argument(option.flag, dest=option.dest, type=option.type, default=None,
+                            help=option.help + (f" (default: {option.default_value()})"
+                                                if option.default_value() is not None else ""))
+
+
 def _add_regression_commands(sub) -> None:
     tables = dict(default="parity,quality,perf", help="comma-separated tables to include (default: %(default)s)")
     p = sub.add_parser("baseline", help="accepted numbers for regression gating")
@@ -155,71 +202,18 @@ def _add_regression_commands(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def _export_cases(args) -> list:
-    """Cases for `export`/`build`: one per named component (`all` = every component)."""
-    from harness.case import COMPONENTS, Case, check_component
-    from harness.shapes import parse_shape
-
-    names = COMPONENTS if args.component == "all" else (check_component(args.component),)
-    shape = parse_shape(args.shape)
-    return [Case(name, shape, args.precision, source=args.source, dynamic=args.dynamic) for name in names]
-
-
-def cmd_export(args) -> int:
-    """Export components to ONNX (cached), validate each, and print the validation table."""
-    from harness.cache import DiskCache
-    from harness.export import export_case, validate_graph
-    from harness.models import load_model
-
-    cases = _export_cases(args)
-    cache = DiskCache(args.cache_dir)
-    model = load_model(args.source, dtype=cases[0].dtype, path=args.model_path)
-    reference = model if args.precision == "fp32" else load_model(args.source, path=args.model_path)
-    failed = 0
-    for case in cases:
-        graph = export_case(model, case, cache)
-        check = validate_graph(graph, model, reference)
-        failed += not check
-        print(f"{case.id:48} {'hit ' if graph.hit else 'miss'} export {graph.export_s:6.2f} s  "
-              f"{graph.size_bytes / 2 ** 20:7.2f} MB  {graph.path}")
-        print(f"  {check}")
-    return 1 if failed else 0
-
-
-def cmd_build(args) -> int:
-    """Export (cached) and build (cached) a TensorRT engine for each component; print its summary."""
-    from engines.base import get_backend
-    from harness.models import load_model
-
-    if args.backend not in ("tensorrt", "tensorrt_rtx"):
-        raise HarnessError(f"--backend {args.backend!r}: build makes TensorRT engines; use tensorrt or tensorrt_rtx")
-    cases = _export_cases(args)
-    model = load_model(args.source, dtype=cases[0].dtype, path=args.model_path)
-    backend = get_backend(args.backend, model=model, cache_dir=args.cache_dir, opt_level=args.opt_level)
-    ok, reason = backend.can_build()
-    if not ok:
-        raise HarnessError(f"cannot build with {args.backend} here: {reason}")
-    for case in cases:
-        backend.build_engine(case)  # logs its one-line summary (time, size, layers, cache hit/miss)
-    return 0
-
-
 def _add_export_commands(sub) -> None:
-    from harness.cache import default_cache_dir
-
     for name, func in (("export", cmd_export), ("build", cmd_build)):
-        p = sub.add_parser(name, help=func.__doc__)
+        p = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
         if name == "build":
-            p.add_argument("--backend", default="tensorrt_rtx", help="tensorrt | tensorrt_rtx (default)")
-            p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5")
-        p.add_argument("--component", default="all", help="transformer | transformer_2 | vae_decoder | text_encoder | all")
-        p.add_argument("--source", default="tiny", help="tiny | proxy | checkpoint")
-        p.add_argument("--model-path", default=None, help="checkpoint folder (or WAN_MODEL_PATH)")
-        p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16")
-        p.add_argument("--shape", default="16x16x9", help="a preset or HxWxF")
+            p.add_argument("--backend", default="tensorrt_rtx", help="tensorrt | tensorrt_rtx (default: %(default)s)")
+            p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default: %(default)s)")
+        p.add_argument("--component", default="all",
+                       help="transformer | transformer_2 | vae_decoder | text_encoder | all (default: %(default)s)")
+        p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default: %(default)s)")
+        p.add_argument("--shape", default=None, help="a preset or HxWxF (default: 16x16x9 tiny, 480p otherwise)")
         p.add_argument("--dynamic", action="store_true", help="dynamic batch/latent/text axes (VAE frames stay static)")
-        p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                       help="ONNX and engine cache (default: $WAN_BENCH_CACHE or .cache)")
+        _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--device", "--cache-dir")
         p.set_defaults(func=func)
 
 
@@ -228,29 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help=cmd_env.__doc__).set_defaults(func=cmd_env)
-    p = sub.add_parser("shapes", help=cmd_shapes.__doc__)
+    p = sub.add_parser("shapes", help=cmd_shapes.__doc__, description=cmd_shapes.__doc__)
     p.add_argument("spec", help="a preset (480p, 720p) or HxWxF, e.g. 480x832x81")
-    p.add_argument("--steps", type=int, default=40, help="denoising steps (default 40, the model card's)")
+    p.add_argument("--steps", type=int, default=40, help="denoising steps (default: %(default)s, the model card's)")
     p.set_defaults(func=cmd_shapes)
 
-    p = sub.add_parser("generate", help=cmd_generate.__doc__)
+    p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--source", default="tiny", help="tiny | proxy | checkpoint")
-    p.add_argument("--model-path", default=None, help="checkpoint folder (or WAN_MODEL_PATH)")
-    p.add_argument("--proxy-layers", type=int, default=2)
-    p.add_argument("--backend", default="torch")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | fp8")
-    p.add_argument("--shape", default="480p", help="a preset or HxWxF")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--out", default="video.mp4")
+    p.add_argument("--negative-prompt", default=None, help="(default: the model card's style negative prompt)")
+    p.add_argument("--backend", default="torch", help="(default: %(default)s)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | fp8 (default: %(default)s)")
+    p.add_argument("--shape", default=None, help="a preset or HxWxF (default: 16x16x9 tiny, 480p otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--out", default="video.mp4", help="(default: %(default)s)")
+    _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--steps", "--device", "--cache-dir")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help=cmd_bench.__doc__)
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest options, e.g. --model-source proxy")
+    p = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__ +
+                       " Every option below is the pytest option of the same name; arguments after -- go to pytest.")
+    _add_run_options(p)
+    p.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments, e.g. -- -k transformer -x")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("summary", help=cmd_summary.__doc__, description=cmd_summary.__doc__)
+    p.add_argument("run", type=Path, help="a run folder, results/<run-id>")
+    p.set_defaults(func=cmd_summary)
     _add_regression_commands(sub)
     _add_export_commands(sub)
     return parser

@@ -10,8 +10,11 @@ from harness.errors import HarnessError
 from harness.shapes import VideoShape
 
 COMPONENTS = ("transformer", "transformer_2", "vae_decoder", "text_encoder")
-# Whole-pipeline stages that cases measure over several components at once.
-STAGES = ("cfg_step", "denoising_loop", "video", "end_to_end")
+# The two DiT experts: high-noise first, low-noise after the boundary. fp8 and ONNX dynamic axes apply to them.
+DIT_COMPONENTS = ("transformer", "transformer_2")
+# What a case may measure besides one whole component: several components at once (a CFG step, the loop,
+# the video), or a part of one (one DiT block and its kernel regions, the self-attention kernel alone).
+STAGES = ("cfg_step", "denoising_loop", "video", "end_to_end", "block", "attention")
 # fp8 means bf16 activations with fp8 e4m3 matmuls (and attention where the backend has it).
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
@@ -26,9 +29,13 @@ def quality_reference(precision: str) -> str:
 
     fp32 for every precision that has an eager run of its own, so the bands measure distance from the
     exact video; fp8 against the bf16 eager video, the one people run today, so its band measures what
-    fp8 alone changes (issue 8).
+    fp8 alone changes.
     """
     return "fp32" if eager_precision(precision) == precision else eager_precision(precision)
+
+
+def is_dit(component: str) -> bool:
+    return component in DIT_COMPONENTS
 
 
 def check_component(name: str) -> str:

@@ -6,6 +6,7 @@ Every threshold comes from harness/thresholds.toml.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 import warnings
@@ -39,9 +40,10 @@ def _section(kind: str, precision: str) -> dict:
 
 
 def drift_tolerance(eager_error: float, precision: str) -> float:
-    """Allowed rel L2 vs the fp32 reference: k x eager-at-p's own rel L2 + atol (k, atol per precision).
+    """The drift band, in one place: allowed rel L2 vs the fp32 reference = k x eager-at-p's own rel L2 + atol.
 
-    For fp8, pass bf16 eager's error: fp8 keeps bf16 activations and there is no eager fp8.
+    k and atol per precision come from thresholds.toml [parity.<precision>] (pytorch's
+    torch/_dynamo/utils.py::same). For fp8 pass bf16 eager's error: fp8 keeps bf16 activations and has no eager run.
     """
     band = _section("parity", precision)
     return band["k"] * eager_error + band["atol"]
@@ -56,7 +58,10 @@ def min_cosine(precision: str) -> float | None:
 
 @dataclass(frozen=True)
 class ParityResult:
-    """Error of `actual` against `expected`; truthy when finite, within `tolerance` and above `min_cosine`."""
+    """Error of `actual` against `expected`; truthy when finite, within `tolerance` and above `min_cosine`.
+
+    From `judge_parity`, `tolerance` is the drift band and `eager_rel_l2` the eager error it was derived from.
+    """
 
     max_abs: float
     rel_l2: float
@@ -72,6 +77,8 @@ class ParityResult:
     atol: float
     min_cosine: float | None
     passed: bool
+    precision: str = ""
+    eager_rel_l2: float | None = None  # eager-at-precision's error against the same reference
 
     def __bool__(self) -> bool:
         return self.passed
@@ -93,8 +100,19 @@ class ParityResult:
 
     def metrics(self) -> dict[str, float]:
         """The numbers for result rows (metric names of the one row schema)."""
-        return {"max_abs": self.max_abs, "rel_l2": self.rel_l2, "cosine": self.cosine, "p99_abs": self.p99_abs,
-                "nonfinite": float(self.nonfinite), "mismatched_share": self.mismatched_share}
+        out = {"max_abs": self.max_abs, "rel_l2": self.rel_l2, "cosine": self.cosine, "p99_abs": self.p99_abs,
+               "nonfinite": float(self.nonfinite), "mismatched_share": self.mismatched_share}
+        if self.eager_rel_l2 is not None:
+            out["eager_rel_l2"] = self.eager_rel_l2
+        return out
+
+    def thresholds(self) -> dict[str, float | None]:
+        return {"rel_l2": self.tolerance, "cosine": self.min_cosine}
+
+    def checks(self) -> dict[str, bool | None]:
+        """Each bounded metric's own verdict; a NaN anywhere fails rel_l2 (and so the whole result)."""
+        return {"rel_l2": self.nonfinite == 0 and self.rel_l2 <= self.tolerance,
+                "cosine": None if self.min_cosine is None else self.cosine >= self.min_cosine}
 
 
 def _p99(values: torch.Tensor) -> float:
@@ -115,6 +133,25 @@ def _rel_l2(diff_norm: float, expected_norm: float) -> float:
     if expected_norm == 0.0:
         return 0.0 if diff_norm == 0.0 else math.inf
     return diff_norm / expected_norm
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (NaN or Inf in either gives a non-finite number)."""
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    return _rel_l2(float((a - e).norm()), float(e.norm()))
+
+
+def judge_parity(actual: torch.Tensor, expected: torch.Tensor, precision: str,
+                 eager: torch.Tensor | None = None) -> ParityResult:
+    """`actual` against the fp32 `expected`, within the drift band of eager-at-precision's own error.
+
+    `eager` is eager PyTorch at `precision` (bf16 for fp8, which has no eager run) on the same inputs; None
+    means the reference is itself eager at this precision (fp32), so eager's error is 0.
+    """
+    drift = 0.0 if eager is None else rel_l2(eager, expected)
+    result = compare(actual, expected, tolerance=drift_tolerance(drift, precision), min_cosine=min_cosine(precision))
+    return dataclasses.replace(result, precision=precision, eager_rel_l2=None if eager is None else drift)
 
 
 def compare(actual: torch.Tensor, expected: torch.Tensor, *, tolerance: float, atol: float = 1e-5,
@@ -145,6 +182,38 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, *, tolerance: float, a
         min_cosine=min_cosine, passed=passed)
 
 
+@dataclass(frozen=True)
+class LoopParityResult:
+    """The denoising loop's latents against the fp32 loop's: the verdict on the last step, and every step's error."""
+
+    final: ParityResult
+    step_errors: tuple[float, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.final)
+
+    def metrics(self) -> dict[str, float]:
+        steps = {f"rel_l2@step={i}": e for i, e in enumerate(self.step_errors, start=1)}
+        return {**steps, "loop_rel_l2": self.final.rel_l2, "eager_loop_rel_l2": self.final.eager_rel_l2}
+
+    def thresholds(self) -> dict[str, float | None]:
+        return {"loop_rel_l2": self.final.tolerance}
+
+    def checks(self) -> dict[str, bool | None]:
+        return {"loop_rel_l2": self.final.checks()["rel_l2"]}
+
+    def message(self) -> str:
+        return f"after {len(self.step_errors)} steps: " + self.final.message()
+
+
+def judge_loop(candidate: list[torch.Tensor], reference: list[torch.Tensor], eager: list[torch.Tensor],
+               precision: str) -> LoopParityResult:
+    """Per-step latents of three loops from the same seed: the candidate's, fp32 eager's, eager-at-precision's."""
+    steps = tuple(rel_l2(got, want) for got, want in zip(candidate, reference))
+    final = judge_parity(candidate[-1], reference[-1], precision, eager[-1])
+    return LoopParityResult(final, steps)
+
+
 # --------------------------------------------------------------------------------------------- quality
 
 @dataclass(frozen=True)
@@ -155,7 +224,7 @@ class QualityResult:
     psnr: tuple[float, ...]
     ssim: tuple[float, ...]
     lpips: tuple[float, ...] | None
-    thresholds: dict[str, float] = field(default_factory=dict)
+    bands: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """psnr_mean/min, ssim_mean/min and, with LPIPS, lpips_mean/max: mean and worst frame."""
@@ -165,15 +234,17 @@ class QualityResult:
             out.update(lpips_mean=float(np.mean(self.lpips)), lpips_max=max(self.lpips))
         return out
 
-    @property
+    def thresholds(self) -> dict[str, float]:
+        return dict(self.bands)
+
     def checks(self) -> dict[str, bool]:
-        """metric -> within its band; LPIPS metrics appear only when LPIPS ran."""
-        return {name: (value <= self.thresholds[name] if name.startswith("lpips") else value >= self.thresholds[name])
+        """metric -> within its band (a NaN never is); LPIPS metrics appear only when LPIPS ran."""
+        return {name: (value <= self.bands[name] if name.startswith("lpips") else value >= self.bands[name])
                 for name, value in self.metrics().items()}
 
     @property
     def passed(self) -> bool:
-        return all(self.checks.values())
+        return all(self.checks().values())
 
     def __bool__(self) -> bool:
         return self.passed
@@ -183,8 +254,8 @@ class QualityResult:
         parts = []
         for name, value in self.metrics().items():
             sign = "<=" if name.startswith("lpips") else ">="
-            mark = "" if self.checks[name] else " FAIL"
-            parts.append(f"{name} {value:.4g} (needs {sign} {self.thresholds[name]:g}){mark}")
+            mark = "" if self.checks()[name] else " FAIL"
+            parts.append(f"{name} {value:.4g} (needs {sign} {self.bands[name]:g}){mark}")
         worst = f"worst PSNR at frame {int(np.argmin(self.psnr))}, worst SSIM at frame {int(np.argmin(self.ssim))}"
         verdict = "passed" if self.passed else "FAILED"
         return f"quality {verdict} at {self.precision} over {len(self.psnr)} frames: {'; '.join(parts)}; {worst}"
@@ -256,7 +327,7 @@ def alexnet_weights_path() -> Path:
 def load_lpips() -> tuple[torch.nn.Module | None, str]:
     """Real LPIPS (net="alex") when its backbone is already cached locally, else (None, what is missing).
 
-    The file is checked before construction so nothing reaches for the network (FACTS.md §6).
+    The file is checked before construction: lpips.LPIPS(net="alex") would otherwise try to download it.
     """
     try:
         import lpips

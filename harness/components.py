@@ -6,11 +6,13 @@ ONNX Runtime and TensorRT all see the same function with the same input names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import torch
 
-from harness.case import Case
-from harness.models import WanModel
+from harness.case import Case, check_component, is_dit
+from harness.models import A14B_TRANSFORMER, WanModel, load_expert, random_fingerprint
 from harness.shapes import TEXT_TOKENS, VideoShape
 
 # Timesteps on either side of the 875 boundary, so each expert is fed a value it really sees.
@@ -52,50 +54,71 @@ class TextEncoder(torch.nn.Module):
         return hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
 
 
+# Seeded example inputs of a component for a case: (case, seed, shape or None for the case's own) -> tensors.
+Sampler = Callable[[Case, int, "VideoShape | None"], tuple[torch.Tensor, ...]]
+
+
 @dataclass
 class Component:
-    """A runnable component: the module, its input names, and which input axes may vary."""
+    """A runnable component: the module, its input names, which input axes may vary, what its weights are
+    (the export cache keys on `fingerprint`) and how to draw its example inputs: all a backend needs."""
 
     name: str
     module: torch.nn.Module
     input_names: tuple[str, ...]
     output_name: str
+    fingerprint: str
+    sampler: Sampler
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    def inputs(self, case: Case, seed: int = 0, shape: VideoShape | None = None) -> tuple[torch.Tensor, ...]:
+        """Seeded inputs for `case` (optionally at another shape) on the module's device."""
+        return tuple(t.to(self.device) for t in self.sampler(case, seed, shape))
 
-def dit_component(expert, name: str = "transformer") -> Component:
-    """One DiT expert as a Component; also for GPU scripts that hold a bare expert and no WanModel."""
+
+def dit_component(expert, fingerprint: str, name: str = "transformer", text_len: int = TEXT_TOKENS) -> Component:
+    """One DiT expert as a Component, also for an expert held without a WanModel (the 40-layer one)."""
     latent = {0: "batch", 2: "latent_frames", 3: "latent_height", 4: "latent_width"}
-    return Component(name, DiT(expert), ("hidden_states", "timestep", "encoder_hidden_states"),
-                     "noise_pred", {"hidden_states": latent, "timestep": {0: "batch"},
-                                    "encoder_hidden_states": {0: "batch", 1: "text_tokens"},
-                                    "noise_pred": latent})
+
+    def sample(case: Case, seed: int, shape: VideoShape | None) -> tuple[torch.Tensor, ...]:
+        return dit_inputs(expert, shape or case.shape, name, batch=case.batch, text_len=text_len,
+                          dtype=case.dtype, seed=seed)
+
+    return Component(name, DiT(expert), ("hidden_states", "timestep", "encoder_hidden_states"), "noise_pred",
+                     fingerprint, sample,
+                     {"hidden_states": latent, "timestep": {0: "batch"},
+                      "encoder_hidden_states": {0: "batch", 1: "text_tokens"}, "noise_pred": latent})
+
+
+def proxy_expert(layers: int, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Component:
+    """One A14B-width expert of `layers` layers alone, without the rest of a WanModel (the 40-layer expert is
+    28.6 GB in bf16: it fits one card only without the second expert, the text encoder and an fp32 twin)."""
+    expert = load_expert(layers, device=device, dtype=dtype, seed=seed)
+    return dit_component(expert, random_fingerprint({**A14B_TRANSFORMER, "num_layers": layers}, seed))
 
 
 def make_component(model: WanModel, name: str) -> Component:
     """Wrap one named part of `model`; the module shares the model's weights."""
-    if name in ("transformer", "transformer_2"):
-        return dit_component(getattr(model, name), name)
+    check_component(name)
+    if is_dit(name):
+        return dit_component(getattr(model, name), model.fingerprints[name], name, model.max_sequence_length)
+    sample = partial(example_inputs, model)
     if name == "vae_decoder":
-        return Component(name, VaeDecoder(model.vae), ("latents",), "video",
+        return Component(name, VaeDecoder(model.vae), ("latents",), "video", model.fingerprints["vae"], sample,
                          {"latents": {0: "batch", 3: "latent_height", 4: "latent_width"},
                           "video": {0: "batch", 3: "height", 4: "width"}})
-    if name == "text_encoder":
-        return Component(name, TextEncoder(model.text_encoder), ("input_ids", "attention_mask"),
-                         "prompt_embeds", {"input_ids": {0: "batch", 1: "text_tokens"},
-                                           "attention_mask": {0: "batch", 1: "text_tokens"},
-                                           "prompt_embeds": {0: "batch", 1: "text_tokens"}})
-    from harness.case import check_component
-    check_component(name)
-    raise AssertionError(name)
+    return Component(name, TextEncoder(model.text_encoder), ("input_ids", "attention_mask"), "prompt_embeds",
+                     model.fingerprints["text_encoder"], sample,
+                     {"input_ids": {0: "batch", 1: "text_tokens"}, "attention_mask": {0: "batch", 1: "text_tokens"},
+                      "prompt_embeds": {0: "batch", 1: "text_tokens"}})
 
 
-def example_inputs(model: WanModel, case: Case, device: str | torch.device = "cpu", seed: int = 0,
-                   shape: VideoShape | None = None) -> tuple[torch.Tensor, ...]:
+def example_inputs(model: WanModel, case: Case, seed: int = 0, shape: VideoShape | None = None,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
     """Seeded inputs for `case` (optionally at another `shape`), floats in the case's dtype.
 
     Drawn in fp32 on the CPU and then cast, so every precision and device sees the same values.
@@ -103,7 +126,7 @@ def example_inputs(model: WanModel, case: Case, device: str | torch.device = "cp
     shape = shape or case.shape
     gen = torch.Generator().manual_seed(seed)
     b, text_len = case.batch, model.max_sequence_length
-    if case.component in ("transformer", "transformer_2"):
+    if is_dit(case.component):
         out = dit_inputs(getattr(model, case.component), shape, case.component, batch=b, text_len=text_len,
                          dtype=case.dtype, seed=seed)
     elif case.component == "vae_decoder":
@@ -122,7 +145,7 @@ def dit_inputs(expert, shape: VideoShape, component: str = "transformer", *, bat
                seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Seeded inputs of one expert forward: latents, the expert's timestep, text embeddings.
 
-    Also for GPU scripts that hold a bare expert and no WanModel (the 40-layer one fills the card alone).
+    Also for an expert held without a WanModel (the 40-layer one fills the card alone).
     """
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(shape.latent_shape(batch), generator=gen)

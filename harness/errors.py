@@ -1,5 +1,9 @@
-"""The one exception type for mistakes a user can fix; the CLI prints it and exits 2."""
+"""The exception types the harness raises on purpose; the CLI prints them and exits 2, pytest skips or stops."""
 
 
 class HarnessError(Exception):
     """A user-fixable problem: the message says what is wrong and what to do."""
+
+
+class BackendUnavailable(Exception):
+    """This machine cannot run a backend for a case; the message is the concrete reason (a skip, not a failure)."""

@@ -16,13 +16,13 @@ from typing import Iterator
 
 import torch
 
+from harness.backends import Runner
 from harness.cache import DiskCache, spec_hash
-from harness.case import Case
-from harness.compare import ParityResult, compare, drift_tolerance
-from harness.components import Component, example_inputs, make_component
-from harness.errors import HarnessError
+from harness.case import Case, is_dit
+from harness.compare import ParityResult, judge_parity
+from harness.components import Component
+from harness.errors import BackendUnavailable, HarnessError
 from harness.machine import version
-from harness.models import WanModel
 from harness.shapes import VideoShape
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,14 @@ def export_spec(component: Component, case: Case, fingerprint: str, opset: int, 
             "onnx": version("onnx")}
 
 
-def export_onnx(component: Component, case: Case, example: tuple[torch.Tensor, ...], fingerprint: str,
-                cache: DiskCache, *, opset: int = OPSET, exporter: str | None = None) -> ExportedGraph:
-    """Export `component` at `case` to ONNX through the cache (a hit loads, a miss exports)."""
+def export_case(component: Component, case: Case, cache: DiskCache, *, opset: int = OPSET,
+                exporter: str | None = None) -> ExportedGraph:
+    """Export `component` at `case`, with the case's seeded inputs, to ONNX through the cache (a hit loads)."""
     exporter = exporter or default_exporter(case)
     if exporter not in EXPORTERS:
         raise HarnessError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    spec = export_spec(component, case, fingerprint, opset, exporter, example)
+    example = component.inputs(case)
+    spec = export_spec(component, case, component.fingerprint, opset, exporter, example)
 
     def build(folder: Path) -> None:
         start = time.perf_counter()
@@ -138,15 +139,6 @@ def export_onnx(component: Component, case: Case, example: tuple[torch.Tensor, .
                          cached.seconds, cached.value["export_s"], cached.value["op_counts"])
 
 
-def export_case(model: WanModel, case: Case, cache: DiskCache, component: Component | None = None,
-                **options) -> ExportedGraph:
-    """Export the case's component of `model` (in the case's dtype) with the case's example inputs."""
-    component = component or make_component(model, case.component)
-    example = example_inputs(model, case, device=component.device)
-    fingerprint = model.fingerprints[_weights_of(case.component)]
-    return export_onnx(component, case, example, fingerprint, cache, **options)
-
-
 def default_exporter(case: Case) -> str:
     """TorchScript where it is right (~10x faster here); dynamo where TorchScript goes wrong.
 
@@ -157,15 +149,9 @@ def default_exporter(case: Case) -> str:
       float64 Cast in the TorchScript graph; at bf16 TorchScript serialisation fails ("ScalarType
       ComplexDouble is an unexpected tensor scalar type"). Dynamo exports both cleanly.
     """
-    dit = case.component in ("transformer", "transformer_2")
-    if (dit and case.dynamic) or (case.component == "text_encoder" and case.precision != "fp32"):
+    if (is_dit(case.component) and case.dynamic) or (case.component == "text_encoder" and case.precision != "fp32"):
         return "dynamo"
     return "torchscript"
-
-
-def _weights_of(component: str) -> str:
-    """WanModel.fingerprints is keyed by model part; the VAE decoder's weights are the 'vae' part."""
-    return "vae" if component == "vae_decoder" else component
 
 
 def _export_to(component: Component, case: Case, example: tuple[torch.Tensor, ...], path: Path,
@@ -241,16 +227,16 @@ def second_shape(case: Case) -> VideoShape:
     return VideoShape(s.height * 2, s.width * 2, frames)
 
 
-def check_inputs(model: WanModel, case: Case) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+def check_inputs(component: Component, case: Case) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
     """The inputs a graph is checked at: the case's own and, for a dynamic graph, a second shape."""
-    first = example_inputs(model, case)
+    first = component.inputs(case)
     if not case.dynamic:
         return [(case.shape.id, first)]
     if case.component == "text_encoder":  # its dynamic axis is the text length, not the video shape
         half = first[0].shape[1] // 2
         return [(case.shape.id, first), (f"text{half}", tuple(t[:, :half] for t in first))]
     other = second_shape(case)
-    return [(case.shape.id, first), (other.id, example_inputs(model, case, seed=1, shape=other))]
+    return [(case.shape.id, first), (other.id, component.inputs(case, seed=1, shape=other))]
 
 
 @dataclass(frozen=True)
@@ -259,7 +245,6 @@ class ParityAt:
 
     shape: str
     result: ParityResult
-    eager_rel_l2: float | None  # eager-at-precision vs the fp32 reference (None for fp32 graphs)
 
     @property
     def passed(self) -> bool:
@@ -285,17 +270,27 @@ class GraphCheck:
     def worst_rel_l2(self) -> float | None:
         return max((p.result.rel_l2 for p in self.parity), default=None)
 
+    def metrics(self) -> dict[str, float | None]:
+        return {"ort_rel_l2": self.worst_rel_l2}
+
+    def thresholds(self) -> dict[str, float | None]:
+        return {"ort_rel_l2": max((p.result.tolerance for p in self.parity), default=None)}
+
+    def checks(self) -> dict[str, bool | None]:
+        return {"ort_rel_l2": bool(self)}
+
     def __str__(self) -> str:
         parity = "; ".join(f"{p.shape}: {p.result.message()}" for p in self.parity) or f"skipped: {self.parity_skipped}"
         return (f"{self.case.id}: {'PASS' if self else 'FAIL'}; checker {self.checker}; "
                 f"shape inference {self.shape_inference}; ORT {parity}")
 
 
-def validate_graph(graph: ExportedGraph, model: WanModel, reference: WanModel | None = None) -> GraphCheck:
-    """checker + shape inference on the file, then ORT CPU vs PyTorch at each check shape.
+def validate_graph(graph: ExportedGraph, load_runner, component: Component, reference: Component) -> GraphCheck:
+    """checker + shape inference on the file, then the graph's runner against PyTorch at each check shape.
 
-    `model` is in the graph's precision; `reference` is the fp32 model the drift rule measures
-    against (needed for fp16/bf16 graphs).
+    `load_runner(path)` makes the Runner of the graph (ONNX Runtime CPU, from the caller) or raises
+    BackendUnavailable with the runtime's own refusal (ORT's CPU provider has no bf16 kernels for some ops).
+    `component` is in the graph's precision, `reference` its fp32 twin that the drift rule measures against.
     """
     import onnx
 
@@ -304,16 +299,13 @@ def validate_graph(graph: ExportedGraph, model: WanModel, reference: WanModel | 
     result.shape_inference = _try(lambda: onnx.shape_inference.infer_shapes_path(
         str(graph.path), str(graph.path.with_suffix(".inferred.onnx"))))
     graph.path.with_suffix(".inferred.onnx").unlink(missing_ok=True)
-    runner, reason = _ort_runner(graph)
-    if runner is None:
-        result.parity_skipped = reason
+    try:
+        runner = load_runner(graph.path)
+    except BackendUnavailable as exc:
+        result.parity_skipped = str(exc)
         return result
-    if graph.case.precision != "fp32" and reference is None:
-        raise ValueError("validate_graph needs the fp32 reference model for a reduced-precision graph")
-    component = make_component(model, graph.case.component)
-    ref_component = None if graph.case.precision == "fp32" else make_component(reference, graph.case.component)
-    for label, inputs in check_inputs(model, graph.case):
-        result.parity.append(_parity_at(label, runner, component, ref_component, inputs, graph.case.precision))
+    for label, inputs in check_inputs(component, graph.case):
+        result.parity.append(ParityAt(label, _parity_at(runner, component, reference, inputs, graph.case.precision)))
     return result
 
 
@@ -325,25 +317,12 @@ def _try(check) -> str:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def _ort_runner(graph: ExportedGraph):
-    """(runner, '') or (None, ONNX Runtime's own refusal, e.g. for bf16 graphs on the CPU provider)."""
-    from engines.base import BackendUnavailable
-    from engines.onnxruntime import OrtRunner
-
-    try:
-        return OrtRunner(graph.path, ["CPUExecutionProvider"]), ""
-    except BackendUnavailable as exc:
-        return None, str(exc)
-
-
 @torch.no_grad()
-def _parity_at(label: str, runner, component: Component, ref_component: Component | None,
-               inputs: tuple[torch.Tensor, ...], precision: str) -> ParityAt:
-    ours = runner(*inputs)
+def _parity_at(runner: Runner, component: Component, reference: Component, inputs: tuple[torch.Tensor, ...],
+               precision: str) -> ParityResult:
+    """The graph against the fp32 module, allowed k x the module's own drift at the graph's precision."""
     eager = component.module(*inputs)
-    if ref_component is None:  # fp32: ORT must reproduce eager fp32 itself (thresholds.toml [parity.fp32])
-        return ParityAt(label, compare(ours, eager, tolerance=drift_tolerance(0.0, "fp32")), None)
-    ref_inputs = tuple(t.float() if t.is_floating_point() else t for t in inputs)
-    expected = ref_component.module(*ref_inputs)
-    drift = compare(eager, expected, tolerance=float("inf")).rel_l2
-    return ParityAt(label, compare(ours, expected, tolerance=drift_tolerance(drift, precision)), drift)
+    ref_inputs = tuple(t.to(reference.device, torch.float32) if t.is_floating_point() else t.to(reference.device)
+                       for t in inputs)
+    expected = eager if precision == "fp32" else reference.module(*ref_inputs)
+    return judge_parity(runner(*inputs), expected, precision, eager)

@@ -135,8 +135,9 @@ def _build(cls, config: dict, seed: int, device: str, dtype: torch.dtype):
     return module.eval().requires_grad_(False)
 
 
-def _fingerprint(config: dict, recipe: str) -> str:
-    blob = json.dumps(config, sort_keys=True, default=str) + recipe
+def random_fingerprint(config: dict, seed: int) -> str:
+    """What seeded random weights are: the config, the seed and the init recipe (the export cache keys on it)."""
+    blob = json.dumps(dict(config), sort_keys=True, default=str) + f"{INIT_RECIPE}/seed{seed}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -153,7 +154,7 @@ def _random_model(source: str, label: str, dit: dict, vae: dict, umt5: dict,
     }
     built = {name: _build(cls, cfg, seed, device, dtype) for name, (cls, cfg, seed) in parts.items()}
     built["text_encoder"] = _build(lambda **c: UMT5EncoderModel(UMT5Config(**c)), umt5, 3, device, dtype)
-    fingerprints = {name: _fingerprint(cfg, f"{INIT_RECIPE}/seed{seed}")
+    fingerprints = {name: random_fingerprint(cfg, seed)
                     for name, (_, cfg, seed) in {**parts, "text_encoder": (None, umt5, 3)}.items()}
     return WanModel(source=source, label=label, tokenizer=make_tokenizer(), scheduler=make_scheduler(),
                     fingerprints=fingerprints, **built)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from harness.case import COMPONENTS
 from harness.models import WanModel
 from harness.shapes import VideoShape
 
@@ -22,7 +23,6 @@ PROMPTS = (
     "Close-up of raindrops falling into a puddle in slow motion, soft light.",
 )
 NEGATIVE_PROMPT = "low quality, blurry, static, overexposed, worst quality, jpeg artifacts"
-COMPONENT_NAMES = ("text_encoder", "transformer", "transformer_2", "vae_decoder")
 
 
 @dataclass
@@ -53,14 +53,14 @@ def build_runners(get_runner: Callable, backend: str, precision: str, shape: Vid
     backend's VAE separately, and Inductor takes minutes to compile its per-frame cache loop). fp8
     covers the DiT experts only; the rest runs bf16.
     """
-    from harness.case import Case, eager_precision
+    from harness.case import Case, eager_precision, is_dit
 
     def runner(component):
         eager = component == "vae_decoder" or (precision == "fp8" and component == "text_encoder")
-        component_precision = precision if component.startswith("transformer") else eager_precision(precision)
+        component_precision = precision if is_dit(component) else eager_precision(precision)
         return get_runner("torch" if eager else backend, Case(component, shape, component_precision, source=source))
 
-    return Runners(**{name: runner(name) for name in COMPONENT_NAMES})
+    return Runners(**{name: runner(name) for name in COMPONENTS})
 
 
 def tokenize(model: WanModel, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:

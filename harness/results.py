@@ -6,15 +6,20 @@ import datetime as dt
 import io
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from harness.cache import atomic_write_bytes
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.case import Case
 
 TABLES = ("export", "parity", "quality", "perf")
 PARTS = "parts"  # xdist workers write parts/<worker>/<table>.csv; the controller merges them
@@ -46,6 +51,45 @@ class Row:
         return asdict(self)
 
 
+class Result(Protocol):
+    """What every verdict-carrying object (parity, quality, timing, speed-up, export) gives a results table."""
+
+    def metrics(self) -> dict[str, float | None]: ...
+
+    def thresholds(self) -> dict[str, float | None]: ...
+
+    def checks(self) -> dict[str, bool | None]: ...
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Plain numbers for a table, with thresholds and verdicts where they have them (e.g. a ratio, build stats)."""
+
+    values: dict
+    bounds: dict = None
+    verdicts: dict = None
+
+    def metrics(self) -> dict[str, float | None]:
+        return dict(self.values)
+
+    def thresholds(self) -> dict[str, float | None]:
+        return dict(self.bounds or {})
+
+    def checks(self) -> dict[str, bool | None]:
+        return dict(self.verdicts or {})
+
+
+def result_rows(case: "Case", backend: str, result: Result, *, precision: str | None = None, device: str,
+                versions: str) -> list[Row]:
+    """One Row per metric of `result`, each with the threshold and the verdict the result itself carries."""
+    thresholds, checks = result.thresholds(), result.checks()
+    return [Row(case=case.id, component=case.component, backend=backend, precision=precision or case.precision,
+                shape=case.shape.id, tokens=case.shape.tokens, metric=metric,
+                value=None if value is None else float(value), threshold=thresholds.get(metric),
+                passed=checks.get(metric), device=device, versions=versions)
+            for metric, value in result.metrics().items()]
+
+
 def new_run_id(now: dt.datetime | None = None) -> str:
     """`run-YYYYmmdd-HHMMSS` in UTC: sorts by time and matches the git-ignore pattern."""
     return (now or dt.datetime.now(dt.timezone.utc)).strftime("run-%Y%m%d-%H%M%S")
@@ -68,7 +112,7 @@ class RunRecorder:
                  settings: dict | None = None, part: str | None = None):
         self.run_id = run_id or new_run_id()
         self.path = Path(results_dir) / self.run_id
-        self.command = command or " ".join(sys.argv)
+        self.command = command or shlex.join(sys.argv)
         self.settings = settings or {}
         self.part = part
         self._dir = self.path / PARTS / part if part else self.path
@@ -269,6 +313,28 @@ def _step_pivot(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     body = [[*key, *("" if values.get(s) is None else f"{values[s]:.4g}" for s in steps)]
             for key, values in groups.items()]
     return ["case", "backend", "metric", *(f"step {s}" for s in steps)], body
+
+
+def short_summary(run: Path) -> str:
+    """Speed-ups with the gate verdict each row carries, then the candidates' parity and quality verdicts."""
+    from tabulate import tabulate
+
+    rows = load_run(run)
+    median = {(r.case, r.backend): r.value for r in rows if r.metric == "median_ms"}
+    speed = [[r.case, r.backend, _ms(median.get((r.case, "torch"))), _ms(median.get((r.case, r.backend))),
+              f"{r.value:.3f}x", "" if r.threshold is None else f">= {r.threshold:g}x",
+              {True: "pass", False: "FAIL", None: "not gated"}[r.passed]]
+             for r in rows if r.metric == "speedup"]
+    checks = [[r.case, r.backend, r.metric, f"{r.value:.4g}" if r.value is not None else "n/a",
+               "" if r.threshold is None else f"{r.threshold:.3g}", {True: "pass", False: "FAIL", None: ""}[r.passed]]
+              for r in rows if r.backend != "torch" and r.passed is not None]
+    return (tabulate(speed, ["case", "candidate", "eager ms", "candidate ms", "speed-up", "gate", "verdict"],
+                     tablefmt="github") + "\n\n"
+            + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github"))
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
 
 
 def summary_header(run_id: str, command: str, settings: dict, commit: str) -> str:

@@ -17,7 +17,7 @@ MAX_SIDE = 2048
 MAX_FRAMES = 1021
 PRESETS = {"480p": (480, 832, 81), "720p": (720, 1280, 81)}
 
-# A14B expert width (FACTS.md §4), used for the FLOP count of one DiT block.
+# A14B expert width (docs/hardware.md), used for the FLOP count of one DiT block.
 A14B_DIM = 5120
 A14B_FFN = 13824
 A14B_LAYERS = 40
@@ -87,10 +87,17 @@ def parse_shapes(specs: str) -> list[VideoShape]:
     return [parse_shape(s) for s in specs.split(",") if s.strip()]
 
 
+def block_flops_by_region(tokens: int, dim: int = A14B_DIM, ffn: int = A14B_FFN,
+                          text_tokens: int = TEXT_TOKENS) -> dict[str, float]:
+    """FLOPs of one DiT block (docs/hardware.md) split by what runs them: attention (QK^T and PV of self- and
+    cross-attention) and the GEMMs (Q/K/V/O projections of both attentions, and the FFN)."""
+    return {"attention": 4 * tokens ** 2 * dim + 4 * tokens * text_tokens * dim,
+            "gemm": 12 * tokens * dim ** 2 + 4 * tokens * dim * ffn}
+
+
 def block_flops(tokens: int, dim: int = A14B_DIM, ffn: int = A14B_FFN, text_tokens: int = TEXT_TOKENS) -> float:
-    """FLOPs of one DiT block (FACTS.md §5): projections, self-attention, cross-attention, FFN."""
-    return (12 * tokens * dim ** 2 + 4 * tokens ** 2 * dim
-            + 4 * tokens * text_tokens * dim + 4 * tokens * dim * ffn)
+    """FLOPs of one DiT block: projections, self-attention, cross-attention, FFN."""
+    return sum(block_flops_by_region(tokens, dim, ffn, text_tokens).values())
 
 
 def dit_flops(tokens: int, layers: int = A14B_LAYERS) -> float:

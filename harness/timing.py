@@ -52,18 +52,33 @@ class TimingResult:
     method: str
     device: str
     peak_mem_bytes: int | None = None
+    flops: float | None = None  # of one call, where known: gives achieved TFLOP/s
+    floor_tflops: float | None = None  # the rate this work is judged against (docs/hardware.md)
 
-    def tflops(self, flops: float) -> float:
-        """Achieved TFLOP/s at the median time for a workload of `flops` floating-point operations."""
-        return flops / (self.median_ms * 1e-3) / 1e12
+    @property
+    def tflops(self) -> float | None:
+        """Achieved TFLOP/s at the median time, where the workload's FLOPs are known."""
+        return None if not self.flops else self.flops / (self.median_ms * 1e-3) / 1e12
 
     @property
     def peak_mem_gib(self) -> float | None:
         return None if self.peak_mem_bytes is None else self.peak_mem_bytes / 2 ** 30
 
+    def metrics(self) -> dict[str, float]:
+        """median_ms and iqr_ms, and peak_mem_gib and tflops where measured."""
+        out = {"median_ms": self.median_ms, "iqr_ms": self.iqr_ms, "peak_mem_gib": self.peak_mem_gib,
+               "tflops": self.tflops}
+        return {k: v for k, v in out.items() if v is not None}
 
-def summarize(label: str, times_ms, device: str | torch.device = "cpu",
-              peak_mem_bytes: int | None = None) -> TimingResult:
+    def thresholds(self) -> dict[str, float | None]:
+        return {"tflops": self.floor_tflops}
+
+    def checks(self) -> dict[str, bool | None]:
+        return {}
+
+
+def summarize(label: str, times_ms, device: str | torch.device = "cpu", peak_mem_bytes: int | None = None,
+              flops: float | None = None, floor_tflops: float | None = None) -> TimingResult:
     """Median and quartiles (numpy's linear interpolation) of a list of per-round times."""
     times = tuple(float(t) for t in times_ms)
     if not times:
@@ -72,7 +87,7 @@ def summarize(label: str, times_ms, device: str | torch.device = "cpu",
     return TimingResult(label=label, times_ms=times, median_ms=median, q1_ms=q1, q3_ms=q3, iqr_ms=q3 - q1,
                         min_ms=min(times), rounds=len(times),
                         method="cuda-events" if _is_cuda(device) else "perf_counter",
-                        device=str(device), peak_mem_bytes=peak_mem_bytes)
+                        device=str(device), peak_mem_bytes=peak_mem_bytes, flops=flops, floor_tflops=floor_tflops)
 
 
 @dataclass
@@ -87,6 +102,7 @@ class RoundRecorder:
     fn: Callable[..., Any]
     args: tuple = ()
     device: str | torch.device = "cpu"
+    flops: float | None = None
     times_ms: list[float] = field(default_factory=list)
     peak_mem_bytes: int | None = None
 
@@ -100,24 +116,59 @@ class RoundRecorder:
         if cuda:
             self.peak_mem_bytes = max(self.peak_mem_bytes or 0, torch.cuda.max_memory_allocated(self.device))
 
-    def result(self) -> TimingResult:
-        return summarize(self.label, self.times_ms, self.device, self.peak_mem_bytes)
+    def result(self, floor_tflops: float | None = None) -> TimingResult:
+        return summarize(self.label, self.times_ms, self.device, self.peak_mem_bytes, self.flops, floor_tflops)
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """Baseline and candidate timings of one alternating run, and the speed-up with its spread."""
+class SpeedupResult:
+    """Baseline and candidate timings of one alternating run, the speed-up of medians with the spread of the
+    per-round ratios, and the gate's verdict; truthy when it passes (or when no gate applies)."""
 
     baseline: TimingResult
     candidate: TimingResult
     speedup: float  # baseline median / candidate median
     speedup_q1: float  # quartiles of the per-round ratios baseline_i / candidate_i
     speedup_q3: float
+    gate: float | None  # the minimum speed-up asked for, or None: measured, not gated
+    passed: bool | None  # None when not gated (no gate, or CPU timings)
+
+    def __bool__(self) -> bool:
+        return self.passed is not False
+
+    def metrics(self) -> dict[str, float]:
+        return {"speedup": self.speedup, "speedup_q1": self.speedup_q1, "speedup_q3": self.speedup_q3}
+
+    def thresholds(self) -> dict[str, float | None]:
+        return {"speedup": self.gate}
+
+    def checks(self) -> dict[str, bool | None]:
+        return {"speedup": self.passed}
+
+    def message(self) -> str:
+        verdict = {True: "passes", False: "FAILS", None: "is not gated"}[self.passed]
+        gate = "" if self.gate is None else f" the {self.gate:g}x gate"
+        return (f"{self.candidate.label} {self.speedup:.3f}x over {self.baseline.label} "
+                f"({self.baseline.median_ms:.4g} -> {self.candidate.median_ms:.4g} ms median, per-round ratios "
+                f"{self.speedup_q1:.3f}-{self.speedup_q3:.3f}, {self.candidate.method}); {verdict}{gate}")
+
+
+def judge_speedup(baseline: TimingResult, candidate: TimingResult, gate: float | None) -> SpeedupResult:
+    """The speed-up gate, in one place: median over median >= gate, on CUDA timings only; NaN never passes.
+
+    CPU timings on a shared machine are informational: recorded, never gated.
+    """
+    ratios = np.asarray(baseline.times_ms) / np.asarray(candidate.times_ms)
+    q1, q3 = (float(v) for v in np.percentile(ratios, [25, 75]))
+    speedup = baseline.median_ms / candidate.median_ms if candidate.median_ms > 0 else float("nan")
+    gated = gate is not None and _is_cuda(candidate.device) and _is_cuda(baseline.device)
+    passed = (bool(np.isfinite(speedup)) and speedup >= gate) if gated else None
+    return SpeedupResult(baseline, candidate, speedup, q1, q3, gate, passed)
 
 
 def time_alternating(baseline: Callable[[], Any], candidate: Callable[[], Any], *,
                      device: str | torch.device = "cpu", warmup: int = 2, rounds: int = 10,
-                     labels: tuple[str, str] = ("baseline", "candidate")) -> Comparison:
+                     labels: tuple[str, str] = ("baseline", "candidate"), gate: float | None = None) -> SpeedupResult:
     """Time two zero-argument callables in alternating rounds (B,C then C,B, ...) after `warmup` calls each."""
     sides = (RoundRecorder(labels[0], baseline, device=device), RoundRecorder(labels[1], candidate, device=device))
     for _ in range(warmup):  # compilation, autotuning and allocator growth stay out of the numbers
@@ -125,7 +176,4 @@ def time_alternating(baseline: Callable[[], Any], candidate: Callable[[], Any], 
     for i in range(rounds):
         for side in (sides if i % 2 == 0 else sides[::-1]):
             side()
-    base, cand = sides[0].result(), sides[1].result()
-    ratios = np.asarray(base.times_ms) / np.asarray(cand.times_ms)
-    q1, q3 = (float(v) for v in np.percentile(ratios, [25, 75]))
-    return Comparison(base, cand, base.median_ms / cand.median_ms, q1, q3)
+    return judge_speedup(sides[0].result(), sides[1].result(), gate)

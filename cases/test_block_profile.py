@@ -1,0 +1,58 @@
+"""Where one A14B block's time goes, per backend: attention, GEMMs and the rest, from CUDA kernel times.
+
+A 1-layer proxy expert forward (one block plus the patch embedding, time embedding and unpatchify around
+it), built through the session. Each region's achieved TFLOP/s is recorded against the best rate measured
+for its kind of work (thresholds.toml [floors]). The rows land in the run's perf table, so
+`python -m harness compare` gates a slower region like any other timing.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from harness.case import Case
+from harness.components import proxy_expert
+from harness.profile import floor_tflops, region_times
+from harness.shapes import block_flops_by_region
+from harness.timing import summarize, timed_call
+
+pytestmark = [pytest.mark.perf, pytest.mark.gpu]
+# label -> (backend, backend options, precision of the GEMMs, precision of the self-attention)
+VARIANTS = {
+    "torch": ("torch", {}, "bf16", "bf16"),
+    "inductor": ("inductor", {}, "bf16", "bf16"),
+    "torch-fp8+sdpa": ("torch-fp8", {"attention": "sdpa"}, "fp8", "bf16"),
+    "torch-fp8": ("torch-fp8", {}, "fp8", "fp8"),
+}
+WARMUP = 3  # compile, autotune, cuDNN plan build
+
+
+@pytest.fixture(scope="module")
+def block(session):
+    if session.settings.device != "cuda":
+        pytest.skip("the block profile sorts CUDA kernel times into regions; this run has no CUDA device")
+    return proxy_expert(1, device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_block_profile(variant, shape, block, session):
+    backend, options, precision, attention_precision = VARIANTS[variant]
+    case = Case("block", shape, precision, source="proxy")
+    runner = session.build(backend, block, case, **options)
+    inputs = block.inputs(case)
+    for _ in range(WARMUP):
+        runner(*inputs)
+    rounds = session.settings.perf_rounds
+    flops = block_flops_by_region(shape.tokens)
+    forward = summarize(variant, [timed_call(runner, *inputs, device="cuda")[1] for _ in range(rounds)], "cuda",
+                        flops=sum(flops.values()))
+    session.record("perf", dataclasses.replace(case, variant="forward"), variant, forward)
+    kernel_ms = 0.0
+    for region, times in region_times(lambda: runner(*inputs), rounds).items():
+        result = summarize(f"{variant} {region}", times, "cuda", flops=flops.get(region),
+                           floor_tflops=floor_tflops(region, attention_precision if region == "attention" else precision))
+        session.record("perf", dataclasses.replace(case, variant=region), variant, result)
+        kernel_ms += result.median_ms
+    # One stream: the regions' kernel times add up to the forward, less the launch gaps between kernels.
+    assert 0.5 * forward.median_ms < kernel_ms < 1.1 * forward.median_ms, (
+        f"{variant}: kernels {kernel_ms:.1f} ms against a {forward.median_ms:.1f} ms forward")

@@ -1,0 +1,78 @@
+"""The Backend contract, and where the harness finds each backend: an import path loaded on first use.
+
+The library never imports engines/ at module level (a test over the import graph holds it to that): the
+engines build on the library, and the session loads a backend by its registered path when a case first
+asks for it, as pytest loads its plugins. A missing optional package (TensorRT, torchao, cuDNN's
+frontend) therefore only makes its own backend unavailable.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import torch
+
+from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.case import Case
+    from harness.components import Component
+
+# A Runner takes the component's inputs (torch tensors on the case's device, floats in the case's dtype)
+# in `Component.input_names` order and returns the single output tensor.
+Runner = Callable[..., torch.Tensor]
+
+BACKENDS = {
+    "torch": "engines.torch_eager:TorchEager",
+    "inductor": "engines.inductor:Inductor",
+    "torch-fp8": "engines.torch_fp8:TorchFp8",
+    "onnxruntime": "engines.onnxruntime:OnnxRuntime",
+    "tensorrt": "engines.tensorrt:TensorRT",
+    "tensorrt_rtx": "engines.tensorrt:TensorRTRTX",
+}
+# `harness build` makes engines without running them: a builder, not a second method on the backend.
+ENGINE_BUILDERS = {"tensorrt": "engines.tensorrt:TensorRTBuilder", "tensorrt_rtx": "engines.tensorrt:TensorRTRTXBuilder"}
+# What runs an exported graph on the CPU when export is validated: OrtRunner(path) -> Runner.
+GRAPH_RUNNER = "engines.onnxruntime:cpu_graph_runner"
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Settings every backend is built with; each reads the fields it has a use for."""
+
+    cache_dir: Path = Path(".cache")  # ONNX graphs and engines
+    compile_mode: str = "default"  # torch.compile mode (inductor, torch-fp8)
+    attention: str = ""  # self-attention kernel; "" is the backend's own default
+    opt_level: int = 3  # TensorRT builder optimization level
+    weight_streaming: bool = False  # TensorRT: stream weights that do not fit the GPU's memory
+    cuda_graph: bool = False  # replay static-shape forwards as one CUDA graph
+
+
+class Backend(Protocol):
+    name: str
+    precisions: tuple[str, ...]
+
+    def available(self) -> tuple[bool, str]:
+        """(True, '') or (False, a concrete reason such as 'tensorrt not importable: ...')."""
+
+    def build(self, component: "Component", case: "Case") -> Runner:
+        """Prepare `component` for `case` (compile, export, build an engine) and return a Runner."""
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise HarnessError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def load(path: str):
+    """The object at 'module:attribute'."""
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_backend(name: str, options: BackendOptions = BackendOptions()) -> Backend:
+    """A backend instance by registry name; unknown names are a user error."""
+    return load(BACKENDS[check_backend(name)])(options)

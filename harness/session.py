@@ -1,0 +1,173 @@
+"""One session per run: validated settings -> models, backends, runners, references, generations, rows.
+
+conftest.py, the CLI and the GPU cases all assemble a run through this object, so a run means the same
+thing everywhere, and it can be used and tested without pytest. Everything expensive is built once per
+session; a backend this machine cannot run raises BackendUnavailable with the concrete reason (pytest
+turns that into a skip, the CLI into exit 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from harness.backends import BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, Backend, BackendOptions, Runner, load, make_backend
+from harness.cache import DiskCache
+from harness.case import PRECISIONS, Case, eager_precision
+from harness.compare import ParityResult, judge_parity
+from harness.components import Component, make_component
+from harness.errors import BackendUnavailable, HarnessError
+from harness.export import ExportedGraph, GraphCheck, export_case, validate_graph
+from harness.machine import device_name, versions_string
+from harness.models import WanModel, load_model
+from harness.pipeline import NEGATIVE_PROMPT, PROMPTS, Generation, Runners, build_runners, generate
+from harness.results import Result, RunRecorder, result_rows
+from harness.settings import Settings
+from harness.shapes import VideoShape
+
+
+class Session:
+    """The models, backends and runners of one run, each built once, and the rows it records."""
+
+    def __init__(self, settings: Settings, recorder: RunRecorder | None = None):
+        self.settings = settings
+        self.recorder = recorder
+        self._models: dict[tuple, WanModel] = {}
+        self._backends: dict[tuple, tuple[Backend, tuple[bool, str]]] = {}
+        self._runners: dict[tuple, Runner] = {}
+        self._unavailable: dict[tuple, str] = {}
+        self._outputs: dict[tuple, torch.Tensor] = {}
+        self._generations: dict[tuple, Generation] = {}
+        self._results: list[tuple[str, str, str, Result]] = []
+
+    # ------------------------------------------------------------------ models and components
+
+    def model(self, precision: str = "fp32", device: str | None = None) -> WanModel:
+        """The source's model in `precision`'s dtype; random sources hold equal weights across dtypes."""
+        s = self.settings
+        key = (PRECISIONS[precision], device or s.device)
+        if key not in self._models:
+            self._models[key] = load_model(s.source, device=key[1], dtype=key[0], layers=s.proxy_layers,
+                                           path=s.model_path)
+        return self._models[key]
+
+    def component(self, case: Case, device: str | None = None) -> Component:
+        return make_component(self.model(case.precision, device), case.component)
+
+    def inputs(self, case: Case, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        return self.component(case).inputs(case, seed)
+
+    # ------------------------------------------------------------------ backends and runners
+
+    def backend(self, name: str, **options) -> Backend:
+        """The backend with the session's options (and `options` over them), availability checked once."""
+        merged = dataclasses.replace(self.settings.backend_options, **options)
+        key = (name, merged)
+        if key not in self._backends:
+            impl = make_backend(name, merged)
+            self._backends[key] = impl, impl.available()
+        impl, (ok, reason) = self._backends[key]
+        if not ok:
+            raise BackendUnavailable(f"{name} unavailable: {reason}")
+        return impl
+
+    def build(self, backend: str, component: Component, case: Case, **options) -> Runner:
+        """A runner of `component` for `case`; BackendUnavailable names why this machine cannot make one."""
+        impl = self.backend(backend, **options)
+        if case.precision not in impl.precisions:
+            raise BackendUnavailable(f"{backend} has no {case.precision} path (it runs {', '.join(impl.precisions)})")
+        try:
+            return impl.build(component, case)
+        except BackendUnavailable as exc:
+            raise BackendUnavailable(f"{backend} unavailable: {exc}") from None
+
+    def runner(self, backend: str, case: Case) -> Runner:
+        """The session's runner of (backend, case), built once; an unusable one raises the same reason each time."""
+        key = (backend, case)
+        if key in self._unavailable:
+            raise BackendUnavailable(self._unavailable[key])
+        if key not in self._runners:
+            try:
+                self._runners[key] = self.build(backend, self.component(case), case)
+            except BackendUnavailable as exc:
+                self._unavailable[key] = str(exc)
+                raise
+        return self._runners[key]
+
+    def output(self, backend: str, case: Case, seed: int = 0) -> torch.Tensor:
+        """`backend`'s output on the case's seeded inputs, computed once (eager outputs serve many cases)."""
+        key = (backend, case, seed)
+        if key not in self._outputs:
+            self._outputs[key] = self.runner(backend, case)(*self.inputs(case, seed))
+        return self._outputs[key]
+
+    def parity(self, backend: str, case: Case, seed: int = 0) -> ParityResult:
+        """`backend` against the fp32 eager reference, judged against eager-at-precision's own drift."""
+        expected = self.output("torch", case.with_precision("fp32"), seed)
+        eager = self.output("torch", case.with_precision(eager_precision(case.precision)), seed)
+        actual = self.runner(backend, case)(*self.inputs(case, seed))
+        return judge_parity(actual, expected, case.precision, eager)
+
+    # ------------------------------------------------------------------ whole-pipeline runs
+
+    def pipeline_runners(self, backend: str, precision: str, shape: VideoShape) -> Runners:
+        return build_runners(self.runner, backend, precision, shape, self.settings.source)
+
+    def generate(self, backend: str, precision: str, shape: VideoShape, prompt: str, *, seed: int = 0,
+                 negative_prompt: str = NEGATIVE_PROMPT, steps: int | None = None, progress: bool = False,
+                 keep_latents: bool = False) -> Generation:
+        """Text -> video through `backend` (the VAE stays eager; see harness.pipeline.build_runners)."""
+        return generate(self.model(precision), self.pipeline_runners(backend, precision, shape), prompt,
+                        shape=shape, steps=steps or self.settings.steps, seed=seed, negative_prompt=negative_prompt,
+                        dtype=PRECISIONS[precision], device=self.settings.device, progress=progress,
+                        keep_latents=keep_latents)
+
+    def generation(self, backend: str, precision: str, shape: VideoShape, prompt_index: int = 0) -> Generation:
+        """The fixed-prompt run that parity and quality cases share, with every step's latents, made once."""
+        key = (backend, precision, shape, prompt_index)
+        if key not in self._generations:
+            self._generations[key] = self.generate(backend, precision, shape, PROMPTS[prompt_index],
+                                                   seed=prompt_index, keep_latents=True)
+        return self._generations[key]
+
+    # ------------------------------------------------------------------ export and engines
+
+    def export(self, case: Case, cache: DiskCache | None = None) -> ExportedGraph:
+        return export_case(self.component(case), case, cache or DiskCache(self.settings.cache_dir))
+
+    def check_graph(self, graph: ExportedGraph) -> GraphCheck:
+        """onnx.checker, shape inference and ONNX Runtime CPU against PyTorch at the graph's check shapes."""
+        case = graph.case
+        return validate_graph(graph, load(GRAPH_RUNNER), self.component(case),
+                              self.component(case.with_precision("fp32")))
+
+    def build_engine(self, backend: str, case: Case, cache: DiskCache | None = None):
+        """Export (cached) and build (cached) the TensorRT engine of `case`: (ExportedGraph, EngineBuild)."""
+        if backend not in ENGINE_BUILDERS:
+            raise HarnessError(f"{backend!r} builds no engines; use one of {', '.join(ENGINE_BUILDERS)}")
+        builder = load(ENGINE_BUILDERS[backend])(self.settings.backend_options, cache)
+        ok, reason = builder.can_build()
+        if not ok:
+            raise BackendUnavailable(f"{backend} cannot build engines here: {reason}")
+        return builder.build(self.component(case), case)
+
+    # ------------------------------------------------------------------ results
+
+    def record(self, table: str, case: Case, backend: str, result: Result, precision: str | None = None) -> None:
+        """Keep `result` (the gate reads it back) and append its rows to the run folder now."""
+        self._results.append((table, case.id, backend, result))
+        if self.recorder is not None:
+            for row in result_rows(case, backend, result, precision=precision, device=device_name(self.settings.device),
+                                   versions=versions_string()):
+                self.recorder.add(table, row)
+
+    def recorded(self, table: str, case: Case, backend: str, kind: type) -> Result | None:
+        """The last result of type `kind` recorded for (table, case, backend) in this session, if any."""
+        found = [r for t, c, b, r in self._results if (t, c, b) == (table, case.id, backend) and isinstance(r, kind)]
+        return found[-1] if found else None
+
+
+def availability(options: BackendOptions = BackendOptions()) -> dict[str, tuple[bool, str]]:
+    """Every registered backend's (available, reason) on this machine, for `harness env`."""
+    return {name: make_backend(name, options).available() for name in BACKENDS}
+

@@ -1,0 +1,175 @@
+"""The options of a run, declared once for pytest and the CLI, and validated once into Settings.
+
+A typo or an impossible value fails the whole run in one line before any model is built: under pytest a
+usage error, under the CLI exit 2.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from harness.backends import BackendOptions, check_backend
+from harness.case import check_precision
+from harness.errors import HarnessError
+from harness.models import SOURCES, check_checkpoint_folder
+from harness.shapes import VideoShape, parse_shapes
+
+DEFAULT_SHAPES = {"tiny": "16x16x9", "proxy": "480p", "checkpoint": "480p"}
+GPU_BACKENDS = ("torch", "inductor", "torch-fp8", "onnxruntime", "tensorrt", "tensorrt_rtx")
+# Inductor's CPU code generation takes minutes per component and precision on 2 cores (the VAE alone
+# ~200 s), so the CPU default leaves it out; cases/test_backends.py still proves it on the CPU.
+CPU_BACKENDS = ("torch", "torch-fp8", "onnxruntime", "tensorrt", "tensorrt_rtx")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option, shared by `pytest` and `python -m harness bench`."""
+
+    flag: str
+    help: str
+    default: object = None  # None: Settings derives it (from the device, the source or the backends)
+    type: Callable = str
+    env: str | None = None  # an environment variable that supplies the default
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def default_value(self):
+        return os.environ.get(self.env, self.default) if self.env else self.default
+
+
+OPTIONS = (
+    Option("--model-source", f"where the Wan model comes from: {' | '.join(SOURCES)}", "tiny"),
+    Option("--model-path", "local diffusers Wan2.2 folder for --model-source=checkpoint", env="WAN_MODEL_PATH"),
+    Option("--proxy-layers", "DiT layers of the proxy source, of 40", 2, int),
+    Option("--backends", f"comma-separated backends (default on CUDA: {','.join(GPU_BACKENDS)}; "
+                         f"on the CPU: {','.join(CPU_BACKENDS)})"),
+    Option("--candidate", "the backend the speed-up gate judges (default tensorrt when among the backends, "
+                          "else the first backend that is not torch)"),
+    Option("--precisions", "comma-separated: fp32, fp16, bf16, fp8 (default fp32,fp16,bf16, and fp8 when "
+                           "torch-fp8 is a backend)"),
+    Option("--shapes", "presets (480p, 720p) or HxWxF, comma-separated (default 16x16x9 tiny, 480p otherwise)"),
+    Option("--steps", "denoising steps of the loop, quality and end-to-end cases (default 4 tiny, 40 otherwise)",
+           type=int),
+    Option("--speedup-gate", "minimum candidate/eager speed-up of one CFG step", 1.5, float),
+    Option("--results-dir", "run folders are written under here", "results"),
+    Option("--cache-dir", "ONNX graphs and engines (git-ignored)", ".cache", env="WAN_BENCH_CACHE"),
+    Option("--device", "cuda or cpu (default: cuda when available)"),
+    Option("--perf-rounds", "timed rounds per side in perf cases", 10, int),
+    Option("--perf-precision", "precision of perf cases (default bf16 on CUDA, fp32 on CPU; torch-fp8 runs fp8)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated options of one run: what the session builds, and what every summary records."""
+
+    source: str = "tiny"
+    model_path: str | None = None
+    proxy_layers: int = 2
+    backends: tuple[str, ...] = ("torch",)
+    candidate: str | None = None
+    precisions: tuple[str, ...] = ("fp32",)
+    shapes: tuple[VideoShape, ...] = ()
+    steps: int = 4
+    speedup_gate: float = 1.5
+    results_dir: Path = Path("results")
+    cache_dir: Path = Path(".cache")
+    device: str = "cpu"
+    perf_rounds: int = 10
+    perf_precision: str = "fp32"
+    backend_options: BackendOptions = field(default_factory=BackendOptions)
+
+    def summary(self) -> dict:
+        """What a run folder's summary.md lists under settings."""
+        return {"model source": self.source + (f" ({self.model_path})" if self.model_path else ""),
+                "proxy layers": self.proxy_layers if self.source == "proxy" else None,
+                "backends": self.backends, "candidate": self.candidate, "precisions": self.precisions,
+                "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
+                "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision}
+
+
+def settings_from(values: dict) -> Settings:
+    """Validate option values (keyed by Option.dest; None = not given) into Settings, or raise HarnessError.
+
+    Commands add their own keys: `opt_level` (TensorRT builds).
+    """
+    given = {k: v for k, v in values.items() if v is not None}
+    source = _choice(given.get("model_source", "tiny"), SOURCES, "--model-source")
+    path = given.get("model_path")
+    if source == "checkpoint":
+        check_checkpoint_folder(path)
+    device = _device(given.get("device"))
+    backends = _names(given.get("backends", ",".join(GPU_BACKENDS if device == "cuda" else CPU_BACKENDS)),
+                      check_backend, "--backends")
+    precisions = given.get("precisions", "fp32,fp16,bf16" + (",fp8" if "torch-fp8" in backends else ""))
+    cache_dir = Path(given.get("cache_dir", ".cache"))
+    return Settings(
+        source=source, model_path=path, proxy_layers=_proxy_layers(given.get("proxy_layers", 2)),
+        backends=backends, candidate=_candidate(given.get("candidate"), backends),
+        precisions=_names(precisions, check_precision, "--precisions"),
+        shapes=tuple(parse_shapes(given.get("shapes", DEFAULT_SHAPES[source]))),
+        steps=_positive(given.get("steps", 4 if source == "tiny" else 40), "--steps"),
+        speedup_gate=_gate(given.get("speedup_gate", 1.5)),
+        results_dir=Path(given.get("results_dir", "results")), cache_dir=cache_dir, device=device,
+        perf_rounds=_positive(given.get("perf_rounds", 10), "--perf-rounds"),
+        perf_precision=check_precision(given.get("perf_precision", "bf16" if device == "cuda" else "fp32")),
+        backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3)))
+
+
+def _choice(value: str, choices, flag: str) -> str:
+    if value not in choices:
+        raise HarnessError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def _names(text: str, check: Callable[[str], str], flag: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(check(n.strip()) for n in str(text).split(",") if n.strip()))
+    if not names:
+        raise HarnessError(f"{flag} {text!r} names nothing; give a comma-separated list")
+    return names
+
+
+def _device(value: str | None) -> str:
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value not in ("cpu", "cuda"):
+        raise HarnessError(f"--device {value!r}: use cpu or cuda (pick a GPU with CUDA_VISIBLE_DEVICES)")
+    if value == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    return value
+
+
+def _candidate(value: str | None, backends: tuple[str, ...]) -> str | None:
+    if value is None:
+        return "tensorrt" if "tensorrt" in backends else next((b for b in backends if b != "torch"), None)
+    check_backend(value)
+    if value not in backends:
+        raise HarnessError(f"--candidate {value} is not among --backends {','.join(backends)}; add it there")
+    return value
+
+
+def _positive(value, flag: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HarnessError(f"{flag} {value!r} must be a whole number >= 1")
+    return value
+
+
+def _proxy_layers(value) -> int:
+    layers = _positive(value, "--proxy-layers")
+    if layers > 40:
+        raise HarnessError(f"--proxy-layers {layers} must be between 1 and 40 (the A14B expert has 40)")
+    return layers
+
+
+def _gate(value) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise HarnessError(f"--speedup-gate {value!r} must be a finite number > 0")
+    return float(value)
+
