@@ -149,8 +149,7 @@ def cmd_export(args) -> int:
     session = Session(_settings(args, precisions=args.precision, shapes=args.shape))
     failed = 0
     for case in _export_cases(args, session.settings):
-        graph = session.export(case)
-        check = session.check_graph(graph)
+        graph, check = session.checked_export(case)
         failed += not check
         print(f"{case.id:48} {'hit ' if graph.hit else 'miss'} export {graph.export_s:6.2f} s  "
               f"{graph.size_bytes / 2 ** 20:7.2f} MB  {graph.path}")
