@@ -119,7 +119,7 @@ def settings_from(values: dict) -> Settings:
         speedup_gate=_gate(given.get("speedup_gate", 1.5)),
         results_dir=Path(given.get("results_dir", "results")), cache_dir=cache_dir, device=device,
         perf_rounds=_positive(given.get("perf_rounds", 10), "--perf-rounds"),
-        perf_precision=_flagged("--perf-precision", check_precision,
+        perf_precision=flagged("--perf-precision", check_precision,
                                 given.get("perf_precision", "bf16" if device == "cuda" else "fp32")),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3)))
 
@@ -141,7 +141,7 @@ def _choice(value: str, choices, flag: str) -> str:
     return value
 
 
-def _flagged(flag: str, check: Callable[[str], str], value: str) -> str:
+def flagged(flag: str, check: Callable[[str], str], value: str) -> str:
     """`check(value)`, its error prefixed with the option that carried the value."""
     try:
         return check(value)
@@ -150,7 +150,7 @@ def _flagged(flag: str, check: Callable[[str], str], value: str) -> str:
 
 
 def _names(text: str, check: Callable[[str], str], flag: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(_flagged(flag, check, n.strip()) for n in str(text).split(",") if n.strip()))
+    names = tuple(dict.fromkeys(flagged(flag, check, n.strip()) for n in str(text).split(",") if n.strip()))
     if not names:
         raise HarnessError(f"{flag} {text!r} names nothing; give a comma-separated list")
     return names
@@ -169,7 +169,7 @@ def _device(value: str | None) -> str:
 def _candidate(value: str | None, backends: tuple[str, ...]) -> str | None:
     if value is None:
         return "tensorrt" if "tensorrt" in backends else next((b for b in backends if b != "torch"), None)
-    _flagged("--candidate", check_backend, value)
+    flagged("--candidate", check_backend, value)
     if value not in backends:
         raise HarnessError(f"--candidate {value} is not among --backends {','.join(backends)}; add it there")
     return value
