@@ -79,7 +79,7 @@ class Session:
         try:
             return impl.build(component, case)
         except BackendUnavailable as exc:
-            raise BackendUnavailable(f"{backend} unavailable: {exc}") from None
+            raise BackendUnavailable(f"{backend} cannot run {case.id}: {exc}") from None
 
     def runner(self, backend: str, case: Case) -> Runner:
         """The session's runner of (backend, case), built once; an unusable one raises the same reason each time."""
