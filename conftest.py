@@ -14,7 +14,7 @@ workers.pin_worker(os.environ)
 
 from harness.case import COMPONENTS, Case, is_dit  # noqa: E402
 from harness.errors import BackendUnavailable, HarnessError  # noqa: E402
-from harness.session import Session  # noqa: E402
+from harness.session import Session, check_asked_kernels  # noqa: E402
 from harness.settings import OPTIONS, settings_from  # noqa: E402
 
 
@@ -28,6 +28,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     try:
         settings = settings_from({o.dest: config.getoption(f"wan_{o.dest}") for o in OPTIONS})
+        check_asked_kernels(settings)
         # Made here, not in a fixture: under xdist the controller runs no fixtures, yet it owns the run
         # folder (it merges the workers' parts in pytest_sessionfinish). No rows, no folder.
         import torch

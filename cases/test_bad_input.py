@@ -24,7 +24,7 @@ import torch
 from harness.__main__ import main
 from harness.cache import MANIFEST, DiskCache, file_sha256, sweep_temp_folders
 from harness.case import Case
-from harness.errors import BackendUnavailable, HarnessError
+from harness.errors import BackendUnavailable
 from harness.results import Row, RunRecorder
 from harness.settings import settings_from
 from harness.shapes import parse_shape

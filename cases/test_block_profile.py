@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from harness.backends import ATTENTION_KERNELS
 from harness.case import Case
 from harness.components import proxy_expert
 from harness.profile import floor_tflops, region_times
@@ -17,13 +18,9 @@ from harness.shapes import block_flops_by_region
 from harness.timing import summarize, timed_call
 
 pytestmark = [pytest.mark.perf, pytest.mark.gpu]
-# label -> (backend, backend options, precision of the GEMMs, precision of the self-attention)
-VARIANTS = {
-    "torch": ("torch", {}, "bf16", "bf16"),
-    "inductor": ("inductor", {}, "bf16", "bf16"),
-    "torch-fp8+sdpa": ("torch-fp8", {"attention": "sdpa"}, "fp8", "bf16"),
-    "torch-fp8": ("torch-fp8", {}, "fp8", "fp8"),
-}
+# (backend, self-attention kernel): eager, the best bf16 PyTorch, and the fp8 stacks
+VARIANTS = [("torch", "sdpa"), ("inductor", "sdpa"), ("inductor", "fa3"), ("torch-fp8", "sdpa"),
+            ("torch-fp8", "cudnn-fp8"), ("torch-fp8", "fa3-fp8")]
 WARMUP = 3  # compile, autotune, cuDNN plan build
 
 
@@ -34,11 +31,13 @@ def block(session):
     return proxy_expert(1, device="cuda", dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_block_profile(variant, shape, block, session):
-    backend, options, precision, attention_precision = VARIANTS[variant]
+@pytest.mark.parametrize("stack", VARIANTS, ids=[f"{b}[{k}]" for b, k in VARIANTS])
+def test_block_profile(stack, shape, block, session):
+    backend, kernel = stack
+    variant = f"{backend}[{kernel}]"
+    precision = "fp8" if backend == "torch-fp8" else "bf16"
     case = Case("block", shape, precision, source="proxy")
-    runner = session.build(backend, block, case, **options)
+    runner = session.build(backend, block, case, attention=kernel)
     inputs = block.inputs(case)
     for _ in range(WARMUP):
         runner(*inputs)
@@ -50,7 +49,7 @@ def test_block_profile(variant, shape, block, session):
     kernel_ms = 0.0
     for region, times in region_times(lambda: runner(*inputs), rounds).items():
         result = summarize(f"{variant} {region}", times, "cuda", flops=flops.get(region),
-                           floor_tflops=floor_tflops(region, attention_precision if region == "attention" else precision))
+                           floor_tflops=floor_tflops(region, ATTENTION_KERNELS[kernel] if region == "attention" else precision))
         session.record("perf", dataclasses.replace(case, variant=region), variant, result)
         kernel_ms += result.median_ms
     # One stream: the regions' kernel times add up to the forward, less the launch gaps between kernels.

@@ -21,5 +21,6 @@ def test_denoising_loop_parity(backend, reduced_precision, settings, session):
     eager = session.generation("torch", eager_precision(precision), shape)
     candidate = session.generation(backend, precision, shape)
     result = judge_loop(candidate.step_latents, reference.step_latents, eager.step_latents, precision)
-    session.record("parity", Case("denoising_loop", shape, precision, source=settings.source), backend, result)
+    case = Case("denoising_loop", shape, precision, batch=session.cfg_batch(backend), source=settings.source)
+    session.record("parity", case, backend, result)
     assert result, result.message()

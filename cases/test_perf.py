@@ -4,6 +4,7 @@ pytest-benchmark times the candidate; its `setup` runs one baseline round before
 round, so the two alternate under the same thermal and clock conditions. Both sides are also timed
 with CUDA events on the GPU; harness.timing.judge_speedup compares those medians and owns the gate.
 """
+import dataclasses
 import math
 
 import pytest
@@ -38,17 +39,23 @@ def workload(session, stage, backend, precision, shape):
         return (lambda: session.generate(backend, precision, shape, "a timing run")), None
     component = "transformer" if stage == "cfg_step" else stage
     case = Case(component, shape, precision, source=session.settings.source)
-    runner, inputs = session.runner(backend, case), session.inputs(case)
-    if not is_dit(component):
-        return (lambda: runner(*inputs)), None
-    flops = forward_flops(getattr(model, component).config, shape.tokens)
     if stage != "cfg_step":
+        runner, inputs = session.runner(backend, case), session.inputs(case)
+        flops = forward_flops(getattr(model, component).config, shape.tokens) if is_dit(component) else None
         return (lambda: runner(*inputs)), flops
+    batch = session.cfg_batch(backend)
+    runner = session.runner(backend, dataclasses.replace(case, batch=batch))
+    cond, negative = session.inputs(case)[2], session.inputs(case, seed=1)[2]
     latents = initial_latents(model, shape, 0, device)
-    negative = session.inputs(case, seed=1)[2]
     timestep = torch.tensor(937, device=device)
-    return (lambda: cfg_noise(runner, latents, timestep, inputs[2], negative, model.guidance_scale,
-                              PRECISIONS[precision])), 2 * flops
+    return (lambda: cfg_noise(runner, latents, timestep, cond, negative, model.guidance_scale, PRECISIONS[precision],
+                              batch)), 2 * forward_flops(model.transformer.config, shape.tokens)
+
+
+def stage_case(stage: str, shape, precision: str, session, candidate: str) -> Case:
+    """The case a perf row is recorded under; a CFG step's batch (1, or 2 with --cfg-batch 2) is in its id."""
+    batch = session.cfg_batch(candidate) if stage == "cfg_step" else 1
+    return Case(stage, shape, precision, batch=batch, source=session.settings.source)
 
 
 def extrapolation(result: SpeedupResult, stage: str, session) -> dict:
@@ -76,7 +83,7 @@ def test_speed(stage, shape, candidate, session, benchmark):
     benchmark.pedantic(cand_rounds, setup=base_rounds, rounds=s.perf_rounds, iterations=1)
     gate = s.speedup_gate if candidate == s.candidate and stage == "cfg_step" else None
     result = judge_speedup(base_rounds.result(), cand_rounds.result(), gate)
-    case = Case(stage, shape, precision, source=s.source)
+    case = stage_case(stage, shape, precision, session, candidate)
     base, cand = result.baseline, result.candidate
     benchmark.extra_info.update(
         case=case.id, tokens=shape.tokens, precision=precision, baseline=f"torch {base_precision}",
@@ -98,7 +105,7 @@ def test_speedup_gate(shape, session):
         pytest.skip("the speed-up gate judges CUDA timings only; CPU numbers are recorded, not gated")
     if s.candidate is None:
         pytest.skip("no candidate: --backends names no backend besides torch")
-    case = Case("cfg_step", shape, perf_precision(s.candidate, s), source=s.source)
+    case = stage_case("cfg_step", shape, perf_precision(s.candidate, s), session, s.candidate)
     result = session.recorded("perf", case, s.candidate, SpeedupResult)
     if result is None:
         pytest.skip(f"no cfg_step timing of {s.candidate} at {shape.id} in this session (its perf case was "

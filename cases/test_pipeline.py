@@ -64,3 +64,11 @@ def test_experts_differ(tiny):
     a = tiny.transformer.blocks[0].attn1.to_q.weight
     b = tiny.transformer_2.blocks[0].attn1.to_q.weight
     assert not torch.equal(a, b), "the two experts must have different random weights"
+
+
+def test_one_batch2_forward_per_cfg_step_gives_the_same_video(tiny):
+    """--cfg-batch 2 runs both CFG branches in one forward: the same function, other reduction order."""
+    two_calls = generate(tiny, eager_runners(tiny), PROMPTS[0], shape=SHAPE, steps=STEPS)
+    one_call = generate(tiny, eager_runners(tiny), PROMPTS[0], shape=SHAPE, steps=STEPS, cfg_batch=2)
+    torch.testing.assert_close(one_call.frames, two_calls.frames, rtol=0, atol=1e-5)
+    assert one_call.experts == two_calls.experts

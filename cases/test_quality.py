@@ -23,7 +23,8 @@ def judge_video(session, backend, precision, prompt, lpips_model=None):
     candidate = session.generation(backend, precision, shape, prompt)
     reference = session.generation("torch", quality_reference(precision), shape, prompt)
     result = video_quality(candidate.frames, reference.frames, precision, lpips_model=lpips_model)
-    case = Case("video", shape, precision, source=session.settings.source, variant=f"prompt{prompt}")
+    case = Case("video", shape, precision, batch=session.cfg_batch(backend), source=session.settings.source,
+                variant=f"prompt{prompt}")
     session.record("quality", case, backend, result)
     return result
 

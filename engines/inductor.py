@@ -14,14 +14,19 @@ import time
 
 import torch
 
+from engines.attention.kernels import kernel_available
+from engines.attention.processor import with_kernel
 from harness.backends import BackendOptions, Runner
-from harness.case import Case
+from harness.case import Case, is_dit
 from harness.components import Component
-from harness.errors import HarnessError
+from harness.errors import BackendUnavailable, HarnessError
 
 log = logging.getLogger(__name__)
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+# One session compiles the same block code for each shape, expert, precision and attention kernel; past
+# dynamo's default of 8 recompiles a block would silently run eager, so the limit is raised.
+RECOMPILE_LIMIT = 64
 
 
 def _cpu_compiler() -> str | None:
@@ -42,14 +47,22 @@ def compiled_blocks_clone(transformer: torch.nn.Module, compile_fn) -> torch.nn.
     return clone
 
 
-def _regional(module: torch.nn.Module, compile_fn) -> torch.nn.Module | None:
-    """The DiT wrapper with compiled blocks, or None where the component has no transformer blocks."""
+def _regional(module: torch.nn.Module, compile_fn, kernel: str) -> torch.nn.Module | None:
+    """The DiT wrapper with compiled blocks (their self-attention on `kernel`), or None without blocks."""
     inner = getattr(module, "transformer", None)
     if inner is None or not isinstance(getattr(inner, "blocks", None), torch.nn.ModuleList):
         return None
+    if kernel != "sdpa":
+        inner = with_kernel(inner, kernel)  # a clone: the eager baseline keeps the stock processors
     clone = copy.copy(module)
     clone._modules = {**module._modules, "transformer": compiled_blocks_clone(inner, compile_fn)}
     return clone
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
 
 
 class Inductor:
@@ -57,27 +70,31 @@ class Inductor:
 
     name = "inductor"
     precisions = ("fp32", "fp16", "bf16")
+    attention_kernels = ("sdpa", "fa3")
 
     def __init__(self, options: BackendOptions = BackendOptions(), regional: bool = True):
         if options.compile_mode not in MODES:
             raise HarnessError(f"unknown inductor mode {options.compile_mode!r}; choose one of {', '.join(MODES)}")
         self.mode = options.compile_mode
         self.regional = regional
+        self.kernel = options.attention or self.attention_kernels[0]
 
     def available(self) -> tuple[bool, str]:
-        if torch.cuda.is_available():
-            return True, ""
-        if _cpu_compiler() is None:
+        if not torch.cuda.is_available() and _cpu_compiler() is None:
             return False, "no CUDA device and no C++ compiler (g++/clang++) on PATH: Inductor's CPU backend needs one"
-        return True, ""
+        return kernel_available(self.kernel)
 
     def compile_fn(self, case: Case):
         """The torch.compile call used for every region; static shapes unless the case is dynamic."""
         return lambda m: torch.compile(m, mode=self.mode, dynamic=case.dynamic, fullgraph=False)
 
     def build(self, component: Component, case: Case) -> Runner:
+        if self.kernel != "sdpa" and not (is_dit(case.component) and self.regional):
+            raise BackendUnavailable(f"inductor runs {self.kernel} attention in the DiT experts' blocks (regional "
+                                     f"compile) only, not in {case.component}")
+        _raise_recompile_limit()
         compile_fn = self.compile_fn(case)
-        regional = _regional(component.module, compile_fn) if self.regional else None
+        regional = _regional(component.module, compile_fn, self.kernel) if self.regional else None
         compiled = compile_fn(component.module) if regional is None else regional
         scope = "whole module" if regional is None else "per block"
         return _first_call_logged(compiled, f"{self.name}[{self.mode}, {scope}] {case.id}")

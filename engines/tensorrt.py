@@ -381,6 +381,7 @@ class _TensorRTBackend:
     name = ""
     builder_class: type[_Builder] = _Builder
     precisions = ("fp32", "fp16", "bf16")
+    attention_kernels = ()  # TensorRT chooses its own attention kernels from the graph
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         self.builder = self.builder_class(options)

@@ -11,6 +11,7 @@ from harness.components import Component
 class TorchEager:
     name = "torch"
     precisions = ("fp32", "fp16", "bf16")
+    attention_kernels = ("sdpa",)  # the baseline keeps diffusers' stock attention
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         pass  # eager PyTorch has nothing to set

@@ -59,10 +59,13 @@ def cmd_shapes(args) -> int:
 
 def _settings(args, **values):
     """Settings from the run options this command declares, with `values` (command-specific) over them."""
+    from harness.session import check_asked_kernels
     from harness.settings import settings_from
 
     given = {o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)}
-    return settings_from({**given, **values})
+    settings = settings_from({**given, **values})
+    check_asked_kernels(settings)
+    return settings
 
 
 def cmd_generate(args) -> int:
@@ -277,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default=None, help="a preset or HxWxF (default: 16x16x9 tiny, 480p otherwise)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--out", default="video.mp4", help="(default: %(default)s)")
-    _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--steps", "--device", "--cache-dir")
+    _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--steps", "--device", "--cache-dir",
+                     "--attention", "--cfg-batch")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__ +

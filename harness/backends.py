@@ -36,6 +36,10 @@ BACKENDS = {
 ENGINE_BUILDERS = {"tensorrt": "engines.tensorrt:TensorRTBuilder", "tensorrt_rtx": "engines.tensorrt:TensorRTRTXBuilder"}
 # What runs an exported graph on the CPU when export is validated: OrtRunner(path) -> Runner.
 GRAPH_RUNNER = "engines.onnxruntime:cpu_graph_runner"
+# Self-attention kernels the torch backends can run in Wan's blocks (engines/attention/kernels.py), and the
+# precision of their arithmetic. Each backend lists the ones it takes in `attention_kernels`, default first.
+ATTENTION_KERNELS = {"sdpa": "bf16", "fa3": "bf16", "cudnn-fp8": "fp8", "fa3-fp8": "fp8", "triton-fp8": "fp8"}
+KERNEL_CHECK = "engines.attention.kernels:kernel_available"  # name -> (runs here, why not and what to install)
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class BackendOptions:
 
     cache_dir: Path = Path(".cache")  # ONNX graphs and engines
     compile_mode: str = "default"  # torch.compile mode (inductor, torch-fp8)
-    attention: str = ""  # self-attention kernel; "" is the backend's own default
+    attention: str = ""  # self-attention kernel (ATTENTION_KERNELS); "" is the backend's own default
     opt_level: int = 3  # TensorRT builder optimization level
     weight_streaming: bool = False  # TensorRT: stream weights that do not fit the GPU's memory
     cuda_graph: bool = False  # replay static-shape forwards as one CUDA graph
@@ -53,6 +57,7 @@ class BackendOptions:
 class Backend(Protocol):
     name: str
     precisions: tuple[str, ...]
+    attention_kernels: tuple[str, ...]  # the ATTENTION_KERNELS it can run, its default first; () for graph backends
 
     def available(self) -> tuple[bool, str]:
         """(True, '') or (False, a concrete reason such as 'tensorrt not importable: ...')."""

@@ -11,7 +11,8 @@ import dataclasses
 
 import torch
 
-from harness.backends import BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, Backend, BackendOptions, Runner, load, make_backend
+from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, KERNEL_CHECK, Backend, BackendOptions, Runner,
+                              load, make_backend)
 from harness.cache import DiskCache
 from harness.case import PRECISIONS, Case, eager_precision
 from harness.compare import ParityResult, judge_parity
@@ -61,7 +62,7 @@ class Session:
 
     def backend(self, name: str, **options) -> Backend:
         """The backend with the session's options (and `options` over them), availability checked once."""
-        merged = dataclasses.replace(self.settings.backend_options, **options)
+        merged = dataclasses.replace(self.settings.options_for(name), **options)
         key = (name, merged)
         if key not in self._backends:
             impl = make_backend(name, merged)
@@ -110,8 +111,12 @@ class Session:
 
     # ------------------------------------------------------------------ whole-pipeline runs
 
+    def cfg_batch(self, backend: str) -> int:
+        """The batch of the candidate's CFG forwards; eager PyTorch runs two batch-1 calls, as WanPipeline does."""
+        return 1 if backend == "torch" else self.settings.cfg_batch
+
     def pipeline_runners(self, backend: str, precision: str, shape: VideoShape) -> Runners:
-        return build_runners(self.runner, backend, precision, shape, self.settings.source)
+        return build_runners(self.runner, backend, precision, shape, self.settings.source, self.cfg_batch(backend))
 
     def generate(self, backend: str, precision: str, shape: VideoShape, prompt: str, *, seed: int = 0,
                  negative_prompt: str = NEGATIVE_PROMPT, steps: int | None = None, progress: bool = False,
@@ -120,7 +125,7 @@ class Session:
         return generate(self.model(precision), self.pipeline_runners(backend, precision, shape), prompt,
                         shape=shape, steps=steps or self.settings.steps, seed=seed, negative_prompt=negative_prompt,
                         dtype=PRECISIONS[precision], device=self.settings.device, progress=progress,
-                        keep_latents=keep_latents)
+                        keep_latents=keep_latents, cfg_batch=self.cfg_batch(backend))
 
     def generation(self, backend: str, precision: str, shape: VideoShape, prompt_index: int = 0) -> Generation:
         """The fixed-prompt run that parity and quality cases share, with every step's latents, made once."""
@@ -171,15 +176,29 @@ class Session:
     def record(self, table: str, case: Case, backend: str, result: Result, precision: str | None = None) -> None:
         """Keep `result` (the gate reads it back) and append its rows to the run folder now."""
         self._results.append((table, case.id, backend, result))
+        kernel = dict(self.settings.attention).get(backend)
+        versions = versions_string() + (f";attention={kernel}" if kernel else "")
         if self.recorder is not None:
             for row in result_rows(case, backend, result, precision=precision, device=device_name(self.settings.device),
-                                   versions=versions_string()):
+                                   versions=versions):
                 self.recorder.add(table, row)
 
     def recorded(self, table: str, case: Case, backend: str, kind: type) -> Result | None:
         """The last result of type `kind` recorded for (table, case, backend) in this session, if any."""
         found = [r for t, c, b, r in self._results if (t, c, b) == (table, case.id, backend) and isinstance(r, kind)]
         return found[-1] if found else None
+
+
+def check_asked_kernels(settings: Settings) -> None:
+    """A kernel --attention asked for that cannot run on this CUDA machine is a user error naming what to
+    install, not a skip: otherwise the run would quietly measure nothing (or, worse, another kernel)."""
+    if settings.device != "cuda":
+        return  # every GPU kernel is unavailable here; the backends say so case by case
+    check = load(KERNEL_CHECK)
+    for backend, kernel in settings.attention:
+        ok, reason = check(kernel) if backend in settings.attention_asked else (True, "")
+        if not ok:
+            raise HarnessError(f"--attention {backend}={kernel} cannot run here: {reason}")
 
 
 def availability(options: BackendOptions = BackendOptions()) -> dict[str, tuple[bool, str]]:

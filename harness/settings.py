@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from harness.backends import BackendOptions, check_backend
+from harness.backends import ATTENTION_KERNELS, BACKENDS, BackendOptions, check_backend, load
 from harness.case import check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
@@ -63,6 +63,12 @@ OPTIONS = (
     Option("--device", "cuda or cpu (default: cuda when available)"),
     Option("--perf-rounds", "timed rounds per side in perf cases", 10, int),
     Option("--perf-precision", "precision of perf cases (default bf16 on CUDA, fp32 on CPU; torch-fp8 runs fp8)"),
+    Option("--cfg-batch", "the candidates' CFG step: 1 = two batch-1 forwards (as WanPipeline), 2 = one batch-2 "
+                          "forward over both branches; eager torch always runs 1", 1, int),
+    Option("--attention", "self-attention kernels, comma-separated: a kernel (sdpa, fa3: bf16; cudnn-fp8, fa3-fp8, "
+                          "triton-fp8: fp8) goes to each backend of its precision that takes it; backend=kernel "
+                          "sets one (e.g. torch-fp8=fa3 for bf16 attention beside fp8 GEMMs). Default: each "
+                          "backend's own (stock SDPA; cudnn-fp8 for torch-fp8); eager torch always keeps SDPA"),
 )
 
 
@@ -84,7 +90,14 @@ class Settings:
     device: str = "cpu"
     perf_rounds: int = 10
     perf_precision: str = "fp32"
+    cfg_batch: int = 1
+    attention: tuple[tuple[str, str], ...] = ()  # (backend, kernel) for every backend that runs a kernel choice
+    attention_asked: tuple[str, ...] = ()  # the backends whose kernel --attention named (not a default)
     backend_options: BackendOptions = field(default_factory=BackendOptions)
+
+    def options_for(self, backend: str) -> BackendOptions:
+        """The options `backend` is built with: the shared ones and its own attention kernel."""
+        return replace(self.backend_options, attention=dict(self.attention).get(backend, ""))
 
     def summary(self) -> dict:
         """What a run folder's summary.md lists under settings."""
@@ -92,7 +105,8 @@ class Settings:
                 "proxy layers": self.proxy_layers if self.source == "proxy" else None,
                 "backends": self.backends, "candidate": self.candidate, "precisions": self.precisions,
                 "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
-                "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision}
+                "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
+                "cfg batch": self.cfg_batch, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None}
 
 
 def settings_from(values: dict) -> Settings:
@@ -121,6 +135,9 @@ def settings_from(values: dict) -> Settings:
         perf_rounds=_positive(given.get("perf_rounds", 10), "--perf-rounds"),
         perf_precision=flagged("--perf-precision", check_precision,
                                 given.get("perf_precision", "bf16" if device == "cuda" else "fp32")),
+        cfg_batch=_choice(given.get("cfg_batch", 1), (1, 2), "--cfg-batch"),
+        attention=attention_kernels(given.get("attention", ""), backends),
+        attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3)))
 
 
@@ -135,9 +152,43 @@ def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]
     return shapes
 
 
-def _choice(value: str, choices, flag: str) -> str:
+def attention_kernels(text: str, backends: tuple[str, ...], asked_only: bool = False) -> tuple[tuple[str, str], ...]:
+    """--attention resolved into the kernel of every backend that has a choice (its default where not named;
+    with `asked_only`, just the backends --attention named)."""
+    takes = {b: load(BACKENDS[b]).attention_kernels for b in backends}
+    chosen: dict[str, str] = {}
+    for item in (i.strip() for i in str(text).split(",") if i.strip()):
+        backend, _, kernel = item.rpartition("=")
+        if kernel not in ATTENTION_KERNELS:
+            raise HarnessError(f"--attention {item!r}: unknown kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+        if backend:
+            _check_takes(backend, kernel, takes)
+            chosen[backend] = kernel
+            continue
+        kind = ATTENTION_KERNELS[kernel]
+        targets = [b for b in backends if b != "torch" and kernel in takes[b]
+                   and kind in load(BACKENDS[b]).precisions]
+        if not targets:
+            raise HarnessError(f"--attention {kernel}: no backend among --backends {','.join(backends)} runs "
+                               f"{kind} attention with it; name one as backend={kernel}")
+        chosen.update(dict.fromkeys(targets, kernel))
+    if asked_only:
+        return tuple(chosen.items())
+    return tuple((b, chosen.get(b, takes[b][0])) for b in backends if takes[b])
+
+
+def _check_takes(backend: str, kernel: str, takes: dict[str, tuple[str, ...]]) -> None:
+    if backend not in takes:
+        raise HarnessError(f"--attention {backend}={kernel}: {backend} is not among --backends {','.join(takes)}")
+    if kernel not in takes[backend]:
+        choice = ", ".join(takes[backend]) or "none (it runs an exported graph)"
+        why = " (the eager baseline keeps stock SDPA)" if backend == "torch" else ""
+        raise HarnessError(f"--attention {backend}={kernel}: {backend} takes {choice}{why}")
+
+
+def _choice(value, choices, flag: str):
     if value not in choices:
-        raise HarnessError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        raise HarnessError(f"{flag} {value!r}: choose one of {', '.join(map(str, choices))}")
     return value
 
 

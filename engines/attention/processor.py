@@ -1,13 +1,16 @@
-"""The diffusers attention processor that runs Wan's self-attention through a chosen kernel route."""
+"""The diffusers attention processor that runs Wan's self-attention through a named kernel, and its installers.
+
+Only self-attention takes the kernel: cross-attention attends over 512 text tokens (0.6 ms of a 480p
+block in bf16), where quantizing Q costs more than fp8 saves (notes/fp8-attention.md).
+"""
 from __future__ import annotations
 
-import logging
+import copy
 
 import torch
 
-from engines.attention.kernels import HEAD_DIMS, default_route, fp8_attention_available, fp8_sdpa
-
-log = logging.getLogger(__name__)
+from engines.attention.kernels import HEAD_DIMS, attend, kernel_available
+from harness.errors import BackendUnavailable
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -18,29 +21,16 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
 
 
-class Fp8SelfAttnProcessor:
-    """Wan self-attention whose attention core is `fp8_sdpa`; anything else goes to the stock processor."""
+class SelfAttnProcessor:
+    """Wan self-attention whose attention core is `kernel`; cross-attention and masked calls go to `stock`."""
 
-    def __init__(self, route: str, fallback, **options):
-        self.route, self.fallback, self.options = route, fallback, options
-        self._warned: set[str] = set()
-
-    @staticmethod
-    def _fallback_reason(encoder_hidden_states, attention_mask) -> str:
-        if encoder_hidden_states is not None:
-            return "cross-attention (encoder_hidden_states given) stays on the stock processor"
-        if attention_mask is not None:
-            return "an attention mask was given; the fp8 kernels take none"
-        return ""
+    def __init__(self, kernel: str, stock, **options):
+        self.kernel, self.stock, self.options = kernel, stock, options
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None) -> torch.Tensor:
-        reason = self._fallback_reason(encoder_hidden_states, attention_mask)
-        if reason:
-            if reason not in self._warned:
-                self._warned.add(reason)
-                log.warning("fp8 attention falls back to bf16 SDPA: %s", reason)
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if encoder_hidden_states is not None or attention_mask is not None:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if getattr(attn, "fused_projections", False):
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -49,15 +39,15 @@ class Fp8SelfAttnProcessor:
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
         if rotary_emb is not None:
             q, k = _rope(q, *rotary_emb), _rope(k, *rotary_emb)
-        out = fp8_sdpa(q, k, v, route=self.route, **self.options).flatten(2, 3).type_as(q)
+        out = attend(q, k, v, self.kernel, **self.options).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _unsupported(attn, route: str) -> str:
-    """Why this attention module cannot take the fp8 processor, or ''."""
+def _unsupported(attn, kernel: str) -> str:
+    """Why this attention module cannot take `kernel`, or ''."""
     head_dim = attn.inner_dim // attn.heads
-    if route != "sdpa" and head_dim not in HEAD_DIMS:
-        return f"head size {head_dim} is not one the fp8 kernels support ({HEAD_DIMS})"
+    if HEAD_DIMS[kernel] is not None and head_dim not in HEAD_DIMS[kernel]:
+        return f"head size {head_dim} is not one {kernel} supports ({HEAD_DIMS[kernel]})"
     if attn.add_k_proj is not None:
         return "image-conditioned (I2V) attention adds a second key/value set; not handled"
     if type(attn.processor).__name__ != "WanAttnProcessor":
@@ -65,24 +55,36 @@ def _unsupported(attn, route: str) -> str:
     return ""
 
 
-def enable_fp8_attention(transformer: torch.nn.Module, route: str | None = None, **options) -> list[str]:
-    """Install the fp8 processor on every block's self-attention; returns why any stayed on bf16 SDPA.
+def install(transformer: torch.nn.Module, kernel: str, **options) -> None:
+    """Put `kernel` in every block's self-attention, in place (callers pass their own copy).
 
-    With fp8 unavailable here (no CUDA, compute capability < 8.9, no kernel library) nothing is
-    installed and the reason is returned. `options` go to `fp8_sdpa` (smooth_k, smooth_v, pv_fp8)."""
-    if route is None:
-        route, reason = default_route()
-    else:
-        reason = fp8_attention_available(route)[1] if route != "sdpa" else ""
-    if reason:
-        log.warning("fp8 attention not enabled: %s", reason)
-        return [reason]
-    reasons = []
+    Raises BackendUnavailable when the kernel cannot run here or a block cannot take it: a kernel that was
+    asked for is never quietly replaced by another. `options` go to kernels.attend (smooth_k, smooth_v, pv_fp8).
+    """
+    ok, reason = kernel_available(kernel)
+    if not ok:
+        raise BackendUnavailable(reason)
     for index, block in enumerate(transformer.blocks):
-        why = _unsupported(block.attn1, route)
+        why = _unsupported(block.attn1, kernel)
         if why:
-            reasons.append(f"blocks.{index}.attn1: {why}")
-            log.warning("fp8 attention falls back to bf16 SDPA: %s", reasons[-1])
-            continue
-        block.attn1.set_processor(Fp8SelfAttnProcessor(route, block.attn1.processor, **options))
-    return reasons
+            raise BackendUnavailable(f"{kernel} attention: blocks.{index}.attn1: {why}")
+    for block in transformer.blocks:
+        block.attn1.set_processor(SelfAttnProcessor(kernel, block.attn1.processor, **options))
+
+
+def with_kernel(transformer: torch.nn.Module, kernel: str, **options) -> torch.nn.Module:
+    """A shallow clone of `transformer` whose blocks' self-attention runs `kernel`; the weights are shared
+    and the original (which the eager baseline runs) keeps its stock processors."""
+    clone = copy.copy(transformer)
+    clone._modules = dict(transformer._modules)
+    blocks = []
+    for block in transformer.blocks:
+        block_clone = copy.copy(block)
+        block_clone._modules = dict(block._modules)
+        attn = copy.copy(block.attn1)  # its own processor slot, the same weights
+        attn._modules = dict(block.attn1._modules)
+        block_clone._modules["attn1"] = attn
+        blocks.append(block_clone)
+    clone._modules["blocks"] = torch.nn.ModuleList(blocks)
+    install(clone, kernel, **options)
+    return clone

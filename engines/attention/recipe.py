@@ -21,7 +21,9 @@ FP8 = torch.float8_e4m3fn
 
 @dataclass
 class QuantizedQKV:
-    """fp8 Q/K/V in the caller's layout, their fp32 descales ([1,1,1,1]) and V's token mean."""
+    """fp8 Q/K/V in the caller's [B, S, H, D] layout, their fp32 descales and V's token mean (or None).
+
+    Descales are [1, 1, 1, 1] per tensor, or (B, H) per (batch, head) where a kernel takes those (FA3)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -32,15 +34,21 @@ class QuantizedQKV:
     v_mean: torch.Tensor | None
 
 
-def quantize_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x in e4m3 scaled by 448/amax(x) (current amax, per tensor), and its descale amax/448."""
-    amax = x.abs().amax().float().clamp_min(1e-12)  # an all-zero tensor must not give an inf scale
-    scale = E4M3_MAX / amax
-    return (x * scale).to(FP8), (1.0 / scale).reshape(1, 1, 1, 1)
+def quantize_e4m3(x: torch.Tensor, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in e4m3 scaled by 448/amax(x) (current amax), and its fp32 descale amax/448.
+
+    Per tensor, or per (batch, head) of a [B, S, H, D] tensor: e4m3 is a float format, so a per-head scale
+    only helps where heads' ranges differ by more than a binade.
+    """
+    amax = (x.abs().amax(dim=(1, 3)) if per_head else x.abs().amax()).float()
+    scale = E4M3_MAX / amax.clamp_min(1e-12)  # an all-zero tensor must not give an inf scale
+    factor = scale[:, None, :, None] if per_head else scale
+    descale = 1.0 / scale
+    return (x * factor).to(FP8), descale if per_head else descale.reshape(1, 1, 1, 1)
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, smooth_k: bool = True,
-                 smooth_v: bool = True, v_fp8: bool = True) -> QuantizedQKV:
+                 smooth_v: bool = True, v_fp8: bool = True, per_head: bool = False) -> QuantizedQKV:
     """Centre K and V over tokens (dim 1 of [B, S, H, D]) where asked, then quantize (V only if v_fp8).
 
     Centring subtracts an fp32 mean and quantizes straight from fp32. Subtracting in bf16 rounds each
@@ -53,6 +61,6 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, smooth_k:
     v_mean = v.mean(dim=1, keepdim=True, dtype=torch.float32) if smooth_v and v_fp8 else None
     if v_mean is not None:
         v = v - v_mean
-    (q8, dq), (k8, dk) = quantize_e4m3(q), quantize_e4m3(k)
-    v8, dv = quantize_e4m3(v) if v_fp8 else (v, torch.ones_like(dq))
+    (q8, dq), (k8, dk) = quantize_e4m3(q, per_head), quantize_e4m3(k, per_head)
+    v8, dv = quantize_e4m3(v, per_head) if v_fp8 else (v, torch.ones_like(dq))
     return QuantizedQKV(q8, k8, v8, dq, dk, dv, v_mean)
