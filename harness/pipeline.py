@@ -8,6 +8,7 @@ A unit case proves it matches WanPipeline exactly with eager runners.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,10 @@ PROMPTS = (
     "Close-up of raindrops falling into a puddle in slow motion, soft light.",
 )
 NEGATIVE_PROMPT = "low quality, blurry, static, overexposed, worst quality, jpeg artifacts"
+log = logging.getLogger(__name__)
+# Prompts already reported as truncated: quality cases tokenize the same prompts many times, and one
+# warning per prompt is what a user needs.
+_TRUNCATED: set[str] = set()
 
 
 @dataclass
@@ -70,10 +75,24 @@ def tokenize(model: WanModel, prompts: list[str], device) -> tuple[torch.Tensor,
     """Tokenize exactly as WanPipeline does: cleaned text, padded to max_sequence_length."""
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-    tokens = model.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
-                             max_length=model.max_sequence_length, truncation=True,
+    cleaned = [prompt_clean(p) for p in prompts]
+    for text in cleaned:
+        _warn_if_truncated(model, text)
+    tokens = model.tokenizer(cleaned, padding="max_length", max_length=model.max_sequence_length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
+
+def _warn_if_truncated(model: WanModel, text: str) -> None:
+    """WanPipeline silently keeps the first max_sequence_length tokens; say so, once per prompt."""
+    if text in _TRUNCATED:
+        return
+    # verbose=False: the tokenizer's own warning about the length would only repeat this one, less exactly.
+    length = len(model.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False).input_ids)
+    if length > model.max_sequence_length:
+        _TRUNCATED.add(text)
+        log.warning("prompt truncated to the text encoder's %d tokens: %d of its %d tokens dropped (%r...)",
+                    model.max_sequence_length, length - model.max_sequence_length, length, text[:60])
 
 
 def initial_latents(model: WanModel, shape: VideoShape, seed: int, device, batch: int = 1) -> torch.Tensor:

@@ -80,7 +80,7 @@ class Session:
         try:
             return impl.build(component, case)
         except BackendUnavailable as exc:
-            raise BackendUnavailable(f"{backend} unavailable: {exc}") from None
+            raise BackendUnavailable(f"{backend} cannot run {case.id}: {exc}") from None
 
     def runner(self, backend: str, case: Case) -> Runner:
         """The session's runner of (backend, case), built once; an unusable one raises the same reason each time."""
@@ -139,6 +139,21 @@ class Session:
 
     def export(self, case: Case, cache: DiskCache | None = None) -> ExportedGraph:
         return export_case(self.component(case), case, cache or DiskCache(self.settings.cache_dir))
+
+    def checked_export(self, case: Case, cache: DiskCache | None = None) -> tuple[ExportedGraph, GraphCheck]:
+        """Export (cached) and validate; a cached graph that fails validation is evicted and exported once more.
+
+        The manifest's hashes already catch changed bytes, so this is the net under what they cannot see;
+        a fresh export's verdict is the result either way.
+        """
+        cache = cache or DiskCache(self.settings.cache_dir)
+        graph = self.export(case, cache)
+        check = self.check_graph(graph)
+        if graph.hit and not check:
+            cache.evict(graph.path.parent, f"the cached graph failed validation: {check}")
+            graph = self.export(case, cache)
+            check = self.check_graph(graph)
+        return graph, check
 
     def check_graph(self, graph: ExportedGraph) -> GraphCheck:
         """onnx.checker, shape inference and ONNX Runtime CPU against PyTorch at the graph's check shapes."""
