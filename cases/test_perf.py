@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from harness.backends import BACKENDS, load
 from harness.case import PRECISIONS, Case, eager_precision, is_dit
 from harness.pipeline import cfg_noise, initial_latents
 from harness.shapes import A14B_LAYERS, forward_flops
@@ -70,6 +71,9 @@ def extrapolation(result: SpeedupResult, stage: str, session) -> dict:
 @pytest.mark.parametrize("stage", WORKLOADS)
 def test_speed(stage, shape, candidate, session, benchmark):
     s = session.settings
+    untimed = getattr(load(BACKENDS[candidate]), "untimed", "")
+    if untimed:  # a simulation: its numerics stand for an engine's, its timings for nothing
+        pytest.skip(untimed)
     precision = perf_precision(candidate, s)
     if precision == "fp8" and stage in ("vae_decoder", "text_encoder"):
         pytest.skip(f"{candidate} quantizes the DiT experts only; the {stage} stays bf16 eager")

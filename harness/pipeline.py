@@ -24,6 +24,17 @@ PROMPTS = (
     "Close-up of raindrops falling into a puddle in slow motion, soft light.",
 )
 NEGATIVE_PROMPT = "low quality, blurry, static, overexposed, worst quality, jpeg artifacts"
+# What quantized backends calibrate on (harness.components.loop_inputs): other prompts and seeds than the
+# quality cases', so the videos they are judged on stay held out from calibration.
+CALIBRATION_PROMPTS = (
+    "A cat walks on the grass, realistic, soft light.",
+    "A drone shot over a snowy mountain ridge with clouds moving fast.",
+    "A red vintage car drives along a coastal road at dawn, aerial view.",
+)
+CALIBRATION_SEED = 1000
+# Four steps put two timesteps on each side of the 0.875 boundary (999, 900 | 750, 500 with UniPC shift 3),
+# so each expert calibrates on the noise levels it serves.
+CALIBRATION_STEPS = 4
 log = logging.getLogger(__name__)
 # Prompts already reported as truncated: quality cases tokenize the same prompts many times, and one
 # warning per prompt is what a user needs.
@@ -56,13 +67,13 @@ def build_runners(get_runner: Callable, backend: str, precision: str, shape: Vid
 
     The candidate runs the text encoder and both experts, where the time goes; the VAE decoder stays
     eager PyTorch, as in NVIDIA's Wan2.2 TensorRT demo (its own parity and perf cases judge each
-    backend's VAE separately, and Inductor takes minutes to compile its per-frame cache loop). fp8
-    covers the DiT experts only; the rest runs bf16. The experts' runners are built for `cfg_batch`.
+    backend's VAE separately, and Inductor takes minutes to compile its per-frame cache loop). fp8 and
+    int8 cover the DiT experts only; the rest runs bf16. The experts' runners are built for `cfg_batch`.
     """
-    from harness.case import Case, eager_precision, is_dit
+    from harness.case import Case, eager_precision, is_dit, is_quantized
 
     def runner(component):
-        eager = component == "vae_decoder" or (precision == "fp8" and component == "text_encoder")
+        eager = component == "vae_decoder" or (is_quantized(precision) and component == "text_encoder")
         component_precision = precision if is_dit(component) else eager_precision(precision)
         batch = cfg_batch if is_dit(component) else 1
         return get_runner("torch" if eager else backend,

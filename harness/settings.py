@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from harness.backends import ATTENTION_KERNELS, BACKENDS, BackendOptions, check_backend, load
-from harness.case import check_precision
+from harness.case import QUANTIZED, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
 from harness.shapes import VideoShape, check_fits, parse_shapes
@@ -52,8 +52,8 @@ OPTIONS = (
                          f"on the CPU: {','.join(CPU_BACKENDS)})"),
     Option("--candidate", "the backend the speed-up gate judges (default tensorrt when among the backends, "
                           "else the first backend that is not torch)"),
-    Option("--precisions", "comma-separated: fp32, fp16, bf16, fp8 (default fp32,fp16,bf16, and fp8 when "
-                           "torch-fp8 is a backend)"),
+    Option("--precisions", "comma-separated: fp32, fp16, bf16, fp8, int8 (default fp32,fp16,bf16, and fp8/int8 "
+                           "when a backend among --backends runs them)"),
     Option("--shapes", "presets (480p, 720p) or HxWxF, comma-separated (default 16x16x9 tiny, 480p otherwise)"),
     Option("--steps", "denoising steps of the loop, quality and end-to-end cases (default 4 tiny, 40 otherwise)",
            type=int),
@@ -122,7 +122,7 @@ def settings_from(values: dict) -> Settings:
     device = _device(given.get("device"))
     backends = _names(given.get("backends", ",".join(GPU_BACKENDS if device == "cuda" else CPU_BACKENDS)),
                       check_backend, "--backends")
-    precisions = given.get("precisions", "fp32,fp16,bf16" + (",fp8" if "torch-fp8" in backends else ""))
+    precisions = given.get("precisions", ",".join(default_precisions(backends)))
     cache_dir = Path(given.get("cache_dir", ".cache"))
     return Settings(
         source=source, model_path=path, proxy_layers=_proxy_layers(given.get("proxy_layers", 2)),
@@ -150,6 +150,12 @@ def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]
         for shape in shapes:
             check_fits(shape, config, f"checkpoint {name}" if source == "checkpoint" else source)
     return shapes
+
+
+def default_precisions(backends: tuple[str, ...]) -> tuple[str, ...]:
+    """fp32, fp16 and bf16, then each quantized precision some backend among `backends` runs."""
+    runs = {p for b in backends for p in load(BACKENDS[b]).precisions}
+    return ("fp32", "fp16", "bf16") + tuple(p for p in QUANTIZED if p in runs)
 
 
 def attention_kernels(text: str, backends: tuple[str, ...], asked_only: bool = False) -> tuple[tuple[str, str], ...]:
