@@ -10,6 +10,7 @@ writing and the parity plumbing on 2 gloo processes on the CPU in every default 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -202,13 +203,12 @@ def test_machine_info_names_gpus_and_interconnect_for_a_parallel_run():
 
 # Tasks the launch cases run inside real ranks (harness.rank imports them from this module by name).
 
-def probe(session: Session, folder: str, fail: str = "", sleep_s: float = 0.0) -> dict:
-    """Every rank notes its pid and starts a child (as Inductor starts compile workers); then one all-reduce,
-    a failure on rank 1, or a sleep."""
+def probe(session: Session, fail: str = "", sleep_s: float = 0.0) -> dict:
+    """Every rank starts a child (as Inductor starts compile workers); then one all-reduce, a failure on
+    rank 1, or a sleep."""
     rank = dist.get_rank()
     child = subprocess.Popen(["sleep", "600"])
-    Path(folder, f"pids{rank}").write_text(f"{os.getpid()} {child.pid}")
-    dist.barrier()  # every pid is on disk before anything fails or sleeps
+    dist.barrier()  # both children run before anything fails or sleeps
     if fail and rank == 1:
         raise BackendUnavailable("rank 1 cannot build it") if fail == "unavailable" else ValueError("rank 1 broke")
     time.sleep(sleep_s)
@@ -217,59 +217,131 @@ def probe(session: Session, folder: str, fail: str = "", sleep_s: float = 0.0) -
     child.kill()
     child.wait()
     return {"world": dist.get_world_size(), "sum": float(total), "backend": dist.get_backend(),
-            "env": {k: os.environ.get(k) for k in (*MULTICAST_OFF, "WAN_PROBE")}}
+            "env": {k: os.environ.get(k) for k in MULTICAST_OFF}}
 
 
-def launch_probe(tmp_path, timeout_s: float = 120, **arguments):
-    settings = settings_from({"parallel": "cfg2", "backends": "torch", "device": "cpu", "results_dir": str(tmp_path)})
-    job = Job(settings, "cases.test_parallel:probe", {"folder": str(tmp_path), **arguments})
-    return launch(job, 2, timeout_s=timeout_s, environ={**os.environ, "WAN_PROBE": "passed through"})
+def launch_probe(token: str, timeout_s: float = 120, **arguments):
+    """The probe on 2 ranks whose environment, and so their children's, carries WAN_PROBE=token."""
+    settings = settings_from({"parallel": "cfg2", "backends": "torch", "device": "cpu"})
+    job = Job(settings, "cases.test_parallel:probe", arguments)
+    return launch(job, 2, timeout_s=timeout_s, environ={**os.environ, "WAN_PROBE": token})
 
 
-def running(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie waiting to be reaped has ended)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+@pytest.fixture
+def token():
+    return f"probe-{os.getpid()}-{time.monotonic_ns()}"
 
 
-def assert_no_process_left(tmp_path):
-    pids = [int(pid) for f in sorted(tmp_path.glob("pids*")) for pid in f.read_text().split()]
-    assert len(pids) == 4, "both ranks reached the task and started their child"
+def processes_with(token: str) -> list[int]:
+    """Live processes (zombies have ended) whose environment carries WAN_PROBE=token."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if f"WAN_PROBE={token}".encode() in (proc / "environ").read_bytes().split(b"\0") and \
+                    (proc / "stat").read_text().rpartition(")")[2].split()[0] != "Z":
+                found.append(int(proc.name))
+        except (OSError, ValueError):  # not a process, or gone while we looked
+            continue
+    return found
+
+
+def assert_no_process_left(token: str):
     deadline = time.monotonic() + 5  # a killed child is reaped by whoever adopted it, a moment later
-    while any(map(running, pids)) and time.monotonic() < deadline:
+    while processes_with(token) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not [pid for pid in pids if running(pid)]
+    assert processes_with(token) == []
 
 
 @pytest.mark.parallel
-def test_launch_returns_rank_0s_result_over_gloo(tmp_path):
-    got = launch_probe(tmp_path)
+def test_launch_returns_rank_0s_result_over_gloo(token):
+    got = launch_probe(token)
     assert (got["world"], got["sum"], got["backend"]) == (2, 3.0, "gloo")
-    assert got["env"] == {**MULTICAST_OFF, "WAN_PROBE": "passed through"}
-    assert_no_process_left(tmp_path)
+    assert got["env"] == MULTICAST_OFF
+    assert_no_process_left(token)
 
 
 @pytest.mark.parallel
-def test_a_failing_rank_is_one_error_with_its_traceback_and_no_rank_left(tmp_path):
+def test_a_failing_rank_is_one_error_with_its_traceback_and_no_process_left(token):
     with pytest.raises(HarnessError, match=r"(?s)rank 1 exited with status 1.*ValueError: rank 1 broke"):
-        launch_probe(tmp_path, fail="error")
-    assert_no_process_left(tmp_path)  # rank 0 waited in the all-reduce for ever: it was stopped, children too
+        launch_probe(token, fail="error")
+    assert_no_process_left(token)  # rank 0 waited in the all-reduce for ever: it was stopped, its child too
 
 
 @pytest.mark.parallel
-def test_a_rank_that_cannot_build_its_backend_makes_a_skip(tmp_path):
+def test_a_rank_that_cannot_build_its_backend_makes_a_skip(token):
     with pytest.raises(BackendUnavailable, match="rank 1 cannot build it"):
-        launch_probe(tmp_path, fail="unavailable")
-    assert_no_process_left(tmp_path)
+        launch_probe(token, fail="unavailable")
+    assert_no_process_left(token)
 
 
 @pytest.mark.parallel
-def test_ranks_past_the_timeout_are_stopped(tmp_path):
-    with pytest.raises(HarnessError, match=r"still running after 10 s"):
-        launch_probe(tmp_path, timeout_s=10, sleep_s=600)  # 10 s: time for both ranks to start and reach the task
-    assert_no_process_left(tmp_path)
+def test_ranks_past_the_timeout_are_stopped(token):
+    with pytest.raises(HarnessError, match=r"still running after 4 s"):
+        launch_probe(token, timeout_s=4, sleep_s=600)  # stopped asleep in the task, or still starting up
+    assert_no_process_left(token)
+
+
+def mesh_groups(session: Session) -> list[dict]:
+    """Every rank's CFG pair and its sequence group as diffusers' context-parallel config sees them on the run's mesh."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    from harness.distributed import cfg_group, mesh
+
+    layout = session.settings.parallel
+    config = ContextParallelConfig(ulysses_degree=layout.ulysses, ring_degree=layout.ring, mesh=mesh())
+    config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh())
+    mine = {"cfg": dist.get_process_group_ranks(cfg_group()),
+            "ulysses": dist.get_process_group_ranks(config._ulysses_mesh.get_group()),
+            "sequence": dist.get_process_group_ranks(config._flattened_mesh.get_group())}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+@pytest.mark.parallel
+def test_cfg_pairs_and_sequence_groups_of_a_2_x_2_mesh(tmp_path):
+    """cfg2,ulysses2 on 4 gloo ranks: ranks (0, 1) and (2, 3) each split one branch's tokens; (0, 2) and (1, 3)
+    swap their CFG predictions. One mesh per run, whatever layout a case names (an expert's names only ulysses2)."""
+    settings = settings_from({"parallel": "cfg2,ulysses2", "backends": "torch", "device": "cpu",
+                              "results_dir": str(tmp_path)})
+    groups = launch(Job(settings, "cases.test_parallel:mesh_groups", {}), 4)
+    assert [g["cfg"] for g in groups] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [g["ulysses"] for g in groups] == [g["sequence"] for g in groups] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+def kernel_processor_split(session: Session) -> dict:
+    """The harness's own attention processor (engines/attention: how Inductor's and torch-fp8's kernels run)
+    with its "sdpa" kernel, split in both orders the engines use, against the stock expert on one rank."""
+    from engines.attention.processor import SelfAttnProcessor, install, with_kernel
+    from harness.compare import rel_l2
+    from harness.components import DiT
+    from harness.distributed import sequence_parallel
+
+    s = session.settings
+    case = Case("transformer", s.shapes[0], s.precisions[0], source=s.source, layout=s.parallel.forward)
+    component = session.component(case)
+    split_first = sequence_parallel(component.module, case)  # Inductor: split, then the kernel on a clone
+    split_first = DiT(with_kernel(split_first.transformer, "sdpa"))
+    kernel_first = copy.deepcopy(component.module)  # torch-fp8: its own copy gets the kernel, then the split
+    install(kernel_first.transformer, "sdpa")
+    kernel_first = sequence_parallel(kernel_first, case, private=True)
+    inputs = session.inputs(case)
+    with torch.inference_mode():
+        want = component.module(*inputs)
+        errors = {name: rel_l2(module(*inputs), want) for name, module in
+                  (("split_first", split_first), ("kernel_first", kernel_first))}
+    processors = [b.attn1.processor for m in (split_first, kernel_first) for b in m.transformer.blocks]
+    return {**errors, "kernel_processors_split": all(isinstance(p, SelfAttnProcessor) and p._parallel_config is not None
+                                                     for p in processors)}
+
+
+@pytest.mark.parallel
+def test_the_kernel_processor_runs_inside_the_ulysses_exchange(tmp_path):
+    settings = settings_from({"parallel": "ulysses2", "backends": "torch", "device": "cpu", "shapes": "32x32x9",
+                              "precisions": "bf16", "results_dir": str(tmp_path)})
+    got = launch(Job(settings, "cases.test_parallel:kernel_processor_split", {}), 2)
+    assert got["kernel_processors_split"]
+    assert got["split_first"] <= 1e-5 and got["kernel_first"] <= 1e-5, got  # [parallel] band at 0 drift
 
 
 # One precision per layout keeps the default run short; `pytest -m "parity or quality" --parallel <layout>

@@ -10,12 +10,12 @@ that runs under torch.distributed (harness.rank) calls these.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 
 from harness.case import Case, Layout
+from harness.errors import HarnessError
 
 MESH_DIMS = ("cfg", "ring", "ulysses")
 # Ring attention merges partial results by their log-sum-exp, which diffusers' default ("native") SDPA
@@ -23,19 +23,30 @@ MESH_DIMS = ("cfg", "ring", "ulysses")
 RING_ATTENTION = "_native_flash"
 
 
-@lru_cache(maxsize=None)
-def mesh(layout: Layout) -> "dist.device_mesh.DeviceMesh":
-    """The process-wide (cfg, ring, ulysses) mesh. Creating it is collective: every rank calls this once, at
+_MESH: list = []  # the run's mesh, made once per rank process by start()
+
+
+def start(layout: Layout) -> "dist.device_mesh.DeviceMesh":
+    """Make the run's (cfg, ring, ulysses) mesh. Creating it is collective: every rank calls this once, at
     start-up (harness.rank), so no rank can reach it first from inside a case and wait for the others."""
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device_type, (layout.cfg, layout.ring, layout.ulysses), mesh_dim_names=MESH_DIMS)
+    _MESH[:] = [init_device_mesh(device_type, (layout.cfg, layout.ring, layout.ulysses), mesh_dim_names=MESH_DIMS)]
+    return _MESH[0]
 
 
-def cfg_group(layout: Layout) -> dist.ProcessGroup:
+def mesh() -> "dist.device_mesh.DeviceMesh":
+    """The run's mesh. One per run, whatever a case's own layout: an expert's case names only its token split,
+    and its sequence group is this rank's slice of the whole mesh."""
+    if not _MESH:
+        raise HarnessError("no device mesh in this process: only ranks started by harness.parallel have one")
+    return _MESH[0]
+
+
+def cfg_group() -> dist.ProcessGroup:
     """The two ranks that share one video's CFG step (rank 0 of the group runs the conditional branch)."""
-    return mesh(layout)["cfg"].get_group()
+    return mesh()["cfg"].get_group()
 
 
 def exchange(prediction: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, ...]:
@@ -68,7 +79,7 @@ def sequence_parallel(module: torch.nn.Module, case: Case, *, private: bool = Fa
 def _context_parallel(transformer: torch.nn.Module, layout: Layout) -> None:
     from diffusers import ContextParallelConfig
 
-    config = ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, mesh=mesh(layout))
+    config = ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, mesh=mesh())
     if layout.ring > 1:
         transformer.set_attention_backend(RING_ATTENTION)
     if torch.accelerator.device_count():

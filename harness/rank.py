@@ -44,9 +44,9 @@ def run(folder: Path) -> None:
     job: Job = torch.load(folder / "job.pt", weights_only=False)  # the parent's own file
     join(job.settings)
     try:
-        from harness.distributed import mesh
+        from harness.distributed import start
 
-        mesh(job.settings.parallel)  # collective: made here, by every rank at once
+        start(job.settings.parallel)  # collective: made here, by every rank at once
         result = load(job.task)(Session(job.settings), **job.arguments)
         if dist.get_rank() == 0:
             partial = folder / f"{RESULT}.partial"

@@ -166,18 +166,18 @@ class Session:
         settings' layout, launched once per arguments. BackendUnavailable (a skip) when this machine cannot
         run the layout for the case, or a rank could not build `backend`."""
         key = (task, backend, precision, shape, tuple(sorted(arguments.items())))
-        if key in self._unavailable:
-            raise BackendUnavailable(self._unavailable[key])
         if key not in self._parallel:
             try:
                 self._check_parallel(backend, precision, shape)
                 job = Job(self.settings, f"harness.parallel_tasks:{task}",
                           dict(backend=backend, precision=precision, shape=shape, **arguments))
                 self._parallel[key] = launch(job, self.settings.parallel.world)
-            except BackendUnavailable as exc:
-                self._unavailable[key] = str(exc)
-                raise
-        return self._parallel[key]
+            except (BackendUnavailable, HarnessError) as exc:  # a skip or a failed launch: every case needing it
+                self._parallel[key] = exc                        # says so at once, without launching again
+        outcome = self._parallel[key]
+        if isinstance(outcome, (BackendUnavailable, HarnessError)):
+            raise type(outcome)(str(outcome))
+        return outcome
 
     def _check_parallel(self, backend: str, precision: str, shape: VideoShape) -> None:
         """What the parent can tell before starting any rank: the machine, the split, the backend."""
@@ -247,7 +247,7 @@ def _cfg_group(layout: Layout):
         return None
     from harness.distributed import cfg_group
 
-    return cfg_group(layout)
+    return cfg_group()
 
 
 def check_asked_kernels(settings: Settings) -> None:
