@@ -12,7 +12,7 @@ from harness import workers
 # initialise CUDA, which reads CUDA_VISIBLE_DEVICES once; hence here, above the imports that load torch.
 workers.pin_worker(os.environ)
 
-from harness.case import COMPONENTS, Case, is_dit  # noqa: E402
+from harness.case import COMPONENTS, Case, is_dit, is_quantized  # noqa: E402
 from harness.errors import BackendUnavailable, HarnessError  # noqa: E402
 from harness.session import Session, check_asked_kernels  # noqa: E402
 from harness.settings import OPTIONS, settings_from  # noqa: E402
@@ -78,9 +78,9 @@ def pytest_generate_tests(metafunc):
     """Parity cases: component x shape x precision x backend; `shape`: each of the run's shapes."""
     s = metafunc.config.wan_session.settings
     if "parity_case" in metafunc.fixturenames:
-        # fp8 means fp8 DiT matmuls; the text encoder and VAE have no fp8 variant.
+        # fp8 and int8 mean quantized DiT matmuls; the text encoder and VAE have no quantized variant.
         cases = [Case(c, shape, p, source=s.source) for c in COMPONENTS for shape in s.shapes
-                 for p in s.precisions if p != "fp8" or is_dit(c)]
+                 for p in s.precisions if not is_quantized(p) or is_dit(c)]
         metafunc.parametrize("parity_case", cases, ids=[c.id for c in cases])
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", s.backends)

@@ -78,8 +78,7 @@ def _layer_notes(rows) -> str:
 def test_export_check_and_trt_build(export_case_, session, export_table):
     """Every graph passes the checker and ONNX Runtime, and TensorRT-RTX must build it here: no skip."""
     case = export_case_
-    graph = session.export(case)
-    check = session.check_graph(graph)
+    graph, check = session.checked_export(case)
     assert check, str(check)
     if case.dynamic:
         assert check.parity_skipped or len(check.parity) == 2, "a dynamic graph is checked at two shapes"

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from harness.backends import BACKENDS, load
 from harness.case import Case, eager_precision, is_dit
 from harness.shapes import A14B_LAYERS, forward_flops
 from harness.timing import RoundRecorder, SpeedupResult, judge_speedup
@@ -61,6 +62,9 @@ def extrapolation(result: SpeedupResult, stage: str, session) -> dict:
 @pytest.mark.parametrize("stage", WORKLOADS)
 def test_speed(stage, shape, candidate, session, benchmark):
     s = session.settings
+    untimed = getattr(load(BACKENDS[candidate]), "untimed", "")
+    if untimed:  # a simulation: its numerics stand for an engine's, its timings for nothing
+        pytest.skip(untimed)
     precision = perf_precision(candidate, s)
     if precision == "fp8" and stage in ("vae_decoder", "text_encoder"):
         pytest.skip(f"{candidate} quantizes the DiT experts only; the {stage} stays bf16 eager")

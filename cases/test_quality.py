@@ -1,6 +1,6 @@
 """Whole-pipeline video quality of each backend against an eager video: PSNR, SSIM, LPIPS.
 
-The reference is the fp32 eager video, except for fp8: the bf16 eager video (harness.case.quality_reference).
+The reference is the fp32 eager video, except for fp8 and int8: the bf16 eager video (harness.case.quality_reference).
 """
 import pytest
 
@@ -43,6 +43,6 @@ def test_video_lpips(backend, reduced_precision, session, lpips_model):
     assert result, result.message()
 
 
-def test_fp8_is_judged_against_the_bf16_eager_video_and_the_rest_against_fp32():
-    assert quality_reference("fp8") == "bf16"
+def test_fp8_and_int8_are_judged_against_the_bf16_eager_video_and_the_rest_against_fp32():
+    assert quality_reference("fp8") == quality_reference("int8") == "bf16"
     assert [quality_reference(p) for p in ("fp32", "fp16", "bf16")] == ["fp32"] * 3

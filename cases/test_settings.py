@@ -43,6 +43,15 @@ def test_an_fp8_kernel_without_an_fp8_backend_says_what_to_do():
         attention("fa3-fp8", "torch,inductor")
 
 
+def test_default_precisions_add_the_quantized_ones_a_backend_runs():
+    def precisions(backends: str) -> tuple[str, ...]:
+        return settings_from({"backends": backends, "device": "cpu"}).precisions
+
+    assert precisions("torch,inductor") == ("fp32", "fp16", "bf16")
+    assert precisions("torch,torch-fp8") == ("fp32", "fp16", "bf16", "fp8")
+    assert precisions("torch,modelopt") == ("fp32", "fp16", "bf16", "fp8", "int8")
+
+
 def test_candidate_defaults_and_must_be_a_backend():
     assert settings_from({"backends": "torch,tensorrt", "device": "cpu"}).candidate == "tensorrt"
     assert settings_from({"backends": "torch,inductor", "device": "cpu"}).candidate == "inductor"

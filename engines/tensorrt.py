@@ -398,7 +398,18 @@ class _TensorRTBackend:
         return not reason, reason
 
     def build(self, component: Component, case: Case) -> Runner:
+        """An engine runner; a cached plan that does not deserialize is evicted and rebuilt once."""
         _, engine = self.builder.build(component, case)
+        try:
+            return self._runner(engine)
+        except BackendUnavailable as exc:
+            if not engine.hit:  # a fresh plan that fails is the builder's verdict: report it
+                raise
+            self.builder.cache.evict(engine.path.parent, str(exc))
+            _, engine = self.builder.build(component, case)
+            return self._runner(engine)
+
+    def _runner(self, engine: EngineBuild) -> Runner:
         trt = importlib.import_module(self.builder.module_name)
         return EngineRunner(trt, engine.path.read_bytes(), cuda_graph=self.cuda_graph,
                             weight_streaming=self.weight_streaming)

@@ -28,6 +28,7 @@ BACKENDS = {
     "torch": "engines.torch_eager:TorchEager",
     "inductor": "engines.inductor:Inductor",
     "torch-fp8": "engines.torch_fp8:TorchFp8",
+    "modelopt": "engines.modelopt:ModelOpt",
     "onnxruntime": "engines.onnxruntime:OnnxRuntime",
     "tensorrt": "engines.tensorrt:TensorRT",
     "tensorrt_rtx": "engines.tensorrt:TensorRTRTX",

@@ -10,26 +10,34 @@ from harness.errors import HarnessError
 from harness.shapes import VideoShape
 
 COMPONENTS = ("transformer", "transformer_2", "vae_decoder", "text_encoder")
-# The two DiT experts: high-noise first, low-noise after the boundary. fp8 and ONNX dynamic axes apply to them.
+# The two DiT experts: high-noise first, low-noise after the boundary. fp8/int8 and ONNX dynamic axes apply to them.
 DIT_COMPONENTS = ("transformer", "transformer_2")
 # What a case may measure besides one whole component: several components at once (a CFG step, the loop,
 # the video), or a part of one (one DiT block and its kernel regions, the self-attention kernel alone).
 STAGES = ("cfg_step", "denoising_loop", "video", "end_to_end", "block", "attention")
-# fp8 means bf16 activations with fp8 e4m3 matmuls (and attention where the backend has it).
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+# fp8 means bf16 activations with fp8 e4m3 matmuls (and attention where the backend has it); int8 the same with
+# int8 matmuls (SmoothQuant-style), for GPUs without fp8 (compute capability 8.0 and 8.6).
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16,
+              "int8": torch.bfloat16}
+# The precisions that quantize the DiT experts' matmuls; the text encoder and the VAE stay bf16 beside them.
+QUANTIZED = ("fp8", "int8")
+
+
+def is_quantized(precision: str) -> bool:
+    return precision in QUANTIZED
 
 
 def eager_precision(precision: str) -> str:
-    """The eager precision a case runs beside and is judged against: fp8 has no eager run, so bf16."""
-    return "bf16" if precision == "fp8" else precision
+    """The eager precision a case runs beside and is judged against: fp8 and int8 have no eager run, so bf16."""
+    return "bf16" if is_quantized(precision) else precision
 
 
 def quality_reference(precision: str) -> str:
     """The eager precision whose video a candidate's video is judged against.
 
     fp32 for every precision that has an eager run of its own, so the bands measure distance from the
-    exact video; fp8 against the bf16 eager video, the one people run today, so its band measures what
-    fp8 alone changes.
+    exact video; fp8 and int8 against the bf16 eager video, the one people run today, so their bands measure
+    what quantization alone changes.
     """
     return "fp32" if eager_precision(precision) == precision else eager_precision(precision)
 

@@ -5,13 +5,14 @@ ONNX Runtime and TensorRT all see the same function with the same input names.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
 import torch
 
-from harness.case import Case, check_component, is_dit
+from harness.case import COMPONENTS, DIT_COMPONENTS, Case, check_component, is_dit
 from harness.models import A14B_TRANSFORMER, WanModel, load_expert, random_fingerprint
 from harness.shapes import TEXT_TOKENS, VideoShape
 
@@ -56,6 +57,9 @@ class TextEncoder(torch.nn.Module):
 
 # Seeded example inputs of a component for a case: (case, seed, shape or None for the case's own) -> tensors.
 Sampler = Callable[[Case, int, "VideoShape | None"], tuple[torch.Tensor, ...]]
+# The inputs an expert sees in the real denoising loop at a case's shape and dtype, one tuple per call:
+# (case, held_out) -> calls; see loop_inputs.
+LoopInputs = Callable[[Case, bool], list[tuple[torch.Tensor, ...]]]
 
 
 @dataclass
@@ -70,6 +74,9 @@ class Component:
     fingerprint: str
     sampler: Sampler
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    # What quantized backends calibrate on and are judged on; only a DiT expert of a whole WanModel has it
+    # (the loop needs the text encoder, both experts and the scheduler).
+    loop_inputs: LoopInputs | None = None
 
     @property
     def device(self) -> torch.device:
@@ -105,7 +112,9 @@ def make_component(model: WanModel, name: str) -> Component:
     """Wrap one named part of `model`; the module shares the model's weights."""
     check_component(name)
     if is_dit(name):
-        return dit_component(getattr(model, name), model.fingerprints[name], name, model.max_sequence_length)
+        component = dit_component(getattr(model, name), model.fingerprints[name], name, model.max_sequence_length)
+        component.loop_inputs = partial(loop_inputs, model, name)
+        return component
     sample = partial(example_inputs, model)
     if name == "vae_decoder":
         return Component(name, VaeDecoder(model.vae), ("latents",), "video", model.fingerprints["vae"], sample,
@@ -152,3 +161,61 @@ def dit_inputs(expert, shape: VideoShape, component: str = "transformer", *, bat
     timestep = torch.full((batch,), EXPERT_TIMESTEP[component], dtype=torch.int64)
     text = torch.randn((batch, text_len, expert.config.text_dim), generator=gen)
     return tuple(t.to(device) for t in (latents.to(dtype), timestep, text.to(dtype)))
+
+
+# Loop records per model (keyed weakly on its high-noise expert, so they go with the model), then per
+# (shape, dtype, held_out): one capture serves both experts and every quantized backend of a session.
+_LOOP_RECORDS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def loop_inputs(model: WanModel, name: str, case: Case, held_out: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """Expert `name`'s calls in the real loop at the case's shape and dtype, on the model's device: each expert
+    on its own timesteps, CALIBRATION_STEPS steps with CFG.
+
+    The calibration prompts (harness.pipeline.CALIBRATION_PROMPTS), or with `held_out` the quality cases'
+    prompts and seeds (PROMPTS), on which statically calibrated precisions are judged: seeded random inputs
+    (N(0, 1) text on all 512 positions, where the real loop has zeros past the prompt) drive the cross-attention
+    output 3-4x past any range the loop shows, so a per-forward parity on them measures clipping, not fp8.
+    Batch 1 always, as WanPipeline runs CFG: calibrated ranges do not depend on the batch, so one
+    calibration serves engines built for --cfg-batch 1 and 2.
+    """
+    from harness.pipeline import CALIBRATION_PROMPTS, CALIBRATION_SEED, PROMPTS
+
+    records = _LOOP_RECORDS.setdefault(model.transformer, {})
+    key = (case.shape, case.dtype, held_out)
+    if key not in records:
+        prompts, seed = (PROMPTS, 0) if held_out else (CALIBRATION_PROMPTS, CALIBRATION_SEED)
+        records[key] = capture_loop(model, case.shape, case.dtype, prompts, seed)
+    return records[key][name]
+
+
+def capture_loop(model: WanModel, shape: VideoShape, dtype: torch.dtype, prompts: tuple[str, ...],
+                 seed: int) -> dict[str, list[tuple[torch.Tensor, ...]]]:
+    """Run `prompts` (seeds seed, seed + 1, ...) through the eager loop, recording every expert call's inputs.
+
+    The runners are eager inference-mode calls of the model's own modules, so the shared model (the eager
+    baseline) is only read.
+    """
+    from harness.pipeline import CALIBRATION_STEPS, Runners, generate
+
+    record: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in DIT_COMPONENTS}
+    runners = Runners(**{name: _eager(make_component(model, name).module, record.get(name)) for name in COMPONENTS})
+    device = next(model.transformer.parameters()).device
+    for i, prompt in enumerate(prompts):
+        generate(model, runners, prompt, shape=shape, steps=CALIBRATION_STEPS, seed=seed + i, dtype=dtype,
+                 device=device)
+    return record
+
+
+def _eager(module: torch.nn.Module, record: list | None) -> Callable[..., torch.Tensor]:
+    """An eager runner of `module` that appends a dense copy of each call's inputs to `record` (if given).
+
+    Dense: the loop's timestep is an expanded (stride-0) tensor, which cannot be viewed as bytes for hashing.
+    """
+    @torch.inference_mode()
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        if record is not None:
+            record.append(tuple(torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t) for t in inputs))
+        return module(*inputs)
+
+    return run

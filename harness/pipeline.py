@@ -8,6 +8,7 @@ A unit case proves it matches WanPipeline exactly with eager runners.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,21 @@ PROMPTS = (
     "Close-up of raindrops falling into a puddle in slow motion, soft light.",
 )
 NEGATIVE_PROMPT = "low quality, blurry, static, overexposed, worst quality, jpeg artifacts"
+# What quantized backends calibrate on (harness.components.loop_inputs): other prompts and seeds than the
+# quality cases', so the videos they are judged on stay held out from calibration.
+CALIBRATION_PROMPTS = (
+    "A cat walks on the grass, realistic, soft light.",
+    "A drone shot over a snowy mountain ridge with clouds moving fast.",
+    "A red vintage car drives along a coastal road at dawn, aerial view.",
+)
+CALIBRATION_SEED = 1000
+# Four steps put two timesteps on each side of the 0.875 boundary (999, 900 | 750, 500 with UniPC shift 3),
+# so each expert calibrates on the noise levels it serves.
+CALIBRATION_STEPS = 4
+log = logging.getLogger(__name__)
+# Prompts already reported as truncated: quality cases tokenize the same prompts many times, and one
+# warning per prompt is what a user needs.
+_TRUNCATED: set[str] = set()
 
 
 @dataclass
@@ -51,14 +67,14 @@ def build_runners(get_runner: Callable, backend: str, precision: str, shape: Vid
 
     The candidate runs the text encoder and both experts, where the time goes; the VAE decoder stays
     eager PyTorch, as in NVIDIA's Wan2.2 TensorRT demo (its own parity and perf cases judge each
-    backend's VAE separately, and Inductor takes minutes to compile its per-frame cache loop). fp8
-    covers the DiT experts only; the rest runs bf16. The experts' runners are built for `cfg_batch` and the
-    layout's token split (each rank of a parallel run encodes the prompts and decodes the video whole).
+    backend's VAE separately, and Inductor takes minutes to compile its per-frame cache loop). fp8 and
+    int8 cover the DiT experts only; the rest runs bf16. The experts' runners are built for `cfg_batch` and
+    the layout's token split (each rank of a parallel run encodes the prompts and decodes the video whole).
     """
-    from harness.case import Case, eager_precision, is_dit
+    from harness.case import Case, eager_precision, is_dit, is_quantized
 
     def runner(component):
-        eager = component == "vae_decoder" or (precision == "fp8" and component == "text_encoder")
+        eager = component == "vae_decoder" or (is_quantized(precision) and component == "text_encoder")
         component_precision = precision if is_dit(component) else eager_precision(precision)
         batch, split = (cfg_batch, layout.forward) if is_dit(component) else (1, ONE_GPU)
         return get_runner("torch" if eager else backend,
@@ -71,10 +87,24 @@ def tokenize(model: WanModel, prompts: list[str], device) -> tuple[torch.Tensor,
     """Tokenize exactly as WanPipeline does: cleaned text, padded to max_sequence_length."""
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-    tokens = model.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
-                             max_length=model.max_sequence_length, truncation=True,
+    cleaned = [prompt_clean(p) for p in prompts]
+    for text in cleaned:
+        _warn_if_truncated(model, text)
+    tokens = model.tokenizer(cleaned, padding="max_length", max_length=model.max_sequence_length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
+
+def _warn_if_truncated(model: WanModel, text: str) -> None:
+    """WanPipeline silently keeps the first max_sequence_length tokens; say so, once per prompt."""
+    if text in _TRUNCATED:
+        return
+    # verbose=False: the tokenizer's own warning about the length would only repeat this one, less exactly.
+    length = len(model.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False).input_ids)
+    if length > model.max_sequence_length:
+        _TRUNCATED.add(text)
+        log.warning("prompt truncated to the text encoder's %d tokens: %d of its %d tokens dropped (%r...)",
+                    model.max_sequence_length, length - model.max_sequence_length, length, text[:60])
 
 
 def initial_latents(model: WanModel, shape: VideoShape, seed: int, device, batch: int = 1) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, KERNEL_CHECK, Backend, BackendOptions, Runner,
                               load, make_backend)
 from harness.cache import DiskCache
-from harness.case import ONE_GPU, PRECISIONS, Case, Layout, eager_precision
+from harness.case import ONE_GPU, PRECISIONS, Case, Layout, eager_precision, is_quantized
 from harness.compare import ParityResult, judge_parity
 from harness.components import Component, make_component
 from harness.errors import BackendUnavailable, HarnessError
@@ -59,8 +59,16 @@ class Session:
     def component(self, case: Case, device: str | None = None) -> Component:
         return make_component(self.model(case.precision, device), case.component)
 
-    def inputs(self, case: Case, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        return self.component(case).inputs(case, seed)
+    def inputs(self, case: Case, seed: int = 0, loop: bool = False) -> tuple[torch.Tensor, ...]:
+        """Seeded example inputs; with `loop`, the `seed`-th call of the expert in the held-out denoising loop
+        (harness.components.loop_inputs), recorded in fp32 and cast, so every precision sees the same values."""
+        if not loop:
+            return self.component(case).inputs(case, seed)
+        reference = case.with_precision("fp32")
+        calls = self.component(reference).loop_inputs(reference, True)
+        if seed >= len(calls):
+            raise HarnessError(f"the held-out loop has {len(calls)} calls of {case.component}; seed {seed} is past them")
+        return tuple(t.to(case.dtype) if t.is_floating_point() else t for t in calls[seed])
 
     # ------------------------------------------------------------------ backends and runners
 
@@ -85,7 +93,7 @@ class Session:
         try:
             return impl.build(component, case)
         except BackendUnavailable as exc:
-            raise BackendUnavailable(f"{backend} unavailable: {exc}") from None
+            raise BackendUnavailable(f"{backend} cannot run {case.id}: {exc}") from None
 
     def runner(self, backend: str, case: Case) -> Runner:
         """The session's runner of (backend, case), built once; an unusable one raises the same reason each time."""
@@ -100,18 +108,23 @@ class Session:
                 raise
         return self._runners[key]
 
-    def output(self, backend: str, case: Case, seed: int = 0) -> torch.Tensor:
-        """`backend`'s output on the case's seeded inputs, computed once (eager outputs serve many cases)."""
-        key = (backend, case, seed)
+    def output(self, backend: str, case: Case, seed: int = 0, loop: bool = False) -> torch.Tensor:
+        """`backend`'s output on the case's inputs (see `inputs`), computed once (eager outputs serve many cases)."""
+        key = (backend, case, seed, loop)
         if key not in self._outputs:
-            self._outputs[key] = self.runner(backend, case)(*self.inputs(case, seed))
+            self._outputs[key] = self.runner(backend, case)(*self.inputs(case, seed, loop))
         return self._outputs[key]
 
     def parity(self, backend: str, case: Case, seed: int = 0) -> ParityResult:
-        """`backend` against the fp32 eager reference, judged against eager-at-precision's own drift."""
-        expected = self.output("torch", case.with_precision("fp32"), seed)
-        eager = self.output("torch", case.with_precision(eager_precision(case.precision)), seed)
-        actual = self.runner(backend, case)(*self.inputs(case, seed))
+        """`backend` against the fp32 eager reference, judged against eager-at-precision's own drift.
+
+        fp8 and int8 are judged on the held-out loop's inputs: their static scales are calibrated on the
+        loop's ranges, which seeded random inputs exceed (harness.components.loop_inputs).
+        """
+        loop = is_quantized(case.precision)
+        expected = self.output("torch", case.with_precision("fp32"), seed, loop)
+        eager = self.output("torch", case.with_precision(eager_precision(case.precision)), seed, loop)
+        actual = self.runner(backend, case)(*self.inputs(case, seed, loop))
         return judge_parity(actual, expected, case.precision, eager)
 
     # ------------------------------------------------------------------ whole-pipeline runs
@@ -196,6 +209,21 @@ class Session:
 
     def export(self, case: Case, cache: DiskCache | None = None) -> ExportedGraph:
         return export_case(self.component(case), case, cache or DiskCache(self.settings.cache_dir))
+
+    def checked_export(self, case: Case, cache: DiskCache | None = None) -> tuple[ExportedGraph, GraphCheck]:
+        """Export (cached) and validate; a cached graph that fails validation is evicted and exported once more.
+
+        The manifest's hashes already catch changed bytes, so this is the net under what they cannot see;
+        a fresh export's verdict is the result either way.
+        """
+        cache = cache or DiskCache(self.settings.cache_dir)
+        graph = self.export(case, cache)
+        check = self.check_graph(graph)
+        if graph.hit and not check:
+            cache.evict(graph.path.parent, f"the cached graph failed validation: {check}")
+            graph = self.export(case, cache)
+            check = self.check_graph(graph)
+        return graph, check
 
     def check_graph(self, graph: ExportedGraph) -> GraphCheck:
         """onnx.checker, shape inference and ONNX Runtime CPU against PyTorch at the graph's check shapes."""

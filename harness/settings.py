@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 
 from harness.backends import ATTENTION_KERNELS, BACKENDS, BackendOptions, check_backend, load
-from harness.case import ONE_GPU, Layout, check_precision
+from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
-from harness.models import SOURCES, check_checkpoint_folder
-from harness.shapes import VideoShape, parse_shapes
+from harness.models import SOURCES, check_checkpoint_folder, dit_configs
+from harness.shapes import VideoShape, check_fits, parse_shapes
 
 DEFAULT_SHAPES = {"tiny": "16x16x9", "proxy": "480p", "checkpoint": "480p"}
 GPU_BACKENDS = ("torch", "inductor", "torch-fp8", "onnxruntime", "tensorrt", "tensorrt_rtx")
@@ -53,8 +53,8 @@ OPTIONS = (
                          f"on the CPU: {','.join(CPU_BACKENDS)})"),
     Option("--candidate", "the backend the speed-up gate judges (default tensorrt when among the backends, "
                           "else the first backend that is not torch)"),
-    Option("--precisions", "comma-separated: fp32, fp16, bf16, fp8 (default fp32,fp16,bf16, and fp8 when "
-                           "torch-fp8 is a backend)"),
+    Option("--precisions", "comma-separated: fp32, fp16, bf16, fp8, int8 (default fp32,fp16,bf16, and fp8/int8 "
+                           "when a backend among --backends runs them)"),
     Option("--shapes", "presets (480p, 720p) or HxWxF, comma-separated (default 16x16x9 tiny, 480p otherwise)"),
     Option("--steps", "denoising steps of the loop, quality and end-to-end cases (default 4 tiny, 40 otherwise)",
            type=int),
@@ -128,23 +128,41 @@ def settings_from(values: dict) -> Settings:
     device = _device(given.get("device"))
     backends = _names(given.get("backends", ",".join(GPU_BACKENDS if device == "cuda" else CPU_BACKENDS)),
                       check_backend, "--backends")
-    precisions = given.get("precisions", "fp32,fp16,bf16" + (",fp8" if "torch-fp8" in backends else ""))
+    precisions = given.get("precisions", ",".join(default_precisions(backends)))
     cache_dir = Path(given.get("cache_dir", ".cache"))
     return Settings(
         source=source, model_path=path, proxy_layers=_proxy_layers(given.get("proxy_layers", 2)),
         backends=backends, candidate=_candidate(given.get("candidate"), backends),
         precisions=_names(precisions, check_precision, "--precisions"),
-        shapes=tuple(parse_shapes(given.get("shapes", DEFAULT_SHAPES[source]))),
+        shapes=_shapes(given.get("shapes", DEFAULT_SHAPES[source]), source, path),
         steps=_positive(given.get("steps", 4 if source == "tiny" else 40), "--steps"),
         speedup_gate=_gate(given.get("speedup_gate", 1.5)),
         results_dir=Path(given.get("results_dir", "results")), cache_dir=cache_dir, device=device,
         perf_rounds=_positive(given.get("perf_rounds", 10), "--perf-rounds"),
-        perf_precision=check_precision(given.get("perf_precision", "bf16" if device == "cuda" else "fp32")),
+        perf_precision=flagged("--perf-precision", check_precision,
+                                given.get("perf_precision", "bf16" if device == "cuda" else "fp32")),
         cfg_batch=_choice(given.get("cfg_batch", 1), (1, 2), "--cfg-batch"),
         parallel=_parallel(given.get("parallel", "none"), given.get("cfg_batch", 1)),
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3)))
+
+
+def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]:
+    """Parsed shapes that every DiT expert of the source can take (its own positional table decides)."""
+    shapes = tuple(parse_shapes(specs))
+    if not shapes:
+        raise HarnessError(f"--shapes {specs!r} names nothing; give presets (480p, 720p) or HxWxF, comma-separated")
+    for name, config in dit_configs(source, path).items():
+        for shape in shapes:
+            check_fits(shape, config, f"checkpoint {name}" if source == "checkpoint" else source)
+    return shapes
+
+
+def default_precisions(backends: tuple[str, ...]) -> tuple[str, ...]:
+    """fp32, fp16 and bf16, then each quantized precision some backend among `backends` runs."""
+    runs = {p for b in backends for p in load(BACKENDS[b]).precisions}
+    return ("fp32", "fp16", "bf16") + tuple(p for p in QUANTIZED if p in runs)
 
 
 def attention_kernels(text: str, backends: tuple[str, ...], asked_only: bool = False) -> tuple[tuple[str, str], ...]:
@@ -215,8 +233,16 @@ def _choice(value, choices, flag: str):
     return value
 
 
+def flagged(flag: str, check: Callable[[str], str], value: str) -> str:
+    """`check(value)`, its error prefixed with the option that carried the value."""
+    try:
+        return check(value)
+    except HarnessError as exc:
+        raise HarnessError(f"{flag}: {exc}") from None
+
+
 def _names(text: str, check: Callable[[str], str], flag: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(check(n.strip()) for n in str(text).split(",") if n.strip()))
+    names = tuple(dict.fromkeys(flagged(flag, check, n.strip()) for n in str(text).split(",") if n.strip()))
     if not names:
         raise HarnessError(f"{flag} {text!r} names nothing; give a comma-separated list")
     return names
@@ -235,7 +261,7 @@ def _device(value: str | None) -> str:
 def _candidate(value: str | None, backends: tuple[str, ...]) -> str | None:
     if value is None:
         return "tensorrt" if "tensorrt" in backends else next((b for b in backends if b != "torch"), None)
-    check_backend(value)
+    flagged("--candidate", check_backend, value)
     if value not in backends:
         raise HarnessError(f"--candidate {value} is not among --backends {','.join(backends)}; add it there")
     return value
