@@ -101,6 +101,7 @@ class OnnxRuntime:
     # bf16 is tried and, where the provider refuses it (the CPU one does), reported with ORT's words.
     precisions = ("fp32", "fp16", "bf16")
     attention_kernels = ()  # the exported graph decides
+    shards_sequence = False  # one exported graph holds the whole sequence's attention
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         self.cache = DiskCache(options.cache_dir)

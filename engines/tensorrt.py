@@ -382,6 +382,7 @@ class _TensorRTBackend:
     builder_class: type[_Builder] = _Builder
     precisions = ("fp32", "fp16", "bf16")
     attention_kernels = ()  # TensorRT chooses its own attention kernels from the graph
+    shards_sequence = False  # one exported graph holds the whole sequence's attention
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         self.builder = self.builder_class(options)

@@ -358,7 +358,8 @@ def summary_header(run_id: str, command: str, settings: dict, commit: str) -> st
              f"- command: `{command}`", f"- git commit: {commit}"]
     lines += [f"- {k}: {_plain(v)}" for k, v in settings.items()]
     lines += ["", "## machine", "", "| key | value |", "|---|---|"]
-    lines += [f"| {k} | {'not installed' if v is None else v} |" for k, v in machine_info().items()]
+    parallel = settings.get("parallel", "none") != "none"
+    lines += [f"| {k} | {'not installed' if v is None else v} |" for k, v in machine_info(parallel).items()]
     return "\n".join(lines) + "\n"
 
 

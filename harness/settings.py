@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,7 @@ from typing import Callable
 import torch
 
 from harness.backends import ATTENTION_KERNELS, BACKENDS, BackendOptions, check_backend, load
-from harness.case import QUANTIZED, check_precision
+from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
 from harness.shapes import VideoShape, check_fits, parse_shapes
@@ -69,6 +70,9 @@ OPTIONS = (
                           "triton-fp8: fp8) goes to each backend of its precision that takes it; backend=kernel "
                           "sets one (e.g. torch-fp8=fa3 for bf16 attention beside fp8 GEMMs). Default: each "
                           "backend's own (stock SDPA; cudnn-fp8 for torch-fp8); eager torch always keeps SDPA"),
+    Option("--parallel", "the GPUs of one video, for the parallel cases: cfg2 (the two CFG branches on two ranks), "
+                         "ulysses<N>, ring<N> (each forward's tokens over N ranks), or a product such as "
+                         "cfg2,ulysses2; none = one GPU", "none"),
 )
 
 
@@ -93,6 +97,7 @@ class Settings:
     cfg_batch: int = 1
     attention: tuple[tuple[str, str], ...] = ()  # (backend, kernel) for every backend that runs a kernel choice
     attention_asked: tuple[str, ...] = ()  # the backends whose kernel --attention named (not a default)
+    parallel: Layout = ONE_GPU
     backend_options: BackendOptions = field(default_factory=BackendOptions)
 
     def options_for(self, backend: str) -> BackendOptions:
@@ -106,7 +111,8 @@ class Settings:
                 "backends": self.backends, "candidate": self.candidate, "precisions": self.precisions,
                 "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
                 "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
-                "cfg batch": self.cfg_batch, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None}
+                "cfg batch": self.cfg_batch, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
+                "parallel": self.parallel.spec}
 
 
 def settings_from(values: dict) -> Settings:
@@ -136,6 +142,7 @@ def settings_from(values: dict) -> Settings:
         perf_precision=flagged("--perf-precision", check_precision,
                                 given.get("perf_precision", "bf16" if device == "cuda" else "fp32")),
         cfg_batch=_choice(given.get("cfg_batch", 1), (1, 2), "--cfg-batch"),
+        parallel=_parallel(given.get("parallel", "none"), given.get("cfg_batch", 1)),
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3)))
@@ -181,6 +188,34 @@ def attention_kernels(text: str, backends: tuple[str, ...], asked_only: bool = F
     if asked_only:
         return tuple(chosen.items())
     return tuple((b, chosen.get(b, takes[b][0])) for b in backends if takes[b])
+
+
+def parse_layout(text: str) -> Layout:
+    """A --parallel spec ('cfg2', 'ulysses4', 'cfg2,ulysses2', 'none') as a Layout, or HarnessError."""
+    text = str(text).strip()
+    if text in ("", "none"):
+        return ONE_GPU
+    degrees: dict[str, int] = {}
+    for item in (i.strip() for i in text.split(",")):
+        match = re.fullmatch(r"(cfg|ulysses|ring)([1-9][0-9]*)", item)
+        if not match:
+            raise HarnessError(f"--parallel {text!r}: {item!r} is not cfg2, ulysses<N> or ring<N>; e.g. "
+                               "--parallel cfg2,ulysses2 (none = one GPU)")
+        axis, degree = match[1], int(match[2])
+        if axis in degrees:
+            raise HarnessError(f"--parallel {text!r} names {axis} twice")
+        if axis == "cfg" and degree != 2:
+            raise HarnessError(f"--parallel {item}: classifier-free guidance has two branches, so cfg2 is its only split")
+        degrees[axis] = degree
+    return Layout(**degrees)
+
+
+def _parallel(text: str, cfg_batch: int) -> Layout:
+    layout = parse_layout(text)
+    if layout.cfg == 2 and cfg_batch == 2:
+        raise HarnessError("--parallel cfg2 runs the two CFG branches on two ranks and --cfg-batch 2 runs them in one "
+                           "batch-2 forward; choose one (--cfg-batch 1 with cfg2)")
+    return layout
 
 
 def _check_takes(backend: str, kernel: str, takes: dict[str, tuple[str, ...]]) -> None:
