@@ -61,7 +61,12 @@ Sampler = Callable[[Case, int, "VideoShape | None"], tuple[torch.Tensor, ...]]
 @dataclass
 class Component:
     """A runnable component: the module, its input names, which input axes may vary, what its weights are
-    (the export cache keys on `fingerprint`) and how to draw its example inputs: all a backend needs."""
+    (the export cache keys on `fingerprint`) and how to draw its example inputs: all a backend needs.
+
+    `recipe`, where set, builds the same component with its weights; it pickles, so another process can run it.
+    A component whose module is a skeleton on the meta device holds no weights: export builds it from `recipe`
+    in a process of its own, so the caller never holds a real-width expert's weights.
+    """
 
     name: str
     module: torch.nn.Module
@@ -70,10 +75,19 @@ class Component:
     fingerprint: str
     sampler: Sampler
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    recipe: Callable[[], "Component"] | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    @property
+    def holds_weights(self) -> bool:
+        return self.device.type != "meta"
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
     def inputs(self, case: Case, seed: int = 0, shape: VideoShape | None = None) -> tuple[torch.Tensor, ...]:
         """Seeded inputs for `case` (optionally at another shape) on the module's device."""
@@ -94,11 +108,18 @@ def dit_component(expert, fingerprint: str, name: str = "transformer", text_len:
                       "encoder_hidden_states": {0: "batch", 1: "text_tokens"}, "noise_pred": latent})
 
 
-def proxy_expert(layers: int, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Component:
+def proxy_expert(layers: int, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 skeleton: bool = False) -> Component:
     """One A14B-width expert of `layers` layers alone, without the rest of a WanModel (the 40-layer expert is
-    28.6 GB in bf16: it fits one card only without the second expert, the text encoder and an fp32 twin)."""
-    expert = load_expert(layers, device=device, dtype=dtype, seed=seed)
-    return dit_component(expert, random_fingerprint({**A14B_TRANSFORMER, "num_layers": layers}, seed))
+    28.6 GB in bf16: it fits one card only without the second expert, the text encoder and an fp32 twin).
+
+    With `skeleton`, the module is built on the meta device (no weights, no time) and export builds the real one
+    on `device` from the recipe, in a process of its own.
+    """
+    expert = load_expert(layers, device="meta" if skeleton else device, dtype=dtype, seed=seed)
+    component = dit_component(expert, random_fingerprint({**A14B_TRANSFORMER, "num_layers": layers}, seed))
+    component.recipe = partial(proxy_expert, layers, device=device, dtype=dtype, seed=seed)
+    return component
 
 
 def make_component(model: WanModel, name: str) -> Component:

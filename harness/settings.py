@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from harness.backends import ATTENTION_KERNELS, BACKENDS, BackendOptions, check_backend, load
+from harness.backends import ATTENTION_KERNELS, BACKENDS, ENGINE_WEIGHTS, BackendOptions, check_backend, load
 from harness.case import check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
@@ -69,6 +69,9 @@ OPTIONS = (
                           "triton-fp8: fp8) goes to each backend of its precision that takes it; backend=kernel "
                           "sets one (e.g. torch-fp8=fa3 for bf16 attention beside fp8 GEMMs). Default: each "
                           "backend's own (stock SDPA; cudnn-fp8 for torch-fp8); eager torch always keeps SDPA"),
+    Option("--engine-weights", "what a DiT expert's TensorRT plan holds: stripped (no weights: refitted from the "
+                               "cached ONNX at load, or bound as graph inputs where the builder has no CUDA device), "
+                               "full, or inputs (graph inputs even where it could refit)", "stripped"),
 )
 
 
@@ -138,7 +141,9 @@ def settings_from(values: dict) -> Settings:
         cfg_batch=_choice(given.get("cfg_batch", 1), (1, 2), "--cfg-batch"),
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
-        backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3)))
+        backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3),
+                                       engine_weights=_choice(given.get("engine_weights", "stripped"), ENGINE_WEIGHTS,
+                                                              "--engine-weights")))
 
 
 def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]:
