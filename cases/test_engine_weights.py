@@ -136,3 +136,21 @@ def test_a_broken_derived_entry_is_rebuilt(tmp_path):
     again = weight_inputs(graph, cache)
     assert again.weights == derived.weights and cache.outcomes("onnx-weight-inputs", derived.folder.name)[-1] == "rebuild"
 
+
+
+@pytest.mark.unit
+def test_engine_builds_of_a_proxy_expert_start_from_a_skeleton():
+    """`harness build` needs no eager model: a proxy expert's engine starts from a skeleton whose recipe builds the
+    very component (same export key, same seeded inputs) the session's model would give."""
+    from harness.export import OPSET, export_spec
+    from harness.session import Session
+    from harness.settings import settings_from
+
+    settings = settings_from({"model_source": "proxy", "proxy_layers": 1, "device": "cpu", "shapes": "16x16x9"})
+    case = Case("transformer_2", settings.shapes[0], "bf16", source="proxy")
+    skeleton = Session(settings).engine_component(case)
+    real = skeleton.recipe()
+    assert not skeleton.holds_weights and real.holds_weights and real.name == "transformer_2"
+    specs = [export_spec(c, case, c.fingerprint, OPSET, "torchscript", c.inputs(case)) for c in (skeleton, real)]
+    assert specs[0] == specs[1]
+    assert real.inputs(case)[1].tolist() == [500], "the low-noise expert's timestep"

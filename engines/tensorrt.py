@@ -4,6 +4,10 @@ The two modules share the API this needs (strongly typed networks from ONNX, opt
 profiles, timing cache, execute_async_v3 with tensor addresses; docs/hardware.md). Here on the CPU,
 `tensorrt_rtx` builds engines ahead of time, which proves each graph, profile and cache key against
 TensorRT's own parser and builder; running an engine needs a supported GPU on a user's machine.
+
+A DiT expert's plan holds no weights by default (plan_weights_mode): the engine cache keys it on the content of
+the graph it was built from, and the runner refits or binds that graph's weights at load. The build itself is
+engines/trt_build.py, run in a process of its own for a graph that holds weights.
 """
 from __future__ import annotations
 
@@ -187,17 +191,20 @@ def build_plan(trt: ModuleType, graph: ExportedGraph, profiles: list[Profile], c
     result = EngineBuild(cached.path / PLAN_FILE, cached.path.name, cached.hit, cached.seconds, info["build_s"],
                          (cached.path / PLAN_FILE).stat().st_size, info["layers"], info["layer_types"],
                          info["plugin_layers"], spec["target"], f"{trt.__name__} {trt.__version__}",
-                         info["weights"], info["onnx_content"], info["onnx_bytes"],
-                         [StageUsage(**s) for s in info["stages"]])
+                         info["weights"], info["onnx_content"], info["onnx_bytes"], info["stages"])
     log.info("%s", result)
     return result
 
 
 def _load_network_info(folder: Path) -> dict:
-    """An engine entry is usable when its plan is non-empty and its network summary reads."""
+    """An engine entry is usable when its plan is non-empty and its network summary holds what EngineBuild reports."""
     if (folder / PLAN_FILE).stat().st_size == 0:
         raise ValueError("empty engine plan")
-    return json.loads((folder / NETWORK_FILE).read_text())
+    info = json.loads((folder / NETWORK_FILE).read_text())
+    missing = {"weights", "onnx_content", "onnx_bytes"} - info.keys()
+    if missing:
+        raise ValueError(f"{NETWORK_FILE} lacks {', '.join(sorted(missing))}")
+    return {**info, "stages": [StageUsage(**s) for s in info["stages"]]}
 
 
 class WeightsMismatch(RuntimeError):
@@ -229,9 +236,8 @@ def plan_weights(engine: EngineBuild, graph: ExportedGraph, cache: DiskCache) ->
     return PlanWeights(engine.weights, graph.path, source.path.parent)
 
 
-def refit_from_onnx(trt: ModuleType, engine, onnx: Path, logger) -> float:
-    """Fill a weight-stripped engine from its ONNX graph's weights (the external data beside it); returns seconds."""
-    start = time.perf_counter()
+def refit_from_onnx(trt: ModuleType, engine, onnx: Path, logger) -> None:
+    """Fill a weight-stripped engine from its ONNX graph's weights (the external data beside it)."""
     refitter = trt.Refitter(engine, logger)
     if not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(onnx)) or not refitter.refit_cuda_engine():
         raise EngineBuildError(f"{trt.__name__} could not refit the engine from {onnx}: {'; '.join(logger.errors)}")
@@ -239,7 +245,6 @@ def refit_from_onnx(trt: ModuleType, engine, onnx: Path, logger) -> float:
     if missing:
         raise EngineBuildError(f"{trt.__name__} refit from {onnx} left {len(missing)} weights unset "
                                f"(first: {', '.join(missing[:3])})")
-    return time.perf_counter() - start
 
 
 ONNX_FLOATS = {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}

@@ -109,16 +109,17 @@ def dit_component(expert, fingerprint: str, name: str = "transformer", text_len:
 
 
 def proxy_expert(layers: int, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                 skeleton: bool = False) -> Component:
+                 skeleton: bool = False, name: str = "transformer") -> Component:
     """One A14B-width expert of `layers` layers alone, without the rest of a WanModel (the 40-layer expert is
     28.6 GB in bf16: it fits one card only without the second expert, the text encoder and an fp32 twin).
 
     With `skeleton`, the module is built on the meta device (no weights, no time) and export builds the real one
-    on `device` from the recipe, in a process of its own.
+    on `device` from the recipe, in a process of its own. `name` is the expert it stands for (its inputs'
+    timestep); with the proxy source's seed of that expert it is the same component as the WanModel's.
     """
     expert = load_expert(layers, device="meta" if skeleton else device, dtype=dtype, seed=seed)
-    component = dit_component(expert, random_fingerprint({**A14B_TRANSFORMER, "num_layers": layers}, seed))
-    component.recipe = partial(proxy_expert, layers, device=device, dtype=dtype, seed=seed)
+    component = dit_component(expert, random_fingerprint({**A14B_TRANSFORMER, "num_layers": layers}, seed), name)
+    component.recipe = partial(proxy_expert, layers, device=device, dtype=dtype, seed=seed, name=name)
     return component
 
 

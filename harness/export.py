@@ -140,8 +140,7 @@ def export_case(component: Component, case: Case, cache: DiskCache, *, opset: in
     meta = cached.value
     return ExportedGraph(case, cached.path / GRAPH_FILE, cached.path.name, spec_hash(spec), cached.hit,
                          cached.seconds, meta["export_s"], meta["op_counts"],
-                         content_digest(cached.path, skip=(META_FILE,)), meta.get("weight_bytes", 0),
-                         [StageUsage(**s) for s in meta.get("stages", [])])
+                         content_digest(cached.path, skip=(META_FILE,)), meta["weight_bytes"], meta["stages"])
 
 
 def _export_into(component: Component, case: Case, example: tuple[torch.Tensor, ...], folder: Path, opset: int,
@@ -203,11 +202,13 @@ def _dynamo_shapes(component: Component) -> dict:
 
 
 def _load_meta(folder: Path) -> dict:
-    """An entry is usable when its graph parses and its metadata reads; otherwise the cache rebuilds it."""
+    """An entry is usable when its graph parses and its metadata holds what ExportedGraph reports; otherwise
+    (an entry written before stages were recorded, too) the cache rebuilds it."""
     import onnx
 
     onnx.load(str(folder / GRAPH_FILE), load_external_data=False)
-    return json.loads((folder / META_FILE).read_text())
+    meta = json.loads((folder / META_FILE).read_text())
+    return {**meta, "weight_bytes": int(meta["weight_bytes"]), "stages": [StageUsage(**s) for s in meta["stages"]]}
 
 
 _WIDE_TYPES = {"DOUBLE": "float64", "COMPLEX64": "complex64", "COMPLEX128": "complex128"}

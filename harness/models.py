@@ -23,6 +23,8 @@ SOURCES = ("tiny", "proxy", "checkpoint")
 SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "transformer_2", "vae", "scheduler")
 # Bumped whenever the random-init recipe changes, so cached exports of old weights are not reused.
 INIT_RECIPE = "seeded-normal-v1"
+# Seeds of the random sources' experts: they differ, as the real high- and low-noise experts do.
+EXPERT_SEEDS = {"transformer": 0, "transformer_2": 1}
 # CPU parameters are drawn this many fp32 elements at a time (16 MiB of scratch per thread), by this many threads.
 FILL_CHUNK = 1 << 22
 FILL_THREADS = max(1, torch.get_num_threads())
@@ -231,10 +233,9 @@ def _random_model(source: str, label: str, dit: dict, vae: dict, umt5: dict,
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    # Seeds 0/1 make the two experts differ, as the real high- and low-noise experts do.
     parts = {
-        "transformer": (WanTransformer3DModel, dit, 0),
-        "transformer_2": (WanTransformer3DModel, dit, 1),
+        "transformer": (WanTransformer3DModel, dit, EXPERT_SEEDS["transformer"]),
+        "transformer_2": (WanTransformer3DModel, dit, EXPERT_SEEDS["transformer_2"]),
         "vae": (AutoencoderKLWan, vae, 2),
     }
     built = {name: _build(cls, cfg, seed, device, dtype) for name, (cls, cfg, seed) in parts.items()}

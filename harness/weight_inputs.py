@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.cache import DiskCache, content_digest
-from harness.export import GRAPH_FILE, ExportedGraph
+from harness.cache import MANIFEST, DiskCache, content_digest
+from harness.export import GRAPH_FILE, META_FILE, ExportedGraph
 
 INDEX_FILE = "weights.json"
 INLINE_FILE = "weights.data"  # the moved weights that the source graph held inline
@@ -89,15 +89,11 @@ def _derive(source: Path, folder: Path) -> None:
                                                                         list(tensor.dims)))
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    files = {_external(t)["location"] for t in kept if t.data_location == onnx.TensorProto.EXTERNAL}
-    for name in sorted(files | {e.file for e in entries if e.file != INLINE_FILE}):
-        _link(source.parent / name, folder / name)
+    for data in source.parent.iterdir():  # initializers and Constant nodes alike may hold external data
+        if data.is_file() and data.name not in (GRAPH_FILE, META_FILE, MANIFEST):
+            _link(data, folder / data.name)
     onnx.save(model, str(folder / GRAPH_FILE))
     (folder / INDEX_FILE).write_text(json.dumps([asdict(e) for e in entries], indent=0))
-
-
-def _external(tensor) -> dict[str, str]:
-    return {item.key: item.value for item in tensor.external_data}
 
 
 def _entry(tensor, source_folder: Path, inline) -> WeightEntry:
@@ -108,7 +104,7 @@ def _entry(tensor, source_folder: Path, inline) -> WeightEntry:
 
     dtype, shape = onnx.TensorProto.DataType.Name(tensor.data_type), tuple(tensor.dims)
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        where = _external(tensor)
+        where = {item.key: item.value for item in tensor.external_data}
         offset = int(where.get("offset", 0))
         length = int(where["length"]) if "length" in where else (source_folder / where["location"]).stat().st_size - offset
         return WeightEntry(tensor.name, dtype, shape, where["location"], offset, length)
@@ -120,7 +116,6 @@ def _entry(tensor, source_folder: Path, inline) -> WeightEntry:
 
 def _link(source: Path, target: Path) -> None:
     """A hard link (no copy, and the data outlives the source entry); a symbolic link where the filesystem has none."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, target)
     except OSError:
