@@ -103,8 +103,8 @@ def _builder_config(trt: ModuleType, builder, profiles: list[Profile], timing_ca
     if options.weight_streaming:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     if options.strip:
-        # REFIT_IDENTICAL: the plan will be refitted with the very weights it was built with, which lets TensorRT
-        # optimise with them (a plain REFIT build may not fold constants into kernels).
+        # REFIT_IDENTICAL, not REFIT: the plan is only ever refitted with the weights it was built with (the engine
+        # key holds their content), so TensorRT may still optimise with their values, as for a full plan.
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
         config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     # A persisted timing cache makes rebuilds (new profile, new flag) skip tactic timing already done.

@@ -9,7 +9,6 @@ import collections
 import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +35,7 @@ EXPORTERS = ("torchscript", "dynamo")
 PATCHES = "rmsnorm-fp32+nearest-v1"
 GRAPH_FILE = "model.onnx"
 META_FILE = "export.json"  # how the export went (times, stages, op counts): not part of the graph's content
+
 
 @contextlib.contextmanager
 def export_friendly() -> Iterator[None]:
