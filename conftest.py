@@ -23,6 +23,9 @@ def pytest_addoption(parser):
     for option in OPTIONS:
         group.addoption(option.flag, dest=f"wan_{option.dest}", type=option.type, default=option.default_value(),
                         help=option.help)
+    group.addoption("--scale-layers", dest="wan_scale_layers", type=int, default=None,
+                    help="run cases/test_scale.py: export and build an A14B-width expert of this many layers "
+                         "(10: 7 GB of bf16 weights, minutes on 2 cores); skipped without it")
 
 
 def pytest_configure(config):

@@ -17,14 +17,15 @@ from harness.cache import DiskCache, entry_key, spec_hash
 from harness.case import COMPONENTS, Case
 from harness.errors import HarnessError
 from harness.export import OPSET, assert_plain_types, default_exporter, export_case, export_friendly, export_spec
+from harness.results import Measured
 from harness.shapes import parse_shape
 
 pytestmark = pytest.mark.export
 
 SHAPE = parse_shape("16x16x9")
 EXPORT_PRECISIONS = ("fp32", "fp16", "bf16")
-TABLE_HEADER = ("| component | precision | shape mode | export s | ORT rel err | TRT layers | engine MB | build s |\n"
-                "|---|---|---|---|---|---|---|---|\n")
+TABLE_HEADER = ("| component | precision | shape mode | export s | ORT rel err | TRT layers | plan weights | engine MB | "
+                "build s |\n|---|---|---|---|---|---|---|---|---|\n")
 
 
 def pytest_generate_tests(metafunc):
@@ -89,7 +90,7 @@ def test_export_check_and_trt_build(export_case_, session, export_table):
     ort = f"{check.worst_rel_l2:.2e}" if check.parity else f"skipped: {_short(check.parity_skipped)}"
     plugins = f" (plugins: {', '.join(engine.plugin_layers)})" if engine.plugin_layers else ""
     export_table[case.id] = (case, f"| {case.component} | {case.precision} | {'dynamic' if case.dynamic else 'static'} | "
-                                   f"{graph.export_s:.2f} | {ort} | {engine.layers}{plugins} | "
+                                   f"{graph.export_s:.2f} | {ort} | {engine.layers}{plugins} | {engine.weights} | "
                                    f"{engine.size_bytes / 2 ** 20:.2f} | {engine.build_s:.2f} |\n", engine)
 
 
@@ -214,13 +215,19 @@ def test_available_reasons():
 @pytest.mark.gpu
 @pytest.mark.parametrize("engine_backend", ["tensorrt", "tensorrt_rtx"])
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager-enqueue", "cuda-graph"])
-def test_engine_runner_matches_eager(engine_backend, cuda_graph, session):
+@pytest.mark.parametrize("engine_weights", ["stripped", "inputs", "full"])
+def test_engine_runner_matches_eager(engine_backend, cuda_graph, engine_weights, session):
+    """A refitted (stripped), a bound (inputs) and a full plan each compute the eager output; the load time of
+    the weights is recorded (export table, weights_s)."""
     case = Case("transformer", SHAPE)
-    session.backend(engine_backend, cuda_graph=cuda_graph)  # unavailable here (no runnable TensorRT): skips with why
+    options = dict(cuda_graph=cuda_graph, engine_weights=engine_weights)
+    session.backend(engine_backend, **options)  # unavailable here (no runnable TensorRT): skips with why
     component = session.component(case, device="cuda")
-    runner = session.build(engine_backend, component, case, cuda_graph=cuda_graph)
+    runner = session.build(engine_backend, component, case, **options)
     inputs = component.inputs(case)
     with torch.no_grad():
         expected = component.module(*inputs)
     for _ in range(2):  # the second call reuses the output buffer (and replays the graph)
         assert torch.allclose(runner(*inputs), expected, rtol=1e-3, atol=1e-3)
+    if not cuda_graph:
+        session.record("export", case, engine_backend, Measured({f"weights_s_{engine_weights}": runner.weights_s}))

@@ -2,10 +2,66 @@
 import pytest
 import torch
 
+from harness import models
 from harness.components import DiT
 from harness.errors import HarnessError
-from harness.models import SUBFOLDERS, load_expert, load_model
+from harness.models import SUBFOLDERS, TINY_TRANSFORMER, TINY_UMT5, TINY_VAE, load_expert, load_model, seeded_init
 from harness.shapes import parse_shape
+
+
+def _old_recipe(cls, config: dict, seed: int, dtype: torch.dtype):
+    """How the random sources were built before construction went through meta parameters and chunked draws:
+    default construction and initialisation, then one whole seeded_init draw per parameter."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        module = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    module = seeded_init(torch.nn.Module.to(module, dtype), seed)
+    if dtype != torch.float32:
+        for name, sub in module.named_modules():
+            if any(part in (module._keep_in_fp32_modules or []) for part in name.split(".")):
+                sub.to(torch.float32)
+    return module.eval().requires_grad_(False)
+
+
+def _tiny_parts():
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return [(WanTransformer3DModel, TINY_TRANSFORMER), (AutoencoderKLWan, TINY_VAE),
+            (lambda **c: UMT5EncoderModel(UMT5Config(**c)), TINY_UMT5)]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fast_construction_is_bit_identical_to_the_old_recipe(dtype, monkeypatch):
+    """Chunks of 64 elements (plus tails folded into the last chunk) give the very numbers of one whole draw,
+    so INIT_RECIPE and every baseline stay valid; buffers (RoPE tables) and the fp32-kept modules match too."""
+    monkeypatch.setattr(models, "FILL_CHUNK", 64)
+    for cls, config in _tiny_parts():
+        old = _old_recipe(cls, config, 3, dtype).state_dict()
+        new = models._build(cls, config, 3, "cpu", dtype).state_dict()
+        assert old.keys() == new.keys()
+        for name in old:
+            assert old[name].dtype == new[name].dtype and torch.equal(old[name], new[name]), name
+
+
+@pytest.mark.unit
+def test_bf16_build_holds_the_fp32_build_rounded():
+    for cls, config in _tiny_parts():
+        full = models._build(cls, config, 0, "cpu", torch.float32)
+        half = dict(models._build(cls, config, 0, "cpu", torch.bfloat16).named_parameters())
+        for name, param in full.named_parameters():
+            assert torch.equal(param.to(torch.bfloat16).to(half[name].dtype), half[name]), name
+
+
+@pytest.mark.unit
+def test_a_meta_skeleton_holds_the_structure_and_no_weights():
+    skeleton = load_expert(40, device="meta")
+    assert skeleton.config.num_layers == 40 and len(skeleton.blocks) == 40
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
 
 
 @pytest.mark.unit

@@ -4,10 +4,13 @@ The two modules share the API this needs (strongly typed networks from ONNX, opt
 profiles, timing cache, execute_async_v3 with tensor addresses; docs/hardware.md). Here on the CPU,
 `tensorrt_rtx` builds engines ahead of time, which proves each graph, profile and cache key against
 TensorRT's own parser and builder; running an engine needs a supported GPU on a user's machine.
+
+A DiT expert's plan holds no weights by default (plan_weights_mode): the engine cache keys it on the content of
+the graph it was built from, and the runner refits or binds that graph's weights at load. The build itself is
+engines/trt_build.py, run in a process of its own for a graph that holds weights.
 """
 from __future__ import annotations
 
-import collections
 import importlib
 import json
 import logging
@@ -19,26 +22,24 @@ from types import ModuleType
 import torch
 
 from engines.cuda_graph import GraphedRunner
+from engines.trt_build import (NETWORK_FILE, PLAN_FILE, BuildOptions, EngineBuildError, Profile, build_into,
+                               capturing_logger)
 from harness.backends import BackendOptions, Runner
-from harness.cache import DiskCache, atomic_write_bytes
-from harness.case import Case
+from harness.cache import DiskCache
+from harness.case import Case, is_dit
 from harness.components import Component
 from harness.errors import BackendUnavailable
 from harness.export import ExportedGraph, check_inputs, export_case
+from harness.memory import StageUsage, run_isolated
+from harness.weight_inputs import WeightInputs, read_index, weight_bytes_view, weight_inputs
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "engine.plan"
-NETWORK_FILE = "network.json"
 # TensorRT-RTX 1.7's deserializer names these as the compute capabilities it runs on (docs/hardware.md:
 # "Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1 >12.0"); Hopper (9.0) is not among them.
 RTX_RUNS_ON = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 # Modules that build ahead of time with no GPU present.
 AOT_MODULES = ("tensorrt_rtx",)
-
-
-class EngineBuildError(RuntimeError):
-    """TensorRT's parser or builder refused the graph; the message carries its own words."""
 
 
 def import_trt(module_name: str) -> tuple[ModuleType | None, str]:
@@ -68,20 +69,6 @@ def build_target(module_name: str) -> str:
         major, minor = torch.cuda.get_device_capability()
         return f"sm{major}{minor}"
     return f"aot-default:{module_name}"
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One optimization profile: (min, opt, max) shape per input; static when all three agree."""
-
-    shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
-
-    @property
-    def static(self) -> bool:
-        return all(lo == opt == hi for _, lo, opt, hi in self.shapes)
-
-    def as_json(self) -> list:
-        return [[name, list(lo), list(opt), list(hi)] for name, lo, opt, hi in self.shapes]
 
 
 def profile_from(names: tuple[str, ...], input_sets: list[tuple[torch.Tensor, ...]]) -> Profile:
@@ -115,10 +102,14 @@ class EngineBuild:
     plugin_layers: list[str] = field(default_factory=list)
     target: str = ""
     trt_version: str = ""
+    weights: str = "full"  # what the plan holds: "full", or stripped: "refit" | "inputs" (see plan_weights_mode)
+    onnx_content: str = ""  # content digest of the graph entry the plan was built from (weights included)
+    onnx_bytes: int = 0  # that graph's weights: of the source graph where the plan takes them as inputs
+    stages: list[StageUsage] = field(default_factory=list)  # the original build's parse and build+serialize
 
     def metrics(self) -> dict[str, float]:
         return {"trt_layers": self.layers, "engine_mb": self.size_bytes / 2 ** 20, "build_s": self.build_s,
-                "fetch_s": self.fetch_s}
+                "fetch_s": self.fetch_s, "plan_share": self.size_bytes / self.onnx_bytes}
 
     def thresholds(self) -> dict:
         return {}
@@ -129,139 +120,144 @@ class EngineBuild:
     def __str__(self) -> str:
         plugins = f", plugins: {', '.join(self.plugin_layers)}" if self.plugin_layers else ", no plugin layers"
         return (f"engine {self.key}: {'cache hit' if self.hit else 'built'} in {self.fetch_s:.2f} s "
-                f"(build {self.build_s:.2f} s), {self.size_bytes / 2 ** 20:.2f} MB, {self.layers} layers"
+                f"(build {self.build_s:.2f} s), {self.size_bytes / 2 ** 20:.2f} MB ({self.weights} weights, "
+                f"{100 * self.size_bytes / self.onnx_bytes:.2f}% of the ONNX), {self.layers} layers"
                 f"{plugins}; target {self.target}, {self.trt_version}")
 
 
+# A graph holding this many bytes is built in a process of its own (see build_plan).
+ISOLATE_BYTES = 2 ** 30
+
+
+def plan_weights_mode(asked: str, component: str, cuda: bool) -> str:
+    """What the plan of `component` holds when `asked` (ENGINE_WEIGHTS) is asked for:
+
+    - "full": the weights, in the plan;
+    - "refit": none (STRIP_PLAN + REFIT_IDENTICAL); the runner refits them from the ONNX in the cache at load.
+      TensorRT's refit and strip flags need a CUDA driver at build time (docs/hardware.md), so only with `cuda`;
+    - "inputs": none; the weights are graph inputs the runner binds (harness.weight_inputs): how a machine with no
+      CUDA device builds a weightless plan, and how it is timed on a GPU against a refitted one.
+    """
+    if asked == "full" or not is_dit(component):
+        return "full"
+    if asked == "inputs" or not cuda:
+        return "inputs"
+    return "refit"
+
+
 def engine_spec(module_name: str, module_version: str, onnx_fingerprint: str, profiles: list[Profile],
-                opt_level: int = 3, workspace_gib: float | None = None, weight_streaming: bool = False) -> dict:
-    """Everything that changes the engine's bytes; its hash is the engine cache key."""
+                opt_level: int = 3, workspace_gib: float | None = None, weight_streaming: bool = False,
+                weights: str = "full", onnx_content: str = "") -> dict:
+    """Everything that changes the engine's bytes, or the weights it runs with; its hash is the engine cache key.
+
+    `onnx_content` (the content digest of the graph entry the plan is built from) keys the plan on the weights
+    themselves, so a weight-stripped plan is never served for a graph with other weights.
+    """
+    flags = ["STRONGLY_TYPED"] + (["WEIGHT_STREAMING"] if weight_streaming else [])
     return {"onnx": onnx_fingerprint, "module": module_name, "version": module_version,
             "target": build_target(module_name), "profiles": [p.as_json() for p in profiles],
             "opt_level": opt_level, "workspace_gib": workspace_gib,
-            "flags": ["STRONGLY_TYPED"] + (["WEIGHT_STREAMING"] if weight_streaming else [])}
+            "flags": flags + (["STRIP_PLAN", "REFIT_IDENTICAL"] if weights == "refit" else []),
+            "weights": weights, "onnx_content": onnx_content}
 
 
-def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], cache: DiskCache, readable: str,
-               onnx_fingerprint: str, *, opt_level: int = 3, workspace_gib: float | None = None,
-               weight_streaming: bool = False) -> EngineBuild:
-    """Parse the ONNX into a strongly typed network and build a serialized engine, through the cache."""
-    spec = engine_spec(trt.__name__, trt.__version__, onnx_fingerprint, profiles, opt_level, workspace_gib, weight_streaming)
+def build_plan(trt: ModuleType, graph: ExportedGraph, profiles: list[Profile], cache: DiskCache, *,
+               opt_level: int = 3, workspace_gib: float | None = None, weight_streaming: bool = False,
+               weights: str = "full") -> EngineBuild:
+    """Parse the ONNX into a strongly typed network and build a serialized engine, through the cache.
+
+    A plan of "inputs" weights is built from the graph's weights-as-inputs twin. A graph holding ISOLATE_BYTES
+    or more is built in a process of its own: only TensorRT and the mapped graph sit beside the build, and
+    TensorRT's memory goes back to the machine when it ends.
+    """
+    parsed: WeightInputs | ExportedGraph = weight_inputs(graph, cache) if weights == "inputs" else graph
+    spec = engine_spec(trt.__name__, trt.__version__, graph.fingerprint, profiles, opt_level, workspace_gib,
+                       weight_streaming, weights, parsed.content)
     timing_cache = cache.root / "timing" / f"{trt.__name__}-{trt.__version__}-{spec['target'].replace(':', '_')}.cache"
+    isolate = weights != "inputs" and graph.size_bytes >= ISOLATE_BYTES
+    options = BuildOptions(opt_level, workspace_gib, weight_streaming, strip=weights == "refit",
+                           timing_cache=torch.cuda.is_available(), drop_pages=isolate)
+    record = {"weights": weights, "onnx_content": parsed.content, "onnx_bytes": graph.size_bytes}
 
     def build(folder: Path) -> None:
-        options = dict(opt_level=opt_level, workspace_gib=workspace_gib, weight_streaming=weight_streaming)
-        _build_into(trt, onnx_path, profiles, folder, timing_cache, **options)
+        args = (trt.__name__, parsed.path, profiles, folder, timing_cache, options, record)
+        if isolate:
+            run_isolated(build_into, *args)
+        else:
+            build_into(*args)
 
-    cached = cache.fetch("engines", f"{readable}-{trt.__name__}", spec, build, _load_network_info)
+    cached = cache.fetch("engines", f"{graph.case.id}-{trt.__name__}", spec, build, _load_network_info)
     info = cached.value
     result = EngineBuild(cached.path / PLAN_FILE, cached.path.name, cached.hit, cached.seconds, info["build_s"],
                          (cached.path / PLAN_FILE).stat().st_size, info["layers"], info["layer_types"],
-                         info["plugin_layers"], spec["target"], f"{trt.__name__} {trt.__version__}")
+                         info["plugin_layers"], spec["target"], f"{trt.__name__} {trt.__version__}",
+                         info["weights"], info["onnx_content"], info["onnx_bytes"], info["stages"])
     log.info("%s", result)
     return result
 
 
-def _build_into(trt: ModuleType, onnx_path: Path, profiles: list[Profile], folder: Path, timing_cache: Path,
-                *, opt_level: int, workspace_gib: float | None, weight_streaming: bool) -> None:
-    logger = _capturing_logger(trt)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # from a file, so external data is found beside it
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(f"{trt.__name__} ONNX parser rejected {onnx_path}:\n" + "\n".join(errors))
-    config = _builder_config(trt, builder, profiles, timing_cache, opt_level, workspace_gib, weight_streaming)
-    start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise EngineBuildError(f"{trt.__name__} builder failed on {onnx_path}:\n" + "\n".join(logger.errors))
-    build_s = time.perf_counter() - start
-    (folder / PLAN_FILE).write_bytes(bytes(plan))
-    (folder / NETWORK_FILE).write_text(json.dumps({"build_s": build_s, **_network_info(trt, network)}, indent=1))
-    if torch.cuda.is_available():
-        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
-
-
-def _builder_config(trt: ModuleType, builder, profiles: list[Profile], timing_cache: Path, opt_level: int,
-                    workspace_gib: float | None, weight_streaming: bool):
-    config = builder.create_builder_config()
-    config.builder_optimization_level = opt_level
-    if workspace_gib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2 ** 30))
-    if weight_streaming:
-        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    # A persisted timing cache makes rebuilds (new profile, new flag) skip tactic timing already done.
-    # An ahead-of-time build with no GPU times nothing, and TensorRT-RTX then refuses the cache.
-    if torch.cuda.is_available():
-        previous = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(previous), ignore_mismatch=True)
-    if hasattr(trt, "IProgressMonitor"):
-        config.progress_monitor = _progress_monitor(trt)
-    for profile in profiles:
-        optimization = builder.create_optimization_profile()
-        for name, lo, opt, hi in profile.shapes:
-            optimization.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(optimization)
-    return config
-
-
-def _network_info(trt: ModuleType, network) -> dict:
-    """Layer count, layer types and plugin layers of the parsed network (what TensorRT made of each op)."""
-    plugin_types = {getattr(trt.LayerType, n) for n in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, n)}
-    layers = [network.get_layer(i) for i in range(network.num_layers)]
-    types = collections.Counter(str(layer.type).split(".")[-1] for layer in layers)
-    plugins = [layer.name for layer in layers if layer.type in plugin_types]
-    return {"layers": len(layers), "layer_types": dict(types.most_common()), "plugin_layers": plugins}
-
-
 def _load_network_info(folder: Path) -> dict:
-    """An engine entry is usable when its plan is non-empty and its network summary reads."""
+    """An engine entry is usable when its plan is non-empty and its network summary holds what EngineBuild reports."""
     if (folder / PLAN_FILE).stat().st_size == 0:
         raise ValueError("empty engine plan")
-    return json.loads((folder / NETWORK_FILE).read_text())
+    info = json.loads((folder / NETWORK_FILE).read_text())
+    missing = {"weights", "onnx_content", "onnx_bytes"} - info.keys()
+    if missing:
+        raise ValueError(f"{NETWORK_FILE} lacks {', '.join(sorted(missing))}")
+    return {**info, "stages": [StageUsage(**s) for s in info["stages"]]}
 
 
-def _capturing_logger(trt: ModuleType):
-    """A TensorRT logger that keeps errors (for the failure message) and forwards warnings to logging."""
-
-    class CapturingLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.ERROR:
-                # Kept for the exception a real failure raises; logged quietly because an AOT build
-                # on a machine without a CUDA driver logs harmless cudaError 35 lines as errors.
-                self.errors.append(msg)
-                log.debug("%s: %s", trt.__name__, msg)
-            elif severity <= trt.ILogger.Severity.WARNING:
-                log.warning("%s: %s", trt.__name__, msg)
-
-    return CapturingLogger()
+class WeightsMismatch(RuntimeError):
+    """A weight-stripped plan was handed a graph other than the one it was built from."""
 
 
-def _progress_monitor(trt: ModuleType):
-    """tqdm bars per builder phase (shown on a terminal only: tqdm disables itself otherwise)."""
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class PlanWeights:
+    """Where a weight-stripped plan gets its weights at load: refit from `onnx`, or bind the inputs `folder` indexes."""
 
-    class TqdmProgress(trt.IProgressMonitor):
-        def __init__(self):
-            trt.IProgressMonitor.__init__(self)
-            self.bars: dict[str, tqdm] = {}
+    mode: str  # "refit" | "inputs"
+    onnx: Path
+    folder: Path
 
-        def phase_start(self, phase_name, parent_phase, num_steps):
-            self.bars[phase_name] = tqdm(total=num_steps, desc=phase_name, leave=False, disable=None)
 
-        def step_complete(self, phase_name, step):
-            self.bars[phase_name].update(1)
-            return True  # False would cancel the build
+def plan_weights(engine: EngineBuild, graph: ExportedGraph, cache: DiskCache) -> PlanWeights | None:
+    """The weights `engine` runs with, taken from `graph`; None for a plan that holds its own.
 
-        def phase_finish(self, phase_name):
-            self.bars.pop(phase_name).close()
+    Refuses (WeightsMismatch) a graph whose content is not the one the plan was built from: a stripped plan fed
+    other weights would run, and silently compute something else.
+    """
+    if engine.weights == "full":
+        return None
+    source = weight_inputs(graph, cache) if engine.weights == "inputs" else graph
+    if source.content != engine.onnx_content:
+        raise WeightsMismatch(f"engine {engine.key} holds no weights and was built for ONNX content "
+                              f"{engine.onnx_content[:12]}..., but {source.path} holds {source.content[:12]}...: "
+                              f"other weights; build the engine for this graph instead")
+    return PlanWeights(engine.weights, graph.path, source.path.parent)
 
-    return TqdmProgress()
+
+def refit_from_onnx(trt: ModuleType, engine, onnx: Path, logger) -> None:
+    """Fill a weight-stripped engine from its ONNX graph's weights (the external data beside it)."""
+    refitter = trt.Refitter(engine, logger)
+    if not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(onnx)) or not refitter.refit_cuda_engine():
+        raise EngineBuildError(f"{trt.__name__} could not refit the engine from {onnx}: {'; '.join(logger.errors)}")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise EngineBuildError(f"{trt.__name__} refit from {onnx} left {len(missing)} weights unset "
+                               f"(first: {', '.join(missing[:3])})")
+
+
+ONNX_FLOATS = {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}
+
+
+def bind_weight_inputs(context, folder: Path) -> dict[str, torch.Tensor]:
+    """Copy each weight the plan takes as an input to the GPU once and bind it; returns the tensors (keep them)."""
+    bound = {}
+    for entry in read_index(folder):
+        host = torch.from_numpy(weight_bytes_view(folder, entry)).view(ONNX_FLOATS[entry.dtype]).reshape(entry.shape)
+        bound[entry.name] = host.to("cuda")
+        context.set_tensor_address(entry.name, bound[entry.name].data_ptr())
+    return bound
 
 
 def _torch_dtype(trt: ModuleType, dtype) -> torch.dtype:
@@ -274,22 +270,33 @@ class EngineRunner:
     """Runs a deserialized engine on torch CUDA tensors, on the current torch stream.
 
     Inputs are bound by address (no copies), outputs are allocated once per output shape, and for
-    a static engine a CUDA graph of the whole enqueue can be captured and replayed.
+    a static engine a CUDA graph of the whole enqueue can be captured and replayed. A weight-stripped plan
+    gets its weights once, at load (`weights`); `weights_s` is what that took.
     """
 
-    def __init__(self, trt: ModuleType, plan: bytes, cuda_graph: bool = False, weight_streaming: bool = False):
+    def __init__(self, trt: ModuleType, plan: bytes, cuda_graph: bool = False, weight_streaming: bool = False,
+                 weights: PlanWeights | None = None):
         self.trt = trt
-        self.logger = _capturing_logger(trt)
+        self.logger = capturing_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:  # version mismatch, unsupported GPU: TensorRT logged why
             raise BackendUnavailable(f"{trt.__name__} cannot deserialize the engine: "
                                      f"{'; '.join(self.logger.errors) or 'no reason logged'}")
+        start = time.perf_counter()
+        if weights is not None and weights.mode == "refit":
+            refit_from_onnx(trt, self.engine, weights.onnx, self.logger)
         if weight_streaming:
             self._set_streaming_budget()
         self.context = self.engine.create_execution_context()
+        self._weights = bind_weight_inputs(self.context, weights.folder) if weights and weights.mode == "inputs" else {}
+        self.weights_s = time.perf_counter() - start
+        if weights is not None:
+            log.info("%s weights of the engine: %s from %s in %.1f s", trt.__name__, weights.mode, weights.folder,
+                     self.weights_s)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
+                       and n not in self._weights]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dynamic = any(-1 in tuple(self.engine.get_tensor_shape(n)) for n in self.inputs)
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -346,6 +353,7 @@ class _Builder:
     def __init__(self, options: BackendOptions = BackendOptions(), cache: DiskCache | None = None):
         self.cache = cache or DiskCache(options.cache_dir)
         self.options = dict(opt_level=options.opt_level, weight_streaming=options.weight_streaming)
+        self.engine_weights = options.engine_weights
 
     def can_build(self) -> tuple[bool, str]:
         """TensorRT-RTX builds without a GPU; full TensorRT needs one."""
@@ -362,8 +370,8 @@ class _Builder:
             raise BackendUnavailable(reason)
         graph = export_case(component, case, self.cache)
         trt = importlib.import_module(self.module_name)
-        engine = build_plan(trt, graph.path, [case_profile(component, case)], self.cache, case.id, graph.fingerprint,
-                            **self.options)
+        weights = plan_weights_mode(self.engine_weights, case.component, torch.cuda.is_available())
+        engine = build_plan(trt, graph, [case_profile(component, case)], self.cache, weights=weights, **self.options)
         return graph, engine
 
 
@@ -399,20 +407,21 @@ class _TensorRTBackend:
 
     def build(self, component: Component, case: Case) -> Runner:
         """An engine runner; a cached plan that does not deserialize is evicted and rebuilt once."""
-        _, engine = self.builder.build(component, case)
+        graph, engine = self.builder.build(component, case)
         try:
-            return self._runner(engine)
+            return self._runner(graph, engine)
         except BackendUnavailable as exc:
             if not engine.hit:  # a fresh plan that fails is the builder's verdict: report it
                 raise
             self.builder.cache.evict(engine.path.parent, str(exc))
-            _, engine = self.builder.build(component, case)
-            return self._runner(engine)
+            graph, engine = self.builder.build(component, case)
+            return self._runner(graph, engine)
 
-    def _runner(self, engine: EngineBuild) -> Runner:
+    def _runner(self, graph: ExportedGraph, engine: EngineBuild) -> Runner:
         trt = importlib.import_module(self.builder.module_name)
+        weights = plan_weights(engine, graph, self.builder.cache)  # before the plan is read: a mismatch is refused
         return EngineRunner(trt, engine.path.read_bytes(), cuda_graph=self.cuda_graph,
-                            weight_streaming=self.weight_streaming)
+                            weight_streaming=self.weight_streaming, weights=weights)
 
 
 class TensorRT(_TensorRTBackend):

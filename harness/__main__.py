@@ -244,6 +244,7 @@ def _add_export_commands(sub) -> None:
         if name == "build":
             p.add_argument("--backend", default="tensorrt_rtx", help="tensorrt | tensorrt_rtx (default: %(default)s)")
             p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default: %(default)s)")
+            _add_run_options(p, "--engine-weights")
         p.add_argument("--component", default="all",
                        help="transformer | transformer_2 | vae_decoder | text_encoder | all (default: %(default)s)")
         p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default: %(default)s)")

@@ -41,6 +41,10 @@ GRAPH_RUNNER = "engines.onnxruntime:cpu_graph_runner"
 # precision of their arithmetic. Each backend lists the ones it takes in `attention_kernels`, default first.
 ATTENTION_KERNELS = {"sdpa": "bf16", "fa3": "bf16", "cudnn-fp8": "fp8", "fa3-fp8": "fp8", "triton-fp8": "fp8"}
 KERNEL_CHECK = "engines.attention.kernels:kernel_available"  # name -> (runs here, why not and what to install)
+# What a DiT expert's TensorRT plan holds (--engine-weights; the VAE and text encoder keep their weights): stripped
+# (none: refitted from the ONNX at load where the builder has a CUDA device, else the weights are graph inputs),
+# full, or inputs (graph inputs even where it could refit: to time that plan on a GPU).
+ENGINE_WEIGHTS = ("stripped", "full", "inputs")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class BackendOptions:
     opt_level: int = 3  # TensorRT builder optimization level
     weight_streaming: bool = False  # TensorRT: stream weights that do not fit the GPU's memory
     cuda_graph: bool = False  # replay static-shape forwards as one CUDA graph
+    engine_weights: str = "stripped"  # ENGINE_WEIGHTS: what a DiT expert's TensorRT plan holds
 
 
 class Backend(Protocol):

@@ -65,7 +65,12 @@ LoopInputs = Callable[[Case, bool], list[tuple[torch.Tensor, ...]]]
 @dataclass
 class Component:
     """A runnable component: the module, its input names, which input axes may vary, what its weights are
-    (the export cache keys on `fingerprint`) and how to draw its example inputs: all a backend needs."""
+    (the export cache keys on `fingerprint`) and how to draw its example inputs: all a backend needs.
+
+    `recipe`, where set, builds the same component with its weights; it pickles, so another process can run it.
+    A component whose module is a skeleton on the meta device holds no weights: export builds it from `recipe`
+    in a process of its own, so the caller never holds a real-width expert's weights.
+    """
 
     name: str
     module: torch.nn.Module
@@ -77,10 +82,19 @@ class Component:
     # What quantized backends calibrate on and are judged on; only a DiT expert of a whole WanModel has it
     # (the loop needs the text encoder, both experts and the scheduler).
     loop_inputs: LoopInputs | None = None
+    recipe: Callable[[], "Component"] | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    @property
+    def holds_weights(self) -> bool:
+        return self.device.type != "meta"
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
     def inputs(self, case: Case, seed: int = 0, shape: VideoShape | None = None) -> tuple[torch.Tensor, ...]:
         """Seeded inputs for `case` (optionally at another shape) on the module's device."""
@@ -101,11 +115,19 @@ def dit_component(expert, fingerprint: str, name: str = "transformer", text_len:
                       "encoder_hidden_states": {0: "batch", 1: "text_tokens"}, "noise_pred": latent})
 
 
-def proxy_expert(layers: int, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Component:
+def proxy_expert(layers: int, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 skeleton: bool = False, name: str = "transformer") -> Component:
     """One A14B-width expert of `layers` layers alone, without the rest of a WanModel (the 40-layer expert is
-    28.6 GB in bf16: it fits one card only without the second expert, the text encoder and an fp32 twin)."""
-    expert = load_expert(layers, device=device, dtype=dtype, seed=seed)
-    return dit_component(expert, random_fingerprint({**A14B_TRANSFORMER, "num_layers": layers}, seed))
+    28.6 GB in bf16: it fits one card only without the second expert, the text encoder and an fp32 twin).
+
+    With `skeleton`, the module is built on the meta device (no weights, no time) and export builds the real one
+    on `device` from the recipe, in a process of its own. `name` is the expert it stands for (its inputs'
+    timestep); with the proxy source's seed of that expert it is the same component as the WanModel's.
+    """
+    expert = load_expert(layers, device="meta" if skeleton else device, dtype=dtype, seed=seed)
+    component = dit_component(expert, random_fingerprint({**A14B_TRANSFORMER, "num_layers": layers}, seed), name)
+    component.recipe = partial(proxy_expert, layers, device=device, dtype=dtype, seed=seed, name=name)
+    return component
 
 
 def make_component(model: WanModel, name: str) -> Component:

@@ -9,7 +9,6 @@ import collections
 import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -17,12 +16,13 @@ from typing import Iterator
 import torch
 
 from harness.backends import Runner
-from harness.cache import DiskCache, spec_hash
+from harness.cache import DiskCache, content_digest, spec_hash
 from harness.case import Case, is_dit
 from harness.compare import ParityResult, judge_parity
 from harness.components import Component
 from harness.errors import BackendUnavailable, HarnessError
 from harness.machine import version
+from harness.memory import StageUsage, run_isolated, stage
 from harness.shapes import VideoShape
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,7 @@ EXPORTERS = ("torchscript", "dynamo")
 # Bumped when export_friendly() changes what a graph computes or contains.
 PATCHES = "rmsnorm-fp32+nearest-v1"
 GRAPH_FILE = "model.onnx"
-META_FILE = "export.json"
-
+META_FILE = "export.json"  # how the export went (times, stages, op counts): not part of the graph's content
 
 
 @contextlib.contextmanager
@@ -100,6 +99,9 @@ class ExportedGraph:
     fetch_s: float  # this lookup (a hit is a load; a miss includes the export)
     export_s: float  # the original export, as recorded in the entry
     op_counts: dict[str, int] = field(default_factory=dict)
+    content: str = ""  # what the graph and its weights hold (from the entry's manifest): the engine cache keys on it
+    weight_bytes: int = 0  # the exported module's parameters
+    stages: list[StageUsage] = field(default_factory=list)  # the original export's (model build,) export
 
     @property
     def size_bytes(self) -> int:
@@ -126,17 +128,36 @@ def export_case(component: Component, case: Case, cache: DiskCache, *, opset: in
     spec = export_spec(component, case, component.fingerprint, opset, exporter, example)
 
     def build(folder: Path) -> None:
-        start = time.perf_counter()
-        _export_to(component, case, example, folder / GRAPH_FILE, opset, exporter)
-        ops = assert_plain_types(folder / GRAPH_FILE)
-        meta = {"export_s": time.perf_counter() - start, "op_counts": ops}
+        if component.holds_weights:
+            meta = _export_into(component, case, example, folder, opset, exporter, [])
+        else:  # a skeleton: build and export the real component where its memory goes back when it ends
+            meta = run_isolated(_export_from_recipe, component.recipe, case, folder, opset, exporter)
         (folder / META_FILE).write_text(json.dumps(meta, indent=1))
 
     cached = cache.fetch("onnx", case.id, spec, build, _load_meta)
     log.info("onnx %s: %s in %.2f s (%s)", case.id, "cache hit" if cached.hit else "exported",
              cached.seconds, cached.path)
+    meta = cached.value
     return ExportedGraph(case, cached.path / GRAPH_FILE, cached.path.name, spec_hash(spec), cached.hit,
-                         cached.seconds, cached.value["export_s"], cached.value["op_counts"])
+                         cached.seconds, meta["export_s"], meta["op_counts"],
+                         content_digest(cached.path, skip=(META_FILE,)), meta["weight_bytes"], meta["stages"])
+
+
+def _export_into(component: Component, case: Case, example: tuple[torch.Tensor, ...], folder: Path, opset: int,
+                 exporter: str, stages: list[StageUsage]) -> dict:
+    """Export into the entry folder (external data is written there directly); returns the entry's metadata."""
+    with stage("export", stages):
+        _export_to(component, case, example, folder / GRAPH_FILE, opset, exporter)
+    return {"export_s": stages[-1].seconds, "op_counts": assert_plain_types(folder / GRAPH_FILE),
+            "weight_bytes": component.weight_bytes, "stages": [s.as_dict() for s in stages]}
+
+
+def _export_from_recipe(recipe, case: Case, folder: Path, opset: int, exporter: str) -> dict:
+    """In a process of its own: build the component from its recipe, then export it (both stages measured)."""
+    stages: list[StageUsage] = []
+    with stage("model build", stages):
+        component = recipe()
+    return _export_into(component, case, component.inputs(case), folder, opset, exporter, stages)
 
 
 def default_exporter(case: Case) -> str:
@@ -181,11 +202,13 @@ def _dynamo_shapes(component: Component) -> dict:
 
 
 def _load_meta(folder: Path) -> dict:
-    """An entry is usable when its graph parses and its metadata reads; otherwise the cache rebuilds it."""
+    """An entry is usable when its graph parses and its metadata holds what ExportedGraph reports; otherwise
+    (an entry written before stages were recorded, too) the cache rebuilds it."""
     import onnx
 
     onnx.load(str(folder / GRAPH_FILE), load_external_data=False)
-    return json.loads((folder / META_FILE).read_text())
+    meta = json.loads((folder / META_FILE).read_text())
+    return {**meta, "weight_bytes": int(meta["weight_bytes"]), "stages": [StageUsage(**s) for s in meta["stages"]]}
 
 
 _WIDE_TYPES = {"DOUBLE": "float64", "COMPLEX64": "complex64", "COMPLEX128": "complex128"}

@@ -1,13 +1,17 @@
 """Wan2.2-T2V-A14B components from three sources: tiny (CI), proxy (A14B width, few layers), checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -19,6 +23,11 @@ SOURCES = ("tiny", "proxy", "checkpoint")
 SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "transformer_2", "vae", "scheduler")
 # Bumped whenever the random-init recipe changes, so cached exports of old weights are not reused.
 INIT_RECIPE = "seeded-normal-v1"
+# Seeds of the random sources' experts: they differ, as the real high- and low-noise experts do.
+EXPERT_SEEDS = {"transformer": 0, "transformer_2": 1}
+# CPU parameters are drawn this many fp32 elements at a time (16 MiB of scratch per thread), by this many threads.
+FILL_CHUNK = 1 << 22
+FILL_THREADS = max(1, torch.get_num_threads())
 
 A14B_TRANSFORMER = dict(
     patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
@@ -96,6 +105,20 @@ def _param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
+def _shape_draw(draw: torch.Tensor, name: str, shape: torch.Size) -> torch.Tensor:
+    """Turn an N(0, 1) fp32 draw for parameter `name` into its values, in place.
+
+    Element by element, so a chunk of a draw gets exactly the values the whole draw would.
+    """
+    if len(shape) >= 2 and "embed_tokens" not in name and name != "shared.weight":
+        draw /= math.prod(shape[1:]) ** 0.5  # fan-in scaling keeps activations O(1) through depth
+    elif "norm" in name and name.endswith("weight"):
+        draw.mul_(0.02).add_(1.0)
+    elif len(shape) < 2:
+        draw *= 0.02
+    return draw
+
+
 @torch.no_grad()
 def seeded_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Fill every parameter from an fp32 draw seeded by (seed, name), whatever the module's dtype.
@@ -106,27 +129,91 @@ def seeded_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     for name, param in module.named_parameters():
         gen = torch.Generator(device=param.device).manual_seed(_param_seed(seed, name))
         draw = torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32)
-        if param.dim() >= 2 and "embed_tokens" not in name and name != "shared.weight":
-            draw /= (param[0].numel()) ** 0.5  # fan-in scaling keeps activations O(1) through depth
-        elif "norm" in name and name.endswith("weight"):
-            draw = 1.0 + 0.02 * draw
-        elif param.dim() < 2:
-            draw *= 0.02
-        param.copy_(draw)
+        param.copy_(_shape_draw(draw, name, param.shape))
         del draw
     return module
 
 
+@torch.no_grad()
+def _fill_in_chunks(name: str, param: torch.Tensor, seed: int) -> None:
+    """seeded_init's values for one CPU parameter, drawn FILL_CHUNK elements at a time (a small fp32 scratch).
+
+    The same numbers as one whole draw: the CPU normal_ fills uniforms in order and transforms them in blocks of
+    16, redrawing a tail shorter than 16 from fresh uniforms; so chunks of a multiple of 16 elements, of which the
+    last holds at least 16, consume and transform the generator's stream exactly as one draw of the whole does.
+    """
+    flat, total = param.view(-1), param.numel()
+    gen = torch.Generator().manual_seed(_param_seed(seed, name))
+    scratch = torch.empty(min(total, FILL_CHUNK + 16), dtype=torch.float32)
+    start = 0
+    while start < total:
+        size = min(FILL_CHUNK, total - start)
+        if total - start - size < 16:  # never leave a last chunk shorter than 16: fold it into this one
+            size = total - start
+        draw = scratch[:size].normal_(generator=gen)
+        flat[start:start + size].copy_(_shape_draw(draw, name, param.shape))
+        start += size
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Register every new nn.Parameter on the meta device, as accelerate's init_empty_weights(include_buffers=False).
+
+    The default initialisation (reset_parameters) then costs nothing; buffers stay real, so tables such as the
+    DiT's RoPE frequencies are computed as usual.
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _materialize(module: torch.nn.Module, device: str) -> list[tuple[str, torch.Tensor]]:
+    """Give each meta parameter uninitialised storage on `device` in its dtype; tied parameters stay tied.
+
+    Returns (name, parameter) in named_parameters order, the names seeded_init draws by.
+    """
+    real = {id(p): torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=False)
+            for p in module.parameters()}
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = real[id(param)]
+    return list(module.named_parameters())
+
+
 def _build(cls, config: dict, seed: int, device: str, dtype: torch.dtype):
-    """Construct on the target device in the target dtype, then fill weights deterministically."""
+    """Construct with parameters on meta, allocate each in the target dtype on the target device, fill it seeded.
+
+    The values are seeded_init's whichever way they are filled: on the CPU in chunks, FILL_THREADS parameters at a
+    time (the draws hold the GIL only between chunks); on CUDA with one draw per parameter, as Philox offsets move
+    per call, so a chunked draw would change them. On device "meta" nothing is allocated: a skeleton that holds
+    the module's structure and config, not its weights.
+    """
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), _parameters_on_meta():
             module = cls(**config)
     finally:
         torch.set_default_dtype(previous)
-    module = seeded_init(torch.nn.Module.to(module, dtype), seed)  # we keep fp32 modules ourselves, below
+    module = torch.nn.Module.to(module, dtype)  # buffers into dtype; we keep fp32 modules ourselves, below
+    if torch.device(device).type != "meta":
+        params = _materialize(module, device)
+        if torch.device(device).type == "cpu":
+            params.sort(key=lambda item: -item[1].numel())  # largest first, so the threads finish together
+            with ThreadPoolExecutor(FILL_THREADS) as pool:
+                list(pool.map(lambda item: _fill_in_chunks(*item, seed), params))
+        else:
+            seeded_init(module, seed)
     keep_fp32 = getattr(module, "_keep_in_fp32_modules", None) or []
     if dtype != torch.float32:  # mirror from_pretrained(torch_dtype=...), which keeps these in fp32
         for name, sub in module.named_modules():
@@ -146,10 +233,9 @@ def _random_model(source: str, label: str, dit: dict, vae: dict, umt5: dict,
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    # Seeds 0/1 make the two experts differ, as the real high- and low-noise experts do.
     parts = {
-        "transformer": (WanTransformer3DModel, dit, 0),
-        "transformer_2": (WanTransformer3DModel, dit, 1),
+        "transformer": (WanTransformer3DModel, dit, EXPERT_SEEDS["transformer"]),
+        "transformer_2": (WanTransformer3DModel, dit, EXPERT_SEEDS["transformer_2"]),
         "vae": (AutoencoderKLWan, vae, 2),
     }
     built = {name: _build(cls, cfg, seed, device, dtype) for name, (cls, cfg, seed) in parts.items()}

@@ -15,13 +15,13 @@ import torch
 from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, KERNEL_CHECK, Backend, BackendOptions, Runner,
                               load, make_backend)
 from harness.cache import DiskCache
-from harness.case import ONE_GPU, PRECISIONS, Case, Layout, eager_precision, is_quantized
+from harness.case import ONE_GPU, PRECISIONS, Case, Layout, eager_precision, is_dit, is_quantized
 from harness.compare import ParityResult, judge_parity
-from harness.components import Component, make_component
+from harness.components import Component, make_component, proxy_expert
 from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, GraphCheck, export_case, validate_graph
 from harness.machine import device_name, versions_string
-from harness.models import WanModel, load_model
+from harness.models import EXPERT_SEEDS, WanModel, load_model
 from harness.parallel import Job, launch, unsupported
 from harness.pipeline import (NEGATIVE_PROMPT, PROMPTS, Generation, Runners, build_runners, cfg_noise, cfg_noise_split,
                               generate, initial_latents)
@@ -239,7 +239,16 @@ class Session:
         ok, reason = builder.can_build()
         if not ok:
             raise BackendUnavailable(f"{backend} cannot build engines here: {reason}")
-        return builder.build(self.component(case), case)
+        return builder.build(self.engine_component(case), case)
+
+    def engine_component(self, case: Case) -> Component:
+        """What an engine of `case` is built from, where no eager run needs the model: a proxy expert is a skeleton
+        (export builds it in a process of its own), so this process never holds a real-width expert's weights."""
+        s = self.settings
+        if s.source == "proxy" and is_dit(case.component):
+            return proxy_expert(s.proxy_layers, device=s.device, dtype=case.dtype, seed=EXPERT_SEEDS[case.component],
+                                skeleton=True, name=case.component)
+        return self.component(case)
 
     # ------------------------------------------------------------------ results
 

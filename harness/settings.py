@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from harness.backends import ATTENTION_KERNELS, BACKENDS, BackendOptions, check_backend, load
+from harness.backends import ATTENTION_KERNELS, BACKENDS, ENGINE_WEIGHTS, BackendOptions, check_backend, load
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
@@ -73,6 +73,9 @@ OPTIONS = (
     Option("--parallel", "the GPUs of one video, for the parallel cases: cfg2 (the two CFG branches on two ranks), "
                          "ulysses<N>, ring<N> (each forward's tokens over N ranks), or a product such as "
                          "cfg2,ulysses2; none = one GPU", "none"),
+    Option("--engine-weights", "what a DiT expert's TensorRT plan holds: stripped (no weights: refitted from the "
+                               "cached ONNX at load, or bound as graph inputs where the builder has no CUDA device), "
+                               "full, or inputs (graph inputs even where it could refit)", "stripped"),
 )
 
 
@@ -145,7 +148,9 @@ def settings_from(values: dict) -> Settings:
         parallel=_parallel(given.get("parallel", "none"), given.get("cfg_batch", 1)),
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
-        backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3)))
+        backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3),
+                                       engine_weights=_choice(given.get("engine_weights", "stripped"), ENGINE_WEIGHTS,
+                                                              "--engine-weights")))
 
 
 def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]:
