@@ -1,21 +1,32 @@
-"""ModelOpt PTQ on the CPU: loop-captured calibration, the calibration cache, and the simulated `modelopt` backend
-judged against bf16 eager in the fp8 and int8 bands.
+"""ModelOpt PTQ to fp8/int8 engines on the CPU, with real ModelOpt, ONNX Runtime and TensorRT-RTX: loop-captured
+calibration and its cache, the simulated `modelopt` backend judged against bf16 eager in the fp8 and int8 bands,
+the Q/DQ graph against the simulation on ONNX Runtime, and strongly typed TensorRT-RTX builds for a named
+compute capability whose own layer information proves the GEMMs (and self-attention) quantized.
 
-The tiny DiT is judged at 128x128x9 (192 tokens): at the CI shape 16x16x9 (3 tokens) static scales from the
-calibration prompts do not cover held-out prompts (harness/thresholds.toml [parity.int8]).
+The tiny DiT runs at 128x128x9 (192 tokens): at the CI shape 16x16x9 (3 tokens) static scales from the
+calibration prompts do not cover held-out prompts (harness/thresholds.toml [parity.int8]), and TensorRT does
+not fuse self-attention into one kernel.
 """
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 
-from engines.modelopt import calibrate, restore
+from engines.layer_precision import gemms, parse_layers, precision_proof
+from engines.modelopt import calibrate, quantized_module, restore
+from engines.modelopt_export import export_quantized, qdq_cpu_runner
+from engines.tensorrt import EngineBuildError, TensorRTRTXBuilder, import_trt, min_quantized_share
+from harness.__main__ import main
+from harness.backends import BackendOptions
 from harness.cache import DiskCache
 from harness.case import DIT_COMPONENTS, QUANTIZED, Case
+from harness.compare import compare, thresholds
 from harness.components import dit_component, make_component
-from harness.errors import BackendUnavailable
+from harness.errors import BackendUnavailable, HarnessError
 from harness.models import load_model
 from harness.pipeline import CALIBRATION_PROMPTS, CALIBRATION_STEPS
+from harness.settings import settings_from
 from harness.shapes import parse_shape
 
 pytestmark = pytest.mark.export
@@ -88,3 +99,98 @@ def test_modelopt_says_what_it_cannot_quantize(session, modelopt_ready):
         session.build("modelopt", session.component(text), text)
     with pytest.raises(BackendUnavailable, match=r"modelopt has no bf16 path \(it runs fp8, int8\)"):
         session.build("modelopt", alone, case.with_precision("bf16"))
+
+
+@pytest.mark.parametrize("scheme", QUANTIZED)
+def test_qdq_graph_passes_the_checker_and_matches_the_simulation_on_onnxruntime(scheme, session, modelopt_ready):
+    """An fp16 graph (ORT's CPU provider has no bf16 Conv), graph optimizations off (they break fp8 Q/DQ)."""
+    model = load_model("tiny", dtype=torch.float16)
+    component, case = make_component(model, "transformer"), Case("transformer", SHAPE, "fp16")
+    cache = DiskCache(session.settings.cache_dir)
+    graph = export_quantized(component, case, cache, scheme)
+    onnx.checker.check_model(str(graph.path), full_check=True)
+    proto = onnx.load(str(graph.path))
+    assert {n.domain for n in proto.graph.node} == {""}, "every Q/DQ is a standard ONNX op"
+    stored = {onnx.TensorProto.DataType.Name(i.data_type) for i in proto.graph.initializer}
+    assert {"fp8": "FLOAT8E4M3FN", "int8": "INT8"}[scheme] in stored
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    assert conv.input[1] == "transformer.patch_embedding.weight", "the patch embedding keeps its own weight"
+    simulated, _ = quantized_module(component, case, cache, scheme)
+    inputs = component.loop_inputs(case, True)[0]
+    with torch.inference_mode():
+        expected = simulated(*inputs)
+    result = compare(qdq_cpu_runner(graph.path)(*inputs), expected,
+                     tolerance=thresholds()["qdq_graph"][f"ort_rel_l2_{scheme}"])
+    assert result, result.message()
+
+
+@pytest.fixture(scope="module")
+def rtx(modelopt_ready):
+    module, reason = import_trt("tensorrt_rtx")
+    if module is None:
+        pytest.skip(reason)
+
+
+def block_linear_flops(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """2 x rows x in x out of every Linear inside the DiT blocks, from one forward: what the engine must run."""
+    flops, hooks = [0], []
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Linear) and ".blocks." in f".{name}":
+            hooks.append(sub.register_forward_hook(
+                lambda m, args, out: flops.__setitem__(0, flops[0] + 2 * args[0].numel() * m.out_features)))
+    with torch.inference_mode():
+        module(*inputs)
+    for hook in hooks:
+        hook.remove()
+    return flops[0]
+
+
+def engine_for(session, precision: str, compute_capability: str):
+    case = Case("transformer", SHAPE, precision, source=session.settings.source)
+    options = BackendOptions(cache_dir=session.settings.cache_dir, compute_capability=compute_capability)
+    component = session.component(case)
+    _, engine = TensorRTRTXBuilder(options).build(component, case)
+    return engine, block_linear_flops(component.module, component.inputs(case))
+
+
+@pytest.mark.parametrize("precision, compute_capability", [("fp8", "8.9"), ("int8", "8.6")])
+def test_quantized_engine_runs_its_block_gemms_quantized(precision, compute_capability, session, rtx):
+    """Strongly typed TensorRT-RTX build for a named target; the builder's own layer log is the proof."""
+    engine, expected = engine_for(session, precision, compute_capability)
+    rows = gemms(parse_layers(engine.layer_info))
+    proof = precision_proof(rows, precision, expected)
+    assert engine.target == "sm" + compute_capability.replace(".", "")
+    assert sum(g.flops for g in rows if g.block and g.kind == "linear") == expected, "every block GEMM was seen"
+    assert proof.share >= min_quantized_share(), str(proof)
+    if precision == "fp8":  # int8 attention stays 16-bit: ModelOpt exports fp8 attention only
+        assert proof.fused_self_attention, f"self-attention is not one fused fp8 MHA kernel: {proof}"
+    case = Case("transformer", SHAPE, precision, source=session.settings.source)
+    session.record("export", case, "tensorrt_rtx", engine)
+    assert engine.checks() == {"quantized_gemm_share": True}
+
+
+def test_a_plain_bf16_engine_fails_the_fp8_proof(session, rtx):
+    engine, expected = engine_for(session, "bf16", "8.9")
+    proof = precision_proof(gemms(parse_layers(engine.layer_info)), "fp8", expected)
+    assert proof.block_gemm_flops == expected and proof.share < min_quantized_share()
+    assert not proof.fused_self_attention, str(proof)
+
+
+def test_fp8_for_a_gpu_without_fp8_fails_loudly(session, rtx):
+    with pytest.raises(EngineBuildError, match="HW-specific datatypes: fp8_e4m3"):
+        engine_for(session, "fp8", "8.6")
+
+
+def test_a_compute_capability_is_major_minor_and_one_the_builder_targets(session, rtx):
+    with pytest.raises(HarnessError, match="write it as major.minor"):
+        settings_from({"compute_capability": "sm89", "device": "cpu", "backends": "torch"})
+    with pytest.raises(HarnessError, match=r"cannot target compute capability 9.0; it targets .*8\.9"):
+        engine_for(session, "fp8", "9.0")
+
+
+def test_harness_build_makes_an_fp8_engine_for_a_named_target(session, rtx, capsys):
+    code = main(["build", "--precision", "fp8", "--compute-capability", "8.9", "--component", "transformer",
+                 "--shape", SHAPE.id, "--model-source", "tiny", f"--cache-dir={session.settings.cache_dir}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "target sm89" in out and "100.0% of" in out and "fused_mha fp8" in out, out
+    assert main(["build", "--precision", "fp8", "--compute-capability", "8.9.1", "--component", "transformer"]) == 2

@@ -140,13 +140,18 @@ def _quantizer_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if "_quantizer." in k}
 
 
-def calibrate(component: Component, case: Case, cache: DiskCache) -> Cached[dict]:
-    """The quantizer state of `component` calibrated for case.precision on the loop's inputs, through the cache."""
+def calibrate(component: Component, case: Case, cache: DiskCache, scheme: str | None = None) -> Cached[dict]:
+    """The quantizer state of `component` calibrated on the loop's inputs, through the cache.
+
+    `scheme` (fp8 or int8) defaults to case.precision; name it to quantize beside the case's own activation
+    precision, e.g. an fp16 expert for an ONNX Runtime check (ORT's CPU provider has no bf16 Conv).
+    """
     if component.loop_inputs is None:
         raise BackendUnavailable(f"{component.name} carries no denoising-loop inputs to calibrate on (an expert "
                                  "held without a WanModel); quantize an expert of a whole model")
-    inputs = component.loop_inputs(case)
-    cfg = quant_config(case.precision)
+    scheme = scheme or case.precision
+    inputs = component.loop_inputs(case, False)
+    cfg = quant_config(scheme)
 
     def build(folder: Path) -> None:
         import modelopt.torch.opt as mto
@@ -159,7 +164,7 @@ def calibrate(component: Component, case: Case, cache: DiskCache) -> Cached[dict
                 "calibrate_s": time.perf_counter() - start, "forwards": len(inputs)}
         torch.save(blob, folder / SCALES_FILE)
 
-    readable = dataclasses.replace(case, batch=1).id
+    readable = dataclasses.replace(case, batch=1).id + ("" if scheme == case.precision else f"-{scheme}")
     cached = cache.fetch("calibration", readable, calibration_spec(component, cfg, inputs), build, _load_scales)
     log.info("calibration %s: %s (%d loop forwards, %.1f s)", readable, "cache hit" if cached.hit else "calibrated",
              cached.value["forwards"], cached.value["calibrate_s"])
@@ -208,12 +213,13 @@ def _fold_smoothing(module: torch.nn.Module) -> None:
             sub.weight.copy_((sub.weight * inverse[None, :]).to(sub.weight.dtype))
 
 
-def quantized_module(component: Component, case: Case, cache: DiskCache) -> tuple[torch.nn.Module, str]:
-    """The component's module fake-quantized for case.precision, and the key of the calibration entry it restored."""
+def quantized_module(component: Component, case: Case, cache: DiskCache,
+                     scheme: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The component's module fake-quantized (see `calibrate`), and the key of the calibration entry it restored."""
     if not is_dit(case.component):
         raise BackendUnavailable(f"ModelOpt quantization covers the DiT experts only, not {case.component} "
                                  "(the text encoder and VAE stay bf16 beside them)")
-    cached = calibrate(component, case, cache)
+    cached = calibrate(component, case, cache, scheme)
     return restore(component, cached.value), cached.path.name
 
 

@@ -19,11 +19,11 @@ _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 class OrtRunner:
     """A Runner over one ONNX file: torch tensors in, a torch tensor out on the first input's device."""
 
-    def __init__(self, path: Path, providers: list[str]):
+    def __init__(self, path: Path, providers: list[str], options=None):
         import onnxruntime
 
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        try:  # options: onnxruntime.SessionOptions, e.g. graph optimizations off for Q/DQ graphs
+            self.session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; their text is the reason
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackendUnavailable(f"onnxruntime ({', '.join(providers)}) cannot load {path.name}: {first}") from None

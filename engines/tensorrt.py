@@ -11,6 +11,7 @@ import collections
 import importlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +20,20 @@ from types import ModuleType
 import torch
 
 from engines.cuda_graph import GraphedRunner
+from engines.layer_precision import LAYERS_HEADER, PrecisionProof, gemms, parse_layers, precision_proof
 from harness.backends import BackendOptions, Runner
 from harness.cache import DiskCache, atomic_write_bytes
-from harness.case import Case
+from harness.case import QUANTIZED, Case, is_quantized
+from harness.compare import thresholds
 from harness.components import Component
-from harness.errors import BackendUnavailable
+from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, check_inputs, export_case
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "engine.plan"
 NETWORK_FILE = "network.json"
+LAYERS_FILE = "layers.txt"  # the builder's detailed layer information (engines/layer_precision.py)
 # TensorRT-RTX 1.7's deserializer names these as the compute capabilities it runs on (docs/hardware.md:
 # "Supported compute capabilities: 8.0 8.6 8.9 12.0 12.1 >12.0"); Hopper (9.0) is not among them.
 RTX_RUNS_ON = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
@@ -62,12 +66,33 @@ def run_reason(module_name: str) -> str:
     return ""
 
 
-def build_target(module_name: str) -> str:
-    """What the engine is built for: the GPU's compute capability, or the AOT default set on a CPU."""
+def build_target(module_name: str, compute_capability: str | None = None) -> str:
+    """What the engine is built for: a named compute capability, the GPU's own, or the AOT default set on a CPU."""
+    if compute_capability:
+        return "sm" + compute_capability.replace(".", "")
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"sm{major}{minor}"
     return f"aot-default:{module_name}"
+
+
+# What an ahead-of-time build of a quantized precision targets when no compute capability is named: the
+# lowest with fp8 tensor cores (Ada) for fp8, Ampere's 8.6 for int8. TensorRT-RTX refuses fp8 for 8.6 and
+# below ("contains HW-specific datatypes: fp8_e4m3"), so fp8 is never dropped silently. Other precisions keep
+# TensorRT-RTX's own default set of targets.
+AOT_TARGETS = {"fp8": "8.9", "int8": "8.6"}
+
+
+def compute_target(module_name: str, precision: str, asked: str = "") -> str | None:
+    """The compute capability to name to the builder ("8.9"), or None for its own choice: this GPU on a GPU
+    machine, the default set of an AOT build. Full TensorRT builds for the GPU it runs on only."""
+    if torch.cuda.is_available():
+        own = "{}.{}".format(*torch.cuda.get_device_capability())
+        if asked and asked != own and module_name not in AOT_MODULES:
+            raise HarnessError(f"{module_name} builds for the GPU it runs on (compute capability {own}); "
+                               f"--compute-capability {asked} needs tensorrt_rtx, which builds ahead of time")
+        return asked if module_name in AOT_MODULES else None
+    return asked or AOT_TARGETS.get(precision)
 
 
 @dataclass(frozen=True)
@@ -115,55 +140,81 @@ class EngineBuild:
     plugin_layers: list[str] = field(default_factory=list)
     target: str = ""
     trt_version: str = ""
+    precision: str = ""
+    layer_info: str = ""  # the builder's detailed layer information; "" where the module logs none
+
+    def proof(self, target: str | None = None) -> PrecisionProof:
+        """How much of the blocks' GEMM work runs in `target` (default: this engine's quantized precision)."""
+        return precision_proof(gemms(parse_layers(self.layer_info)), target or self.precision)
 
     def metrics(self) -> dict[str, float]:
-        return {"trt_layers": self.layers, "engine_mb": self.size_bytes / 2 ** 20, "build_s": self.build_s,
-                "fetch_s": self.fetch_s}
+        out = {"trt_layers": self.layers, "engine_mb": self.size_bytes / 2 ** 20, "build_s": self.build_s,
+               "fetch_s": self.fetch_s}
+        if is_quantized(self.precision) and self.layer_info:
+            proof = self.proof()
+            out.update(quantized_gemm_share=proof.share, fused_self_attention=float(proof.fused_self_attention))
+        return out
 
     def thresholds(self) -> dict:
-        return {}
+        return {"quantized_gemm_share": min_quantized_share()} if "quantized_gemm_share" in self.metrics() else {}
 
     def checks(self) -> dict:
-        return {}
+        metrics = self.metrics()
+        return ({"quantized_gemm_share": metrics["quantized_gemm_share"] >= min_quantized_share()}
+                if "quantized_gemm_share" in metrics else {})
 
     def __str__(self) -> str:
         plugins = f", plugins: {', '.join(self.plugin_layers)}" if self.plugin_layers else ", no plugin layers"
+        proof = f"; {self.proof()}" if is_quantized(self.precision) and self.layer_info else ""
         return (f"engine {self.key}: {'cache hit' if self.hit else 'built'} in {self.fetch_s:.2f} s "
                 f"(build {self.build_s:.2f} s), {self.size_bytes / 2 ** 20:.2f} MB, {self.layers} layers"
-                f"{plugins}; target {self.target}, {self.trt_version}")
+                f"{plugins}; target {self.target}, {self.trt_version}{proof}")
+
+
+
+def min_quantized_share() -> float:
+    """The share of the blocks' GEMM FLOPs a quantized engine must run in its precision (thresholds.toml)."""
+    return thresholds()["quantized_engine"]["min_gemm_share"]
 
 
 def engine_spec(module_name: str, module_version: str, onnx_fingerprint: str, profiles: list[Profile],
-                opt_level: int = 3, workspace_gib: float | None = None, weight_streaming: bool = False) -> dict:
+                opt_level: int = 3, workspace_gib: float | None = None, weight_streaming: bool = False,
+                compute_capability: str | None = None) -> dict:
     """Everything that changes the engine's bytes; its hash is the engine cache key."""
     return {"onnx": onnx_fingerprint, "module": module_name, "version": module_version,
-            "target": build_target(module_name), "profiles": [p.as_json() for p in profiles],
-            "opt_level": opt_level, "workspace_gib": workspace_gib,
+            "target": build_target(module_name, compute_capability), "profiles": [p.as_json() for p in profiles],
+            "opt_level": opt_level, "workspace_gib": workspace_gib, "profiling": "detailed",
             "flags": ["STRONGLY_TYPED"] + (["WEIGHT_STREAMING"] if weight_streaming else [])}
 
 
 def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], cache: DiskCache, readable: str,
                onnx_fingerprint: str, *, opt_level: int = 3, workspace_gib: float | None = None,
-               weight_streaming: bool = False) -> EngineBuild:
+               weight_streaming: bool = False, compute_capability: str | None = None,
+               precision: str = "") -> EngineBuild:
     """Parse the ONNX into a strongly typed network and build a serialized engine, through the cache."""
-    spec = engine_spec(trt.__name__, trt.__version__, onnx_fingerprint, profiles, opt_level, workspace_gib, weight_streaming)
+    spec = engine_spec(trt.__name__, trt.__version__, onnx_fingerprint, profiles, opt_level, workspace_gib, weight_streaming,
+                       compute_capability)
     timing_cache = cache.root / "timing" / f"{trt.__name__}-{trt.__version__}-{spec['target'].replace(':', '_')}.cache"
 
     def build(folder: Path) -> None:
-        options = dict(opt_level=opt_level, workspace_gib=workspace_gib, weight_streaming=weight_streaming)
+        options = dict(opt_level=opt_level, workspace_gib=workspace_gib, weight_streaming=weight_streaming,
+                       compute_capability=compute_capability)
         _build_into(trt, onnx_path, profiles, folder, timing_cache, **options)
 
     cached = cache.fetch("engines", f"{readable}-{trt.__name__}", spec, build, _load_network_info)
     info = cached.value
+    layer_info = cached.path / LAYERS_FILE
     result = EngineBuild(cached.path / PLAN_FILE, cached.path.name, cached.hit, cached.seconds, info["build_s"],
                          (cached.path / PLAN_FILE).stat().st_size, info["layers"], info["layer_types"],
-                         info["plugin_layers"], spec["target"], f"{trt.__name__} {trt.__version__}")
+                         info["plugin_layers"], spec["target"], f"{trt.__name__} {trt.__version__}", precision,
+                         layer_info.read_text() if layer_info.is_file() else "")
     log.info("%s", result)
     return result
 
 
 def _build_into(trt: ModuleType, onnx_path: Path, profiles: list[Profile], folder: Path, timing_cache: Path,
-                *, opt_level: int, workspace_gib: float | None, weight_streaming: bool) -> None:
+                *, opt_level: int, workspace_gib: float | None, weight_streaming: bool,
+                compute_capability: str | None) -> None:
     logger = _capturing_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -172,12 +223,16 @@ def _build_into(trt: ModuleType, onnx_path: Path, profiles: list[Profile], folde
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError(f"{trt.__name__} ONNX parser rejected {onnx_path}:\n" + "\n".join(errors))
     config = _builder_config(trt, builder, profiles, timing_cache, opt_level, workspace_gib, weight_streaming)
+    if compute_capability:
+        _set_target(trt, config, compute_capability)
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(f"{trt.__name__} builder failed on {onnx_path}:\n" + "\n".join(logger.errors))
     build_s = time.perf_counter() - start
     (folder / PLAN_FILE).write_bytes(bytes(plan))
+    if logger.layer_info:
+        (folder / LAYERS_FILE).write_text(logger.layer_info)
     (folder / NETWORK_FILE).write_text(json.dumps({"build_s": build_s, **_network_info(trt, network)}, indent=1))
     if torch.cuda.is_available():
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
@@ -187,6 +242,8 @@ def _builder_config(trt: ModuleType, builder, profiles: list[Profile], timing_ca
                     workspace_gib: float | None, weight_streaming: bool):
     config = builder.create_builder_config()
     config.builder_optimization_level = opt_level
+    # Per-layer information in the plan and in the build log: the proof of what each layer runs in.
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2 ** 30))
     if weight_streaming:
@@ -206,6 +263,17 @@ def _builder_config(trt: ModuleType, builder, profiles: list[Profile], timing_ca
     return config
 
 
+def _set_target(trt: ModuleType, config, compute_capability: str) -> None:
+    """Build for exactly one named compute capability (TensorRT-RTX's ahead-of-time targets)."""
+    name = "SM" + compute_capability.replace(".", "")
+    known = [n for n in dir(trt.ComputeCapability) if re.fullmatch(r"SM\d+", n)]
+    if name not in known:
+        raise HarnessError(f"{trt.__name__} {trt.__version__} cannot target compute capability {compute_capability}; "
+                           f"it targets {', '.join(f'{n[2:-1]}.{n[-1]}' for n in known)}")
+    config.num_compute_capabilities = 1  # the count first, then each target
+    config.set_compute_capability(getattr(trt.ComputeCapability, name), 0)
+
+
 def _network_info(trt: ModuleType, network) -> dict:
     """Layer count, layer types and plugin layers of the parsed network (what TensorRT made of each op)."""
     plugin_types = {getattr(trt.LayerType, n) for n in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, n)}
@@ -223,14 +291,18 @@ def _load_network_info(folder: Path) -> dict:
 
 
 def _capturing_logger(trt: ModuleType):
-    """A TensorRT logger that keeps errors (for the failure message) and forwards warnings to logging."""
+    """A TensorRT logger that keeps errors (for the failure message) and the detailed layer information, and
+    forwards warnings to logging."""
 
     class CapturingLogger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.layer_info = ""
 
         def log(self, severity, msg):
+            if msg.startswith(LAYERS_HEADER):  # VERBOSE: one line per engine layer
+                self.layer_info = msg
             if severity <= trt.ILogger.Severity.ERROR:
                 # Kept for the exception a real failure raises; logged quietly because an AOT build
                 # on a machine without a CUDA driver logs harmless cudaError 35 lines as errors.
@@ -346,6 +418,7 @@ class _Builder:
     def __init__(self, options: BackendOptions = BackendOptions(), cache: DiskCache | None = None):
         self.cache = cache or DiskCache(options.cache_dir)
         self.options = dict(opt_level=options.opt_level, weight_streaming=options.weight_streaming)
+        self.compute_capability = options.compute_capability
 
     def can_build(self) -> tuple[bool, str]:
         """TensorRT-RTX builds without a GPU; full TensorRT needs one."""
@@ -360,11 +433,24 @@ class _Builder:
         ok, reason = self.can_build()
         if not ok:
             raise BackendUnavailable(reason)
-        graph = export_case(component, case, self.cache)
+        target = compute_target(self.module_name, case.precision, self.compute_capability)
+        graph = self._graph(component, case)
         trt = importlib.import_module(self.module_name)
         engine = build_plan(trt, graph.path, [case_profile(component, case)], self.cache, case.id, graph.fingerprint,
-                            **self.options)
+                            compute_capability=target, precision=case.precision, **self.options)
         return graph, engine
+
+    def _graph(self, component: Component, case: Case) -> ExportedGraph:
+        """The case's graph: for fp8/int8 the Q/DQ export of the ModelOpt-quantized expert."""
+        if not is_quantized(case.precision):
+            return export_case(component, case, self.cache)
+        from engines.modelopt import modelopt_reason
+        from engines.modelopt_export import export_quantized
+
+        reason = modelopt_reason()
+        if reason:
+            raise BackendUnavailable(f"{case.precision} engines start from ModelOpt's Q/DQ graph: {reason}")
+        return export_quantized(component, case, self.cache)
 
 
 class TensorRTBuilder(_Builder):
@@ -380,7 +466,7 @@ class _TensorRTBackend:
 
     name = ""
     builder_class: type[_Builder] = _Builder
-    precisions = ("fp32", "fp16", "bf16")
+    precisions = ("fp32", "fp16", "bf16", *QUANTIZED)  # fp8/int8: the DiT experts, from ModelOpt Q/DQ graphs
     attention_kernels = ()  # TensorRT chooses its own attention kernels from the graph
 
     def __init__(self, options: BackendOptions = BackendOptions()):

@@ -165,7 +165,8 @@ def cmd_build(args) -> int:
     """Export (cached) and build (cached) a TensorRT engine for each component; print its summary."""
     from harness.session import Session
 
-    session = Session(_settings(args, precisions=args.precision, shapes=args.shape, opt_level=args.opt_level))
+    session = Session(_settings(args, precisions=args.precision, shapes=args.shape, opt_level=args.opt_level,
+                                compute_capability=args.compute_capability))
     for case in _export_cases(args, session.settings):
         try:
             _, engine = session.build_engine(args.backend, case)
@@ -211,9 +212,13 @@ def _add_export_commands(sub) -> None:
         if name == "build":
             p.add_argument("--backend", default="tensorrt_rtx", help="tensorrt | tensorrt_rtx (default: %(default)s)")
             p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default: %(default)s)")
+            p.add_argument("--compute-capability", default="",
+                           help="build for this GPU generation, e.g. 8.9 (tensorrt_rtx builds ahead of time; default: "
+                                "this GPU's own, or with no GPU 8.9 for fp8, 8.6 for int8)")
         p.add_argument("--component", default="all",
                        help="transformer | transformer_2 | vae_decoder | text_encoder | all (default: %(default)s)")
-        p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default: %(default)s)")
+        p.add_argument("--precision", default="fp32",
+                       help="fp32 | fp16 | bf16, or for the DiT experts fp8 | int8 (default: %(default)s)")
         p.add_argument("--shape", default=None, help="a preset or HxWxF (default: 16x16x9 tiny, 480p otherwise)")
         p.add_argument("--dynamic", action="store_true", help="dynamic batch/latent/text axes (VAE frames stay static)")
         _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--device", "--cache-dir")

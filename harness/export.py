@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -117,8 +117,12 @@ def export_spec(component: Component, case: Case, fingerprint: str, opset: int, 
 
 
 def export_case(component: Component, case: Case, cache: DiskCache, *, opset: int = OPSET,
-                exporter: str | None = None) -> ExportedGraph:
-    """Export `component` at `case`, with the case's seeded inputs, to ONNX through the cache (a hit loads)."""
+                exporter: str | None = None, rewrite: Callable[[Path], dict] | None = None) -> ExportedGraph:
+    """Export `component` at `case`, with the case's seeded inputs, to ONNX through the cache (a hit loads).
+
+    `rewrite(path)` post-processes the written graph in place and returns counts for the entry's metadata
+    (the Q/DQ rewrite of quantized experts); component.fingerprint must cover what it does.
+    """
     exporter = exporter or default_exporter(case)
     if exporter not in EXPORTERS:
         raise HarnessError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
@@ -128,8 +132,9 @@ def export_case(component: Component, case: Case, cache: DiskCache, *, opset: in
     def build(folder: Path) -> None:
         start = time.perf_counter()
         _export_to(component, case, example, folder / GRAPH_FILE, opset, exporter)
+        rewritten = {"rewrite": rewrite(folder / GRAPH_FILE)} if rewrite else {}
         ops = assert_plain_types(folder / GRAPH_FILE)
-        meta = {"export_s": time.perf_counter() - start, "op_counts": ops}
+        meta = {"export_s": time.perf_counter() - start, "op_counts": ops, **rewritten}
         (folder / META_FILE).write_text(json.dumps(meta, indent=1))
 
     cached = cache.fetch("onnx", case.id, spec, build, _load_meta)

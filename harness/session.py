@@ -11,8 +11,8 @@ import dataclasses
 
 import torch
 
-from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, KERNEL_CHECK, Backend, BackendOptions, Runner,
-                              load, make_backend)
+from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, KERNEL_CHECK, QUANTIZED_EXPORT, Backend,
+                              BackendOptions, Runner, load, make_backend)
 from harness.cache import DiskCache
 from harness.case import PRECISIONS, Case, eager_precision, is_quantized
 from harness.compare import ParityResult, judge_parity
@@ -151,7 +151,9 @@ class Session:
     # ------------------------------------------------------------------ export and engines
 
     def export(self, case: Case, cache: DiskCache | None = None) -> ExportedGraph:
-        return export_case(self.component(case), case, cache or DiskCache(self.settings.cache_dir))
+        """The case's graph through the cache; fp8/int8 cases get the Q/DQ graph of the quantized expert."""
+        export = load(QUANTIZED_EXPORT) if is_quantized(case.precision) else export_case
+        return export(self.component(case), case, cache or DiskCache(self.settings.cache_dir))
 
     def check_graph(self, graph: ExportedGraph) -> GraphCheck:
         """onnx.checker, shape inference and ONNX Runtime CPU against PyTorch at the graph's check shapes."""
