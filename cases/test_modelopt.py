@@ -9,11 +9,13 @@ not fuse self-attention into one kernel.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import onnx
 import pytest
 import torch
 
-from engines.layer_precision import gemms, parse_layers, precision_proof
+from engines.layer_precision import gemms, markdown_table, parse_layers, precision_proof
 from engines.modelopt import calibrate, quantized_module, restore
 from engines.modelopt_export import export_quantized, qdq_cpu_runner
 from engines.tensorrt import EngineBuildError, TensorRTRTXBuilder, import_trt, min_quantized_share
@@ -194,3 +196,39 @@ def test_harness_build_makes_an_fp8_engine_for_a_named_target(session, rtx, caps
     out = capsys.readouterr().out
     assert code == 0 and "target sm89" in out and "100.0% of" in out and "fused_mha fp8" in out, out
     assert main(["build", "--precision", "fp8", "--compute-capability", "8.9.1", "--component", "transformer"]) == 2
+
+
+def test_real_width_fp8_engine_layer_table(session, rtx):
+    """One A14B-width expert of --proxy-layers layers, fp8 for 8.9 at the run's first shape: the layer-precision
+    table and build time go to the run folder (fp8-engine-proxy.md).
+
+    The expert is built alone, without a WanModel: the whole proxy model does not fit a 24 GB CPU machine
+    (its bf16 load alone passed 10 GB), so there is no loop to calibrate on, and three seeded forwards stand in.
+    That is no calibration for accuracy (every accuracy case calibrates on the loop); this build proves which
+    kernels and precisions TensorRT picks at real width, which the scale values do not change.
+    """
+    s = session.settings
+    if s.source != "proxy":
+        pytest.skip("builds a real-width expert: run with --model-source proxy (2 layers at 64x64x5 peaked at "
+                    "about 8 GB here)")
+    from harness.components import proxy_expert
+    from harness.machine import versions_string
+    from harness.results import atomic_write_text
+
+    case = Case("transformer", s.shapes[0], "fp8", source="proxy")
+    expert = proxy_expert(s.proxy_layers, device="cpu", dtype=torch.bfloat16)
+    component = dataclasses.replace(expert, loop_inputs=lambda c, held_out: [expert.inputs(c, seed) for seed in range(3)])
+    expected = block_linear_flops(component.module, component.inputs(case))
+    options = BackendOptions(cache_dir=s.cache_dir, compute_capability="8.9")
+    graph, engine = TensorRTRTXBuilder(options).build(component, case)
+    rows = gemms(parse_layers(engine.layer_info))
+    proof = precision_proof(rows, "fp8", expected)
+    table = (f"# fp8 TensorRT-RTX engine at A14B width (proxy, {s.proxy_layers} of 40 layers, {case.shape.id}, "
+             f"{case.shape.tokens} tokens)\n\nCommand: `{session.recorder.command}`; {versions_string()}\n\n"
+             f"Engine {engine.key}: target {engine.target}, build {engine.build_s:.1f} s, {engine.size_bytes / 2 ** 20:.0f} MB, "
+             f"graph export {graph.export_s:.1f} s; {proof}\n\n" + markdown_table([g for g in rows if g.block]))
+    session.recorder.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(session.recorder.path / "fp8-engine-proxy.md", table)
+    session.record("export", case, "tensorrt_rtx", engine)
+    assert proof.share >= min_quantized_share() and proof.block_gemm_flops == expected, str(proof)
+    assert proof.fused_self_attention, str(proof)

@@ -38,8 +38,10 @@ REWRITE = "qdq-standard-v1"
 TRT_DTYPE = {torch.float16: "Half", torch.bfloat16: "BFloat16"}
 FP8_MAX = 448.0  # largest finite float8e4m3fn
 ZERO_POINT = "fp8_zero_point"  # one scalar initializer: its type is what makes a QuantizeLinear output fp8
-# protobuf refuses messages past 2 GiB; a graph larger than this keeps its weights in a data file beside it
-EXTERNAL_DATA_BYTES = 1 << 30
+# A graph with more weight bytes than this keeps them in a data file beside it: protobuf refuses messages past
+# 2 GiB, and writing tensor by tensor spares the whole serialized copy (a real-width expert's rewrite peaked at
+# 3x its weights with it).
+EXTERNAL_DATA_BYTES = 256 << 20
 
 
 def export_quantized(component: Component, case: Case, cache: DiskCache, scheme: str | None = None) -> ExportedGraph:
@@ -117,7 +119,7 @@ def rewrite_qdq(path: Path) -> dict[str, int]:
     model = onnx.load(str(path))
     graph, index = model.graph, _Index(model.graph)
     counts: collections.Counter = collections.Counter()
-    drop, added = [], []
+    drop = []
     for q in [n for n in graph.node if n.op_type in ("QuantizeLinear", "TRT_FP8QuantizeLinear")]:
         dq = _only_dq(index, q)
         fp8 = q.domain == "trt"
@@ -128,7 +130,7 @@ def rewrite_qdq(path: Path) -> dict[str, int]:
             counts[f"{'fp8' if fp8 else 'int8'} activation Q/DQ"] += 1
             continue
         transpose = _weight_transpose(index, dq)
-        added.append(_stored_weight(q, dq, weight, np.asarray(index.constant(q.input[1]), np.float32), transpose, fp8))
+        _store_weight(graph, q, dq, weight, np.asarray(index.constant(q.input[1]), np.float32), transpose, fp8)
         drop.append(q)
         counts[f"{'fp8' if fp8 else 'int8'} weights"] += 1
         if transpose is not None:
@@ -136,10 +138,9 @@ def rewrite_qdq(path: Path) -> dict[str, int]:
             drop.append(transpose)
             counts["weight transposes folded"] += 1
     if any(n.op_type == "QuantizeLinear" and ZERO_POINT in n.input for n in graph.node):
-        added.append(_fp8_tensor(ZERO_POINT, torch.zeros(())))
+        _fp8_tensor(graph.initializer.add(), ZERO_POINT, torch.zeros(()))
     for node in drop:
         graph.node.remove(node)
-    graph.initializer.extend(added)
     _tidy(model)
     _save(model, path)
     for name in stale - {path.name + ".data"}:
@@ -174,9 +175,12 @@ def _weight_transpose(index: _Index, dq):
     return transpose if all(c.op_type == "MatMul" for c in index.consumers[transpose.output[0]]) else None
 
 
-def _stored_weight(q, dq, weight: np.ndarray, scale: np.ndarray, transpose, fp8: bool):
-    """The weight quantized as its Q would at run time (x / scale, rounded, saturated), as an initializer the
-    DQ reads in place of Q's output; pre-transposed when `transpose` follows the DQ (the DQ's axis moves too)."""
+def _store_weight(graph, q, dq, weight: np.ndarray, scale: np.ndarray, transpose, fp8: bool) -> None:
+    """The weight quantized as its Q would at run time (x / scale, rounded, saturated), stored as an initializer
+    the DQ reads in place of Q's output; pre-transposed when `transpose` follows the DQ (the DQ's axis moves too).
+
+    Written into the graph's own initializer list: a protobuf list copies what it is extended with.
+    """
     from onnx import helper, numpy_helper
 
     axis = next((a.i for a in q.attribute if a.name == "axis"), 1) % weight.ndim
@@ -192,16 +196,18 @@ def _stored_weight(q, dq, weight: np.ndarray, scale: np.ndarray, transpose, fp8:
     name = f"{q.input[0]}_{'fp8' if fp8 else 'int8'}"
     dq.input[0] = name
     if fp8:
-        return _fp8_tensor(name, torch.from_numpy(values).clamp(-FP8_MAX, FP8_MAX))
-    return numpy_helper.from_array(np.clip(np.rint(values), -128, 127).astype(np.int8), name)
+        _fp8_tensor(graph.initializer.add(), name, torch.from_numpy(values).clamp(-FP8_MAX, FP8_MAX))
+    else:
+        graph.initializer.add().CopyFrom(numpy_helper.from_array(np.clip(np.rint(values), -128, 127).astype(np.int8), name))
 
 
-def _fp8_tensor(name: str, values: torch.Tensor):
+def _fp8_tensor(tensor, name: str, values: torch.Tensor) -> None:
+    """Fill the TensorProto `tensor` with `values` as float8e4m3fn."""
     from onnx import TensorProto
 
-    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT8E4M3FN, dims=list(values.shape))
+    tensor.name, tensor.data_type = name, TensorProto.FLOAT8E4M3FN
+    tensor.dims.extend(values.shape)
     tensor.raw_data = values.to(torch.float8_e4m3fn).contiguous().view(torch.uint8).numpy().tobytes()
-    return tensor
 
 
 def _bypass(index: _Index, old: str, new: str) -> None:
@@ -217,9 +223,9 @@ def _tidy(model) -> None:
     graph = model.graph
     del graph.value_info[:]
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    for i in reversed(range(len(graph.initializer))):  # in place: rebuilding the list would copy every weight
+        if graph.initializer[i].name not in used:
+            del graph.initializer[i]
     opsets = [o for o in model.opset_import if o.domain != "trt"]
     del model.opset_import[:]
     model.opset_import.extend(opsets)
