@@ -8,6 +8,7 @@ TensorRT's own parser and builder; running an engine needs a supported GPU on a 
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
 import json
 import logging
@@ -147,29 +148,32 @@ class EngineBuild:
         """How much of the blocks' GEMM work runs in `target` (default: this engine's quantized precision)."""
         return precision_proof(gemms(parse_layers(self.layer_info)), target or self.precision)
 
+    @functools.cached_property
+    def quantized_proof(self) -> PrecisionProof | None:
+        """The proof of a quantized engine whose module logged its layers; None otherwise."""
+        return self.proof() if is_quantized(self.precision) and self.layer_info else None
+
     def metrics(self) -> dict[str, float]:
         out = {"trt_layers": self.layers, "engine_mb": self.size_bytes / 2 ** 20, "build_s": self.build_s,
                "fetch_s": self.fetch_s}
-        if is_quantized(self.precision) and self.layer_info:
-            proof = self.proof()
-            out.update(quantized_gemm_share=proof.share, fused_self_attention=float(proof.fused_self_attention))
+        if self.quantized_proof:
+            out.update(quantized_gemm_share=self.quantized_proof.share,
+                       fused_self_attention=float(self.quantized_proof.fused_self_attention))
         return out
 
     def thresholds(self) -> dict:
-        return {"quantized_gemm_share": min_quantized_share()} if "quantized_gemm_share" in self.metrics() else {}
+        return {"quantized_gemm_share": min_quantized_share()} if self.quantized_proof else {}
 
     def checks(self) -> dict:
-        metrics = self.metrics()
-        return ({"quantized_gemm_share": metrics["quantized_gemm_share"] >= min_quantized_share()}
-                if "quantized_gemm_share" in metrics else {})
+        proof = self.quantized_proof
+        return {"quantized_gemm_share": proof.share >= min_quantized_share()} if proof else {}
 
     def __str__(self) -> str:
         plugins = f", plugins: {', '.join(self.plugin_layers)}" if self.plugin_layers else ", no plugin layers"
-        proof = f"; {self.proof()}" if is_quantized(self.precision) and self.layer_info else ""
+        proof = f"; {self.quantized_proof}" if self.quantized_proof else ""
         return (f"engine {self.key}: {'cache hit' if self.hit else 'built'} in {self.fetch_s:.2f} s "
                 f"(build {self.build_s:.2f} s), {self.size_bytes / 2 ** 20:.2f} MB, {self.layers} layers"
                 f"{plugins}; target {self.target}, {self.trt_version}{proof}")
-
 
 
 def min_quantized_share() -> float:
@@ -208,6 +212,9 @@ def build_plan(trt: ModuleType, onnx_path: Path, profiles: list[Profile], cache:
                          (cached.path / PLAN_FILE).stat().st_size, info["layers"], info["layer_types"],
                          info["plugin_layers"], spec["target"], f"{trt.__name__} {trt.__version__}", precision,
                          layer_info.read_text() if layer_info.is_file() else "")
+    if is_quantized(precision) and not result.layer_info:
+        log.warning("%s %s logged no detailed layer information: no proof of what %s engine runs in %s",
+                    trt.__name__, trt.__version__, readable, precision)
     log.info("%s", result)
     return result
 
@@ -266,7 +273,7 @@ def _builder_config(trt: ModuleType, builder, profiles: list[Profile], timing_ca
 def _set_target(trt: ModuleType, config, compute_capability: str) -> None:
     """Build for exactly one named compute capability (TensorRT-RTX's ahead-of-time targets)."""
     name = "SM" + compute_capability.replace(".", "")
-    known = [n for n in dir(trt.ComputeCapability) if re.fullmatch(r"SM\d+", n)]
+    known = sorted((n for n in dir(trt.ComputeCapability) if re.fullmatch(r"SM\d+", n)), key=lambda n: int(n[2:]))
     if name not in known:
         raise HarnessError(f"{trt.__name__} {trt.__version__} cannot target compute capability {compute_capability}; "
                            f"it targets {', '.join(f'{n[2:-1]}.{n[-1]}' for n in known)}")

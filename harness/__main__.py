@@ -137,10 +137,11 @@ def _tables(text: str) -> tuple[str, ...]:
 
 
 def _export_cases(args, settings) -> list:
-    """Cases for `export`/`build`: one per named component (`all` = every component)."""
-    from harness.case import COMPONENTS, Case, check_component
+    """Cases for `export`/`build`: one per named component (`all` = every component; the experts for fp8/int8)."""
+    from harness.case import COMPONENTS, DIT_COMPONENTS, Case, check_component, is_quantized
 
-    names = COMPONENTS if args.component == "all" else (check_component(args.component),)
+    every = DIT_COMPONENTS if is_quantized(settings.precisions[0]) else COMPONENTS
+    names = every if args.component == "all" else (check_component(args.component),)
     return [Case(name, settings.shapes[0], settings.precisions[0], source=settings.source, dynamic=args.dynamic)
             for name in names]
 
