@@ -39,6 +39,7 @@ def test_every_registered_backend_loads_and_keeps_the_contract(name):
     cls = load(BACKENDS[name])
     backend = cls()
     assert backend.name == name and backend.precisions and callable(backend.build)
+    assert isinstance(backend.shards_sequence, bool)
     ok, reason = backend.available()
     assert isinstance(ok, bool) and (ok or reason), "an unavailable backend must say why"
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.export
 
 SHAPE = parse_shape("16x16x9")
 EXPORT_PRECISIONS = ("fp32", "fp16", "bf16", *QUANTIZED)
-TABLE_HEADER = ("| component | shape | precision | shape mode | export s | ORT rel err | TRT layers | engine MB | build s "
+TABLE_HEADER = ("| component | precision | shape mode | shape | export s | ORT rel err | TRT layers | engine MB | build s "
                 "| target | block GEMM FLOPs in fp8/int8 | self-attention |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
@@ -82,8 +82,7 @@ def _layer_notes(rows) -> str:
 def test_export_check_and_trt_build(export_case_, session, export_table):
     """Every graph passes the checker and ONNX Runtime, and TensorRT-RTX must build it here: no skip."""
     case = export_case_
-    graph = session.export(case)
-    check = session.check_graph(graph)
+    graph, check = session.checked_export(case)
     assert check, str(check)
     if case.dynamic:
         assert check.parity_skipped or len(check.parity) == 2, "a dynamic graph is checked at two shapes"
@@ -94,8 +93,8 @@ def test_export_check_and_trt_build(export_case_, session, export_table):
     session.record("export", case, "tensorrt_rtx", engine)
     ort = f"{check.worst_rel_l2:.2e}" if check.parity else f"skipped: {_short(check.parity_skipped)}"
     plugins = f" (plugins: {', '.join(engine.plugin_layers)})" if engine.plugin_layers else ""
-    export_table[case.id] = (case, f"| {case.component} | {case.shape.id} | {case.precision} | "
-                                   f"{'dynamic' if case.dynamic else 'static'} | "
+    export_table[case.id] = (case, f"| {case.component} | {case.precision} | {'dynamic' if case.dynamic else 'static'} | "
+                                   f"{case.shape.id} | "
                                    f"{graph.export_s:.2f} | {ort} | {engine.layers}{plugins} | "
                                    f"{engine.size_bytes / 2 ** 20:.2f} | {engine.build_s:.2f} | {engine.target} | "
                                    f"{_quantized_columns(engine)} |\n", engine)

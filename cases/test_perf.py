@@ -4,15 +4,12 @@ pytest-benchmark times the candidate; its `setup` runs one baseline round before
 round, so the two alternate under the same thermal and clock conditions. Both sides are also timed
 with CUDA events on the GPU; harness.timing.judge_speedup compares those medians and owns the gate.
 """
-import dataclasses
 import math
 
 import pytest
-import torch
 
 from harness.backends import BACKENDS, load
-from harness.case import PRECISIONS, Case, eager_precision, is_dit, is_quantized
-from harness.pipeline import cfg_noise, initial_latents
+from harness.case import Case, eager_precision, is_dit, is_quantized
 from harness.shapes import A14B_LAYERS, forward_flops
 from harness.timing import RoundRecorder, SpeedupResult, judge_speedup
 
@@ -41,7 +38,7 @@ def perf_precision(backend: str, settings) -> str:
 
 def workload(session, stage, backend, precision, shape):
     """A zero-argument callable doing one unit of `stage`, and its FLOPs where they are known."""
-    model, device = session.model(precision), session.settings.device
+    model = session.model(precision)
     if stage == "end_to_end":
         return (lambda: session.generate(backend, precision, shape, "a timing run")), None
     component = "transformer" if stage == "cfg_step" else stage
@@ -50,13 +47,7 @@ def workload(session, stage, backend, precision, shape):
         runner, inputs = session.runner(backend, case), session.inputs(case)
         flops = forward_flops(getattr(model, component).config, shape.tokens) if is_dit(component) else None
         return (lambda: runner(*inputs)), flops
-    batch = session.cfg_batch(backend)
-    runner = session.runner(backend, dataclasses.replace(case, batch=batch))
-    cond, negative = session.inputs(case)[2], session.inputs(case, seed=1)[2]
-    latents = initial_latents(model, shape, 0, device)
-    timestep = torch.tensor(937, device=device)
-    return (lambda: cfg_noise(runner, latents, timestep, cond, negative, model.guidance_scale, PRECISIONS[precision],
-                              batch)), 2 * forward_flops(model.transformer.config, shape.tokens)
+    return session.cfg_step(backend, precision, shape), 2 * forward_flops(model.transformer.config, shape.tokens)
 
 
 def stage_case(stage: str, shape, precision: str, session, candidate: str) -> Case:

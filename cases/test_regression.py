@@ -7,11 +7,17 @@ import re
 import shlex
 from pathlib import Path
 
+import tempfile
+
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from harness.__main__ import build_parser, main
 from harness.errors import HarnessError
-from harness.regression import compare, compare_run, exit_code, load_baseline, load_rules, run_entries, save_baseline
+from harness.regression import (Baseline, Entry, compare, compare_run, dumps_baseline, exit_code, load_baseline,
+                                load_rules, run_entries, save_baseline)
 from harness.results import Row, RunRecorder
 
 pytestmark = pytest.mark.unit
@@ -114,6 +120,79 @@ def test_psnr_fall_of_three_db_regresses(baseline, tmp_path):
 def test_nan_error_regresses(baseline, tmp_path):
     verdicts, _ = verdicts_against(baseline, tmp_path, with_changes(tensorrt__max_abs=math.nan))
     assert verdicts[f"{DIT}|tensorrt|max_abs"] == "regressed"
+
+
+def test_nan_median_or_iqr_in_the_run_regresses(baseline, tmp_path):
+    for changes in ({"tensorrt__median_ms": math.nan}, {"tensorrt__iqr_ms": math.nan, "tensorrt__median_ms": 1000.0},
+                    {"tensorrt__iqr_ms": math.inf}):
+        verdicts, code = verdicts_against(baseline, tmp_path, with_changes(**changes))
+        assert verdicts[f"{DIT}|tensorrt|median_ms"] == "regressed" and code == 1, changes
+
+
+# --- the perf and metric rules as properties (hypothesis) ---
+
+PERF_KEY = f"{DIT}|tensorrt|median_ms"
+medians = st.floats(min_value=1e-2, max_value=1e5)
+shares = st.floats(min_value=0.0, max_value=0.45)
+non_finite = st.sampled_from([math.nan, math.inf, -math.inf])
+
+
+def perf_verdict(base: Entry, cur: Entry) -> str:
+    (verdict,) = compare(Baseline("b", "run", {"device": H100}, {PERF_KEY: base}), {PERF_KEY: cur}, load_rules())
+    return verdict.verdict
+
+
+@given(median=medians, iqr_share=shares, bad=non_finite, where=st.sampled_from(["median", "iqr", "both"]),
+       other=st.floats(min_value=0.0, max_value=1e6))
+def test_a_nan_or_inf_in_a_perf_row_never_passes(median, iqr_share, bad, where, other):
+    cur = Entry("perf", bad if where != "iqr" else other, bad if where != "median" else other)
+    assert perf_verdict(Entry("perf", median, iqr_share * median), cur) == "regressed"
+
+
+@given(metric=st.sampled_from(sorted(load_rules().metrics)), value=st.floats(min_value=0.0, max_value=1.0))
+def test_a_nan_metric_never_passes(metric, value):
+    key = f"{DIT}|tensorrt|{metric}"
+    baseline = Baseline("b", "run", {"device": H100}, {key: Entry("parity", value)})
+    (verdict,) = compare(baseline, {key: Entry("parity", math.nan)}, load_rules())
+    assert verdict.verdict == "regressed"
+
+
+@given(median=medians, slowdown=st.floats(min_value=0.10, max_value=10.0), base_share=shares, cur_share=shares)
+def test_a_ten_percent_slowdown_with_small_iqrs_always_fails(median, slowdown, base_share, cur_share):
+    # "Small": the two IQRs add up to less than the slowdown itself (each under 45% of it).
+    delta = slowdown * median
+    verdict = perf_verdict(Entry("perf", median, base_share * delta), Entry("perf", median + delta, cur_share * delta))
+    assert verdict == "regressed"
+
+
+def metric_values(metric: str):
+    """Any finite value, and inf for PSNR (identical frames)."""
+    finite = st.floats(min_value=-1e6, max_value=1e6)
+    return st.one_of(finite, st.just(math.inf)) if metric.startswith("psnr") else finite
+
+
+run_entries_strategy = st.dictionaries(
+    st.tuples(st.sampled_from(["transformer-tiny-16x16x9-fp32-b1", "video-tiny-16x16x9-bf16-b1"]),
+              st.sampled_from(["torch", "tensorrt"]), st.sampled_from(sorted(load_rules().metrics) + ["median_ms"])),
+    st.none(), min_size=1, max_size=12)
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(keys=run_entries_strategy, data=st.data())
+def test_identical_runs_never_fail(keys, data):
+    """Whatever the numbers, a run compared with its own saved baseline (through the JSON file) is all ok."""
+    entries = {}
+    for case, backend, metric in keys:
+        if metric == "median_ms":
+            median = data.draw(medians)
+            entries[f"{case}|{backend}|{metric}"] = Entry("perf", median, data.draw(shares) * median)
+        else:
+            entries[f"{case}|{backend}|{metric}"] = Entry("parity", data.draw(metric_values(metric)))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "b.json"
+        path.write_text(dumps_baseline(Baseline("b", "run", {"device": H100}, entries)))
+        verdicts = compare(load_baseline(path), entries, load_rules())
+    assert {v.verdict for v in verdicts} == {"ok"} and exit_code(verdicts) == 0
 
 
 def test_new_case_is_new_and_missing_case_fails(baseline, tmp_path):

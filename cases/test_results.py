@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from harness.errors import HarnessError
-from harness.results import Row, RunRecorder, load_run, load_tables
+from harness.results import Row, RunRecorder, load_run, load_tables, short_summary
 
 pytestmark = pytest.mark.unit
 
@@ -31,6 +31,8 @@ def recorded_run(tmp_path) -> RunRecorder:
         rec.add("parity", row(f"rel_l2@step={step}", err))
     rec.add("perf", row("median_ms", 12.5, backend="torch"))
     rec.add("perf", row("speedup", 1.2, threshold=1.5, passed=None))
+    rec.add("perf", row("speedup_q1", 1.1))
+    rec.add("perf", row("speedup_q3", 1.5))
     rec.add("perf", row("tflops", None))
     return rec
 
@@ -75,6 +77,31 @@ def test_plots_are_real_pngs(tmp_path):
         data = (rec.path / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5_000, name
     assert not [p for p in rec.path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_cpu_timings_are_labelled_informational(tmp_path):
+    rec = recorded_run(tmp_path)
+    text = rec.finish().read_text()
+    assert "CPU timings are informational, never gated" in text.split("## perf", 1)[1]
+    assert short_summary(rec.path).startswith("CPU timings are informational")
+
+
+def test_speedup_plot_has_quartile_error_bars_and_the_cpu_label(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.container import ErrorbarContainer
+
+    from harness.results import _speedup_figure
+
+    rows = load_tables(recorded_run(tmp_path).path)["perf"]
+    quartiles = {(r.case, r.backend, r.metric): r.value for r in rows if r.metric.startswith("speedup_q")}
+    fig = _speedup_figure([r for r in rows if r.metric == "speedup"], quartiles)
+    ax = fig.axes[0]
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    (segments,) = bars.lines[2]
+    assert [round(y, 6) for y in segments.get_segments()[0][:, 1]] == [1.1, 1.5]  # from q1 to q3 around 1.2
+    assert ax.get_title().startswith("CPU timings: informational")
 
 
 def test_written_files_get_the_umask_mode_not_owner_only(tmp_path):

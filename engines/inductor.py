@@ -8,6 +8,7 @@ blocks (weights shared, no copy: a 40-layer expert is 28.6 GB), and other compon
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shutil
 import time
@@ -15,10 +16,11 @@ import time
 import torch
 
 from engines.attention.kernels import kernel_available
-from engines.attention.processor import with_kernel
+from engines.attention.processor import check_layout, with_kernel
 from harness.backends import BackendOptions, Runner
 from harness.case import Case, is_dit
 from harness.components import Component
+from harness.distributed import sequence_parallel
 from harness.errors import BackendUnavailable, HarnessError
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class Inductor:
     name = "inductor"
     precisions = ("fp32", "fp16", "bf16")
     attention_kernels = ("sdpa", "fa3")
+    shards_sequence = True
 
     def __init__(self, options: BackendOptions = BackendOptions(), regional: bool = True):
         if options.compile_mode not in MODES:
@@ -92,8 +95,11 @@ class Inductor:
         if self.kernel != "sdpa" and not (is_dit(case.component) and self.regional):
             raise BackendUnavailable(f"inductor runs {self.kernel} attention in the DiT experts' blocks (regional "
                                      f"compile) only, not in {case.component}")
+        check_layout(self.kernel, case)
         _raise_recompile_limit()
         compile_fn = self.compile_fn(case)
+        # Split before compiling, so the compiled blocks take their token shard and the exchange is traced.
+        component = dataclasses.replace(component, module=sequence_parallel(component.module, case))
         regional = _regional(component.module, compile_fn, self.kernel) if self.regional else None
         compiled = compile_fn(component.module) if regional is None else regional
         scope = "whole module" if regional is None else "per block"

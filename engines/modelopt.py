@@ -233,6 +233,8 @@ class ModelOpt:
     name = "modelopt"
     precisions = QUANTIZED
     attention_kernels = ()  # ModelOpt's attention plugin quantizes Q/K/V around the stock SDPA
+    # It stands for a quantized engine, which runs one whole-sequence graph: split only by CFG-parallel.
+    shards_sequence = False
     # Read by the perf cases: they skip with this reason.
     untimed = "modelopt simulates fp8/int8 in bf16 arithmetic; its timings stand for no engine"
 

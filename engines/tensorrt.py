@@ -475,6 +475,7 @@ class _TensorRTBackend:
     builder_class: type[_Builder] = _Builder
     precisions = ("fp32", "fp16", "bf16", *QUANTIZED)  # fp8/int8: the DiT experts, from ModelOpt Q/DQ graphs
     attention_kernels = ()  # TensorRT chooses its own attention kernels from the graph
+    shards_sequence = False  # one exported graph holds the whole sequence's attention
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         self.builder = self.builder_class(options)
@@ -490,7 +491,18 @@ class _TensorRTBackend:
         return not reason, reason
 
     def build(self, component: Component, case: Case) -> Runner:
+        """An engine runner; a cached plan that does not deserialize is evicted and rebuilt once."""
         _, engine = self.builder.build(component, case)
+        try:
+            return self._runner(engine)
+        except BackendUnavailable as exc:
+            if not engine.hit:  # a fresh plan that fails is the builder's verdict: report it
+                raise
+            self.builder.cache.evict(engine.path.parent, str(exc))
+            _, engine = self.builder.build(component, case)
+            return self._runner(engine)
+
+    def _runner(self, engine: EngineBuild) -> Runner:
         trt = importlib.import_module(self.builder.module_name)
         return EngineRunner(trt, engine.path.read_bytes(), cuda_graph=self.cuda_graph,
                             weight_streaming=self.weight_streaming)

@@ -15,12 +15,13 @@ import logging
 import torch
 
 from engines.attention.kernels import kernel_available
-from engines.attention.processor import install
+from engines.attention.processor import check_layout, install
 from engines.cuda_graph import GraphedRunner
 from engines.inductor import Inductor
 from harness.backends import BackendOptions, Runner
 from harness.case import Case, is_dit
 from harness.components import Component
+from harness.distributed import sequence_parallel
 from harness.errors import BackendUnavailable, HarnessError
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class TorchFp8:
     # cuDNN first: it won against the Triton kernel on the H100 (notes/fp8-attention.md). fa3 and sdpa keep
     # self-attention in bf16 beside the fp8 GEMMs.
     attention_kernels = ("cudnn-fp8", "fa3-fp8", "triton-fp8", "fa3", "sdpa")
+    shards_sequence = True
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         if options.attention and options.attention not in self.attention_kernels:
@@ -98,6 +100,7 @@ class TorchFp8:
                                      f"not {case.component} at {case.precision}")
         if self.cuda_graph and case.dynamic:
             raise BackendUnavailable("torch-fp8: a CUDA graph needs static shapes; this case is dynamic")
+        check_layout(self.kernel, case)
         module, count = quantized_copy(component.module)
         if count == 0:  # the tiny DiT (width 24) has no linear fit for fp8 matmuls: it would be plain bf16
             raise BackendUnavailable(f"torch-fp8: no linear in {case.component}'s blocks has dims that are "
@@ -106,5 +109,6 @@ class TorchFp8:
         if self.kernel != "sdpa":
             # Installed before compiling, so Inductor fuses the Q/K/V quantization with RoPE and the norms.
             install(module.transformer, self.kernel)
+        module = sequence_parallel(module, case, private=True)  # the quantized copy is this backend's own
         runner = self.compiler.build(dataclasses.replace(component, module=module), case)
         return GraphedRunner(runner) if self.cuda_graph else runner

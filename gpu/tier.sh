@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The GPU tier, a thin driver over one pytest session: install the carried wheels (if any), run the
-# session into RESULTS/RUN_ID with its pytest-benchmark JSON, then print the short table of verdicts.
+# The GPU tier, a thin driver over one pytest session: make the carried packages importable (wheels in
+# .whl/, or an unpacked `pip install --target` tree packed as .gpusite/site.tar.xz, which is half the size),
+# run the session into RESULTS/RUN_ID with its pytest-benchmark JSON, then print the short table of verdicts.
 # Usage: bash gpu/tier.sh RESULTS RUN_ID [pytest arguments...]
 #   e.g. bash gpu/tier.sh $OUT fp8 -m "parity or quality or perf" --model-source=proxy --candidate=torch-fp8 --shapes=480p,720p
 set -uo pipefail
 out=${1:?results folder}
 run=${2:?run id}
 shift 2
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    2>&1 | grep -v "already exists" || true
-  export PYTHONPATH=/tmp/site:$PWD
+site=/tmp/site
+if [ ! -d "$site" ] && [ -f .gpusite/site.tar.xz ]; then
+  mkdir -p "$site" && tar xJf .gpusite/site.tar.xz -C "$site"
+elif [ ! -d "$site" ] && compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
 fi
+[ -d "$site" ] && export PYTHONPATH=$site:$PWD
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import configparser
+import importlib
 import logging
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
+from harness.backends import BACKENDS
 from harness.errors import BackendUnavailable, HarnessError
 from harness.settings import OPTIONS, Option
+
+PYTEST_INI = Path(__file__).resolve().parent.parent / "pytest.ini"
+# Loggers that print known, harmless third-party notes on import (torchao registering its enums with
+# torch's pytree; diffusers finding no old torchao tensor types): pytest captures them, a terminal does not.
+NOISY_LOGGERS = ("torch.utils._pytree", "diffusers.quantizers.torchao")
 
 
 def cmd_env(args) -> int:
@@ -62,11 +72,19 @@ def cmd_generate(args) -> int:
     """Text to video with one backend; writes an H.264 mp4 and prints per-stage times."""
     from harness.pipeline import NEGATIVE_PROMPT
     from harness.session import Session
-    from harness.video import write_mp4
+    from harness.video import check_video_path, write_mp4
 
+    from harness.backends import check_backend
+    from harness.case import check_precision
+    from harness.settings import flagged
+
+    out = check_video_path(args.out)
+    flagged("--backend", check_backend, args.backend)
+    flagged("--precision", check_precision, args.precision)
     session = Session(_settings(args, backends=args.backend, precisions=args.precision, shapes=args.shape))
     s = session.settings
     shape, precision = s.shapes[0], s.precisions[0]
+    _check_precision_path(session, args.backend, precision)
     if s.source != "checkpoint":
         print(f"note: the {session.model(precision).label} model: the video is structured "
               "noise, useful for timing and plumbing, not for looking at")
@@ -75,12 +93,26 @@ def cmd_generate(args) -> int:
                                negative_prompt=args.negative_prompt or NEGATIVE_PROMPT, progress=True)
     except BackendUnavailable as exc:
         raise HarnessError(f"backend {args.backend} cannot run here: {exc}") from None
-    out = write_mp4(run.frames, args.out)
+    write_mp4(run.frames, out)
     print(f"wrote {out}: {shape.frames} frames, {shape.width}x{shape.height}, {args.backend} {precision}, "
           f"{s.steps} steps")
     for stage, ms in run.stage_ms.items():
         print(f"  {stage:12} {ms / 1000:8.2f} s")
     return 0
+
+
+def _check_precision_path(session, backend: str, precision: str) -> None:
+    """A backend without a path for the precision is a user error that names the backends that have one."""
+    from harness.backends import load
+
+    try:
+        impl = session.backend(backend)
+    except BackendUnavailable as exc:
+        raise HarnessError(f"{exc}; pick another --backend") from None
+    if precision not in impl.precisions:
+        others = [name for name, path in BACKENDS.items() if precision in load(path).precisions]
+        raise HarnessError(f"--backend {backend} has no {precision} path (it runs {', '.join(impl.precisions)}); "
+                           f"{precision} runs on --backend {' or '.join(others)}")
 
 
 def cmd_bench(args) -> int:
@@ -93,6 +125,8 @@ def cmd_bench(args) -> int:
     os.environ.setdefault(RUN_ID_ENV, new_run_id())
     given = [f"{o.flag}={getattr(args, o.dest)}" for o in OPTIONS if getattr(args, o.dest) is not None]
     code = pytest.main(["-m", "parity or quality or perf", "-p", "no:cacheprovider", *given, *args.pytest_args])
+    if code == pytest.ExitCode.USAGE_ERROR:  # a bad option after --: pytest printed it in one line
+        return 2
     summary = settings.results_dir / os.environ[RUN_ID_ENV] / "summary.md"
     print(f"summary: {summary}" if summary.is_file() else "no rows were recorded (see the skip reasons above), "
           "so no summary.md was written")
@@ -153,8 +187,7 @@ def cmd_export(args) -> int:
     session = Session(_settings(args, precisions=args.precision, shapes=args.shape))
     failed = 0
     for case in _export_cases(args, session.settings):
-        graph = session.export(case)
-        check = session.check_graph(graph)
+        graph, check = session.checked_export(case)
         failed += not check
         print(f"{case.id:48} {'hit ' if graph.hit else 'miss'} export {graph.export_s:6.2f} s  "
               f"{graph.size_bytes / 2 ** 20:7.2f} MB  {graph.path}")
@@ -226,8 +259,17 @@ def _add_export_commands(sub) -> None:
         p.set_defaults(func=func)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, reading an argument like -480x832x81 as a value (a shape spec the shape check then refuses
+    in one line) rather than as an unknown option; argparse does the same for plain negative numbers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d[\dx.]*$")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
+    parser = _Parser(prog="python -m harness", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help=cmd_env.__doc__).set_defaults(func=cmd_env)
@@ -237,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shapes)
 
     p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what the video shows (required)")
     p.add_argument("--negative-prompt", default=None, help="(default: the model card's style negative prompt)")
-    p.add_argument("--backend", default="torch", help="(default: %(default)s)")
+    p.add_argument("--backend", default="torch", help=f"{' | '.join(BACKENDS)} (default: %(default)s)")
     p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | fp8 (default: %(default)s)")
     p.add_argument("--shape", default=None, help="a preset or HxWxF (default: 16x16x9 tiny, 480p otherwise)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -261,9 +303,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party() -> None:
+    """Hide the third-party warnings that pytest.ini's filterwarnings hides, read from pytest.ini itself so the
+    CLI and pytest keep one list, and the import-time notes of NOISY_LOGGERS."""
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(PYTEST_INI, encoding="utf-8")
+    for line in ini.get("pytest", "filterwarnings", fallback="").splitlines():
+        if line.strip():
+            action, message, category, module = (line.strip().split(":") + [""] * 3)[:4]
+            warnings.filterwarnings(action, message, _warning_class(category), module)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _warning_class(name: str) -> type[Warning]:
+    """A warning category by its pytest.ini name: a builtin (DeprecationWarning) or a dotted path."""
+    if not name:
+        return Warning
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module or "builtins"), attr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    quiet_third_party()
     try:
         return args.func(args)
     except HarnessError as exc:

@@ -65,6 +65,7 @@ class Backend(Protocol):
     name: str
     precisions: tuple[str, ...]
     attention_kernels: tuple[str, ...]  # the ATTENTION_KERNELS it can run, its default first; () for graph backends
+    shards_sequence: bool  # runs a case whose layout splits each forward's tokens over ranks (harness.distributed)
 
     def available(self) -> tuple[bool, str]:
         """(True, '') or (False, a concrete reason such as 'tensorrt not importable: ...')."""

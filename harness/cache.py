@@ -3,7 +3,8 @@
 The key is a readable part (a Case id and what was built) plus a hash of everything that changes
 the artifact, so a new TensorRT version or precision can never be served an old file. Entries are
 built into a temporary folder beside the target and renamed into place, so a crash or a concurrent
-build never leaves a half-written entry under the final name.
+build never leaves a half-written entry under the final name. Each entry's manifest, written last,
+holds the size and sha256 of every file; a hit is served only when the files still match it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,18 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2  # 2: size and sha256 per file (1 had sizes only: such entries are rebuilt)
+HASH_CHUNK = 8 * 2 ** 20
+# Hashing runs at roughly 1-2 GB/s, so a 40-layer expert's 28.6 GB ONNX takes tens of seconds: files
+# past this size get their hash time logged, so a slow hit is explained.
+HASH_LOG_BYTES = 2 ** 30
+# A writer's temp folder is `.<key>.tmp-<host>-<pid>.<random>`. One whose writer is gone (same host, pid
+# no longer running) is swept at once. One whose writer cannot be checked (another host sharing the
+# cache, a restored CI cache, or a name from before pids were recorded) is swept only when nothing in it
+# has changed for a day: an export or build writes to its folder well within that, and sweeping a live
+# writer's folder would break its build.
+STALE_AFTER_S = 24 * 3600
+_TEMP = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)\.[^.]*$")
 
 
 def spec_hash(spec: dict) -> str:
@@ -58,7 +72,7 @@ class Cached(Generic[T]):
 
 
 class CorruptEntry(Exception):
-    """Raised by a loader (or the manifest check) when an entry on disk cannot be used."""
+    """Raised by a loader or the manifest check when an entry on disk cannot be used."""
 
 
 @dataclass
@@ -67,6 +81,7 @@ class DiskCache:
 
     root: Path
     events: list[CacheEvent] = field(default_factory=list)
+    _swept: set[str] = field(default_factory=set, repr=False)
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -76,7 +91,14 @@ class DiskCache:
 
     def fetch(self, kind: str, readable: str, spec: dict, build: Callable[[Path], None],
               load: Callable[[Path], T]) -> Cached[T]:
-        """Load the entry for (readable, spec), building it with `build(folder)` when absent or unusable."""
+        """Load the entry for (readable, spec), building it with `build(folder)` when absent or unusable.
+
+        A hit is served when its files match the manifest and `load(folder)` succeeds; otherwise the entry
+        is evicted and rebuilt.
+        """
+        if kind not in self._swept:
+            self._swept.add(kind)
+            sweep_temp_folders(self.root / kind)
         key = entry_key(readable, spec)
         target = self.path(kind, key)
         start = time.perf_counter()
@@ -86,16 +108,26 @@ class DiskCache:
                 value = load(_checked(target))
                 return self._record(kind, key, "hit", start, Cached(value, target, True, 0.0))
             except Exception as exc:  # any failure to load means the entry is unusable: rebuild it
-                log.warning("cache entry %s is unusable (%s: %s); rebuilding it", target, type(exc).__name__, exc)
-                _discard(target)
+                self.evict(target, f"{type(exc).__name__}: {exc}")
                 outcome = "rebuild"
         self._build_into(target, spec, build)
         value = load(_checked(target))
         return self._record(kind, key, outcome, start, Cached(value, target, False, 0.0))
 
+    def evict(self, entry: Path, reason: str) -> None:
+        """Remove a bad entry, logging `reason`, so the next fetch rebuilds it.
+
+        Callers whose own check fails on a hit (an ONNX graph failing validation, an engine that does not
+        deserialize) evict the entry and fetch once more; a fresh entry that fails the same check is the
+        builder's own result, reported as such, and not rebuilt again.
+        """
+        log.warning("cache entry %s is unusable (%s); rebuilding it", entry, reason)
+        if entry.exists():
+            _discard(entry)
+
     def _build_into(self, target: Path, spec: dict, build: Callable[[Path], None]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
         try:
             build(tmp)
             _write_manifest(tmp, spec)
@@ -119,29 +151,113 @@ class DiskCache:
         return [e.outcome for e in self.events if e.kind == kind and e.key == key]
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])
+
+
+def _temp_prefix(name: str) -> str:
+    """`.<name>.tmp-<host>-<pid>.`: the sweep can tell whether the writer still runs."""
+    return f".{name}.tmp-{_host()}-{os.getpid()}."
+
+
+def sweep_temp_folders(folder: Path) -> list[Path]:
+    """Delete the hidden temp folders in `folder` that killed writers left behind; returns what was swept."""
+    if not folder.is_dir():
+        return []
+    swept = []
+    for path in folder.iterdir():
+        if path.name.startswith(".") and path.is_dir() and _abandoned(path):
+            log.warning("removing %s, a temporary cache folder its writer left behind (killed mid-build)", path)
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    return swept
+
+
+def _abandoned(path: Path) -> bool:
+    match = _TEMP.search(path.name)
+    if match and match["host"] == _host():
+        return not _running(int(match["pid"]))
+    try:
+        newest = max(p.stat().st_mtime for p in (path, *path.rglob("*")))
+    except FileNotFoundError:  # its writer renamed or removed it meanwhile: not ours to touch
+        return False
+    return time.time() - newest > STALE_AFTER_S
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def _write_manifest(folder: Path, spec: dict) -> None:
-    """Record each file's size next to the spec, so a truncated file is caught before it is parsed."""
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    (folder / MANIFEST).write_text(json.dumps({"spec": spec, "files": files}, indent=1, default=str))
+    """Record each file's size and sha256 next to the spec: written last, after every file is complete."""
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    doc = {"format": MANIFEST_FORMAT, "spec": spec, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(doc, indent=1, default=str))
 
 
 def _checked(folder: Path) -> Path:
-    """Raise CorruptEntry when the manifest is missing or any file's size differs from it."""
+    """Raise CorruptEntry when the manifest is missing or any file's size or sha256 differs from it.
+
+    Sizes are compared first, so a truncated file is caught without reading any file.
+    """
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise CorruptEntry(f"no readable {MANIFEST}: {exc}") from None
-    for name, size in manifest["files"].items():
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CorruptEntry(f"{MANIFEST} is not format {MANIFEST_FORMAT} (written by an older harness)")
+    files = manifest["files"]
+    for name, expected in files.items():
         path = folder / name
         actual = path.stat().st_size if path.is_file() else None
-        if actual != size:
-            raise CorruptEntry(f"{name} is {actual} bytes, expected {size}")
+        if actual != expected["size"]:
+            raise CorruptEntry(f"{name} is {actual} bytes, expected {expected['size']}")
+    for name, expected in files.items():
+        digest = file_sha256(folder / name)
+        if digest != expected["sha256"]:
+            raise CorruptEntry(f"{name} has sha256 {digest[:12]}..., expected {expected['sha256'][:12]}... "
+                               "(same size: its bytes were changed in place)")
     return folder
+
+
+# (device, inode) -> (size, mtime, ctime, sha256) of files this process hashed: a hit on a file hashed here
+# (a 28.6 GB graph is fetched by several backends in one run, and was hashed when its entry was written)
+# is not read again. Any write changes mtime and ctime (ctime cannot be set back), so a changed file is
+# hashed afresh; renaming the entry folder into place changes neither.
+_HASHED: dict[tuple[int, int], tuple[int, int, int, str]] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 8 MiB chunks into one buffer; logs the time of a hash over 1 GiB."""
+    st = os.stat(path)
+    known = _HASHED.get((st.st_dev, st.st_ino))
+    if known and known[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+        return known[3]
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    seconds = time.perf_counter() - start
+    if st.st_size >= HASH_LOG_BYTES:
+        log.info("sha256 of %s (%.1f GB) took %.1f s (%.2f GB/s)", path, st.st_size / 1e9, seconds,
+                 st.st_size / 1e9 / max(seconds, 1e-9))
+    _HASHED[(st.st_dev, st.st_ino)] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def _discard(target: Path) -> None:
     """Move a bad entry aside first (atomic), then delete it, so no reader sees it half-deleted."""
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.bad.", dir=target.parent))
+    trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
     os.rename(target, trash / "entry")
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -169,8 +285,3 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def default_cache_dir() -> Path:
-    """--cache-dir's default: $WAN_BENCH_CACHE or .cache (git-ignored)."""
-    return Path(os.environ.get("WAN_BENCH_CACHE", ".cache"))

@@ -1,4 +1,4 @@
-"""A Case names one thing to measure: component, shape, precision, batch, model source, shape mode."""
+"""A Case names one thing to measure: component, shape, precision, batch, model source, shape mode, GPU layout."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +59,39 @@ def check_precision(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How one video is spread over ranks (one GPU each): the two CFG branches on `cfg` ranks (1 or 2), and
+    each forward's tokens split over `ring` x `ulysses` ranks; the world is the product. The default is one GPU."""
+
+    cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.cfg * self.ulysses * self.ring
+
+    @property
+    def sequence(self) -> int:
+        """The ranks one forward's tokens are split over (diffusers' context parallelism)."""
+        return self.ulysses * self.ring
+
+    @property
+    def forward(self) -> "Layout":
+        """The layout one expert forward runs under: its token split; the CFG pair runs whole forwards."""
+        return Layout(ulysses=self.ulysses, ring=self.ring)
+
+    @property
+    def spec(self) -> str:
+        """The --parallel spelling: 'cfg2,ulysses2', or 'none' for one GPU."""
+        degrees = (("cfg", self.cfg), ("ulysses", self.ulysses), ("ring", self.ring))
+        return ",".join(f"{axis}{n}" for axis, n in degrees if n > 1) or "none"
+
+
+ONE_GPU = Layout()
+
+
+@dataclass(frozen=True)
 class Case:
     """One parametrization; `id` is both the pytest id and the readable part of cache keys."""
 
@@ -69,6 +102,7 @@ class Case:
     source: str = "tiny"
     dynamic: bool = False
     variant: str = ""  # e.g. "prompt1": tells apart runs of one stage that differ only in their inputs
+    layout: Layout = ONE_GPU  # in the id when several GPUs run the case, so its rows never meet one GPU's
 
     def __post_init__(self):
         if self.component not in STAGES:
@@ -83,7 +117,8 @@ class Case:
     def id(self) -> str:
         mode = "-dynamic" if self.dynamic else ""
         variant = f"-{self.variant}" if self.variant else ""
-        return f"{self.component}-{self.source}-{self.shape.id}-{self.precision}-b{self.batch}{mode}{variant}"
+        layout = "" if self.layout == ONE_GPU else "-" + self.layout.spec.replace(",", "-")
+        return f"{self.component}-{self.source}-{self.shape.id}-{self.precision}-b{self.batch}{mode}{variant}{layout}"
 
     def with_precision(self, precision: str) -> "Case":
         return dataclasses.replace(self, precision=precision)

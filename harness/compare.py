@@ -214,6 +214,23 @@ def judge_loop(candidate: list[torch.Tensor], reference: list[torch.Tensor], eag
     return LoopParityResult(final, steps)
 
 
+def judge_parallel(actual: torch.Tensor, single: torch.Tensor, reference: torch.Tensor, precision: str) -> ParityResult:
+    """A parallel run's output against one GPU's (same backend, precision and inputs), within reduction-order
+    noise: rel L2 <= k x (one GPU's own error against the fp32 `reference`) + atol, from [parallel] in
+    thresholds.toml. `eager_rel_l2` carries one GPU's error, the drift the band is derived from."""
+    drift = rel_l2(single, reference)
+    band = thresholds()["parallel"]
+    result = compare(actual, single, tolerance=band["k"] * drift + band["atol"])
+    return dataclasses.replace(result, precision=precision, eager_rel_l2=drift)
+
+
+def judge_parallel_loop(candidate: list[torch.Tensor], single: list[torch.Tensor], reference: list[torch.Tensor],
+                        precision: str) -> LoopParityResult:
+    """Per-step latents of a parallel loop against one GPU's loop from the same seed; the verdict on the last."""
+    steps = tuple(rel_l2(got, want) for got, want in zip(candidate, single))
+    return LoopParityResult(judge_parallel(candidate[-1], single[-1], reference[-1], precision), steps)
+
+
 # --------------------------------------------------------------------------------------------- quality
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import re
 from functools import lru_cache
 
 import torch
@@ -39,8 +40,9 @@ def versions_string() -> str:
     return ";".join(f"{n}={v}" for n in LIBRARIES if (v := version(n)))
 
 
-def machine_info() -> dict:
-    """Everything a reader needs to reproduce a number: GPU, driver, CUDA, library versions."""
+def machine_info(parallel: bool = False) -> dict:
+    """Everything a reader needs to reproduce a number: GPU, driver, CUDA, library versions; with several GPUs
+    visible, or for a `parallel` run, how many GPUs and what links them."""
     info = {"python": platform.python_version(), "platform": platform.platform(),
             "device": device_name(), "cuda": torch.version.cuda,
             "cuda_available": torch.cuda.is_available()}
@@ -48,17 +50,50 @@ def machine_info() -> dict:
         info["compute_capability"] = "%d.%d" % torch.cuda.get_device_capability()
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
         info["cudnn"] = torch.backends.cudnn.version()
-        info["driver"] = _driver_version()
+        info["driver"] = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader").partition("\n")[0] or None
+    if parallel or torch.cuda.device_count() > 1:
+        info["gpus"] = torch.cuda.device_count()
+        info["interconnect"] = interconnect(_nvidia_smi("topo", "-m")) if info["gpus"] > 1 else "n/a"
     info.update({n: version(n) for n in LIBRARIES})
     return info
 
 
-def _driver_version() -> str | None:
-    try:
-        import subprocess
+def interconnect(topo: str) -> str:
+    """What links the GPUs, from `nvidia-smi topo -m`: 'NVLink (NV18)' when every pair has NVLink, 'PCIe (PIX,
+    SYS)' when none does, 'mixed: ...' otherwise; 'unknown' without the matrix."""
+    pairs = _gpu_links(topo)
+    if not pairs:
+        return "unknown (nvidia-smi topo -m gave no GPU matrix)"
+    nvlink = sorted({p for p in pairs if p.startswith("NV")})
+    other = sorted({p for p in pairs if not p.startswith("NV")})
+    if nvlink and not other:
+        return f"NVLink ({', '.join(nvlink)})"
+    if other and not nvlink:
+        return f"PCIe ({', '.join(other)})"
+    return f"mixed: NVLink ({', '.join(nvlink)}) and PCIe ({', '.join(other)})"
 
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        return None
+
+def _gpu_links(topo: str) -> list[str]:
+    """The link of every GPU pair in the matrix: its header row names GPU0..GPUn, and each GPUi row starts
+    with that many cells (X on the diagonal; NV# for NVLink; PIX, PXB, PHB, NODE, SYS for PCIe paths)."""
+    lines = [line.split() for line in topo.splitlines() if line.strip()]
+    header = next((cells for cells in lines if re.fullmatch(r"GPU\d+", cells[0])), None)
+    if header is None:
+        return []
+    gpus = [c for c in header if re.fullmatch(r"GPU\d+", c)]
+    links = []
+    for cells in lines:
+        if cells is not header and cells[0] in gpus and len(cells) > len(gpus):
+            links += [c for c in cells[1:len(gpus) + 1] if c != "X"]
+    return links
+
+
+def _nvidia_smi(*arguments: str) -> str:
+    """nvidia-smi's output, or '' where it is missing or fails."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", *arguments], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""

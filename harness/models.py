@@ -172,7 +172,11 @@ def load_expert(layers: int = 40, *, device: str = "cuda", dtype: torch.dtype = 
 
 
 def check_checkpoint_folder(path: str | os.PathLike | None) -> Path:
-    """Raise HarnessError listing what is missing from a diffusers Wan folder."""
+    """Raise HarnessError naming what is missing or damaged in a diffusers Wan folder, without loading weights.
+
+    Every JSON file is parsed and every safetensors header read, so a file cut short by a failed copy is
+    named here, before any case runs, rather than failing each case inside from_pretrained.
+    """
     if not path:
         raise HarnessError("model source 'checkpoint' needs --model-path or WAN_MODEL_PATH pointing at a "
                            "local diffusers Wan2.2-T2V-A14B folder")
@@ -184,7 +188,62 @@ def check_checkpoint_folder(path: str | os.PathLike | None) -> Path:
     if missing:
         raise HarnessError(f"checkpoint folder {root} lacks {', '.join(missing)}; a diffusers Wan2.2 "
                            f"folder holds model_index.json and the subfolders {', '.join(SUBFOLDERS)}/")
+    for json_file in [root / "model_index.json", *sorted(root.glob("*/*.json"))]:
+        _read_json(json_file)
+    for weights in sorted(root.glob("*/*.safetensors")):
+        check_safetensors(weights)
+    for index in sorted(root.glob("*/*.safetensors.index.json")):
+        shards = set(_read_json(index).get("weight_map", {}).values())
+        absent = sorted(s for s in shards if not (index.parent / s).is_file())
+        if absent:
+            raise HarnessError(f"{index} names shards that are not there: {', '.join(absent)}; copy them again")
     return root
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise HarnessError(f"{path} is unreadable ({type(exc).__name__}: {exc}); the checkpoint is damaged: "
+                           "copy the file again") from None
+    if not isinstance(doc, dict):
+        raise HarnessError(f"{path} is not a JSON object; the checkpoint is damaged: copy the file again")
+    return doc
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte little-endian header length, a JSON header, then the tensor data at the
+    offsets the header declares: the file must hold the header and reach the largest declared offset."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            raise HarnessError(f"{path} is cut short: its {size} bytes do not hold the safetensors header "
+                               "it declares; copy the file again")
+        try:
+            header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise HarnessError(f"{path} has a damaged safetensors header ({type(exc).__name__}: {exc}); "
+                               "copy the file again") from None
+    if 8 + length + end > size:
+        raise HarnessError(f"{path} is cut short: its header declares {8 + length + end:,} bytes, the file holds "
+                           f"{size:,}; copy the file again")
+
+
+def dit_configs(source: str, path: str | os.PathLike | None = None) -> dict[str, dict]:
+    """Each DiT expert's config as a shape check needs it (patch_size, rope_max_seq_len), without building it.
+
+    A checkpoint's own transformer*/config.json decides; diffusers' defaults (the A14B values) fill what it omits.
+    """
+    if source == "tiny":
+        return {"transformer": TINY_TRANSFORMER, "transformer_2": TINY_TRANSFORMER}
+    if source == "proxy":
+        return {"transformer": A14B_TRANSFORMER, "transformer_2": A14B_TRANSFORMER}
+    root = Path(path).expanduser()  # check_checkpoint_folder has vetted it (harness.settings calls it first)
+    return {name: {**A14B_TRANSFORMER, **_read_json(root / name / "config.json")}
+            for name in ("transformer", "transformer_2")}
 
 
 def _checkpoint_fingerprint(folder: Path) -> str:

@@ -8,12 +8,13 @@ A unit case proves it matches WanPipeline exactly with eager runners.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from harness.case import COMPONENTS
+from harness.case import COMPONENTS, ONE_GPU, Layout
 from harness.models import WanModel
 from harness.shapes import VideoShape
 
@@ -34,6 +35,10 @@ CALIBRATION_SEED = 1000
 # Four steps put two timesteps on each side of the 0.875 boundary (999, 900 | 750, 500 with UniPC shift 3),
 # so each expert calibrates on the noise levels it serves.
 CALIBRATION_STEPS = 4
+log = logging.getLogger(__name__)
+# Prompts already reported as truncated: quality cases tokenize the same prompts many times, and one
+# warning per prompt is what a user needs.
+_TRUNCATED: set[str] = set()
 
 
 @dataclass
@@ -57,22 +62,23 @@ class Generation:
 
 
 def build_runners(get_runner: Callable, backend: str, precision: str, shape: VideoShape, source: str,
-                  cfg_batch: int = 1) -> Runners:
+                  cfg_batch: int = 1, layout: Layout = ONE_GPU) -> Runners:
     """Runners for all four components from `get_runner(backend, case)`.
 
     The candidate runs the text encoder and both experts, where the time goes; the VAE decoder stays
     eager PyTorch, as in NVIDIA's Wan2.2 TensorRT demo (its own parity and perf cases judge each
     backend's VAE separately, and Inductor takes minutes to compile its per-frame cache loop). fp8 and
-    int8 cover the DiT experts only; the rest runs bf16. The experts' runners are built for `cfg_batch`.
+    int8 cover the DiT experts only; the rest runs bf16. The experts' runners are built for `cfg_batch` and
+    the layout's token split (each rank of a parallel run encodes the prompts and decodes the video whole).
     """
     from harness.case import Case, eager_precision, is_dit, is_quantized
 
     def runner(component):
         eager = component == "vae_decoder" or (is_quantized(precision) and component == "text_encoder")
         component_precision = precision if is_dit(component) else eager_precision(precision)
-        batch = cfg_batch if is_dit(component) else 1
+        batch, split = (cfg_batch, layout.forward) if is_dit(component) else (1, ONE_GPU)
         return get_runner("torch" if eager else backend,
-                          Case(component, shape, component_precision, batch=batch, source=source))
+                          Case(component, shape, component_precision, batch=batch, source=source, layout=split))
 
     return Runners(**{name: runner(name) for name in COMPONENTS})
 
@@ -81,10 +87,24 @@ def tokenize(model: WanModel, prompts: list[str], device) -> tuple[torch.Tensor,
     """Tokenize exactly as WanPipeline does: cleaned text, padded to max_sequence_length."""
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-    tokens = model.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
-                             max_length=model.max_sequence_length, truncation=True,
+    cleaned = [prompt_clean(p) for p in prompts]
+    for text in cleaned:
+        _warn_if_truncated(model, text)
+    tokens = model.tokenizer(cleaned, padding="max_length", max_length=model.max_sequence_length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
+
+def _warn_if_truncated(model: WanModel, text: str) -> None:
+    """WanPipeline silently keeps the first max_sequence_length tokens; say so, once per prompt."""
+    if text in _TRUNCATED:
+        return
+    # verbose=False: the tokenizer's own warning about the length would only repeat this one, less exactly.
+    length = len(model.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False).input_ids)
+    if length > model.max_sequence_length:
+        _TRUNCATED.add(text)
+        log.warning("prompt truncated to the text encoder's %d tokens: %d of its %d tokens dropped (%r...)",
+                    model.max_sequence_length, length - model.max_sequence_length, length, text[:60])
 
 
 def initial_latents(model: WanModel, shape: VideoShape, seed: int, device, batch: int = 1) -> torch.Tensor:
@@ -115,6 +135,22 @@ def cfg_noise(runner: Callable, latents: torch.Tensor, timestep: torch.Tensor, e
     return uncond + guidance * (cond - uncond)
 
 
+def cfg_noise_split(runner: Callable, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                    negative_embeds: torch.Tensor, guidance: float, dtype: torch.dtype, group) -> torch.Tensor:
+    """The same prediction with the branches on the two ranks of `group` (CFG-parallel): rank 0 of the group
+    runs the conditional forward, rank 1 the unconditional one, and one all-gather gives both ranks both, so
+    they combine them exactly as cfg_noise does and step identical latents."""
+    import torch.distributed as dist
+
+    from harness.distributed import exchange
+
+    latent_in = latents.to(dtype)
+    t = timestep.expand(latents.shape[0]).to(torch.int64)
+    mine = runner(latent_in, t, negative_embeds if dist.get_rank(group) else embeds)
+    cond, uncond = exchange(mine, group)
+    return uncond + guidance * (cond - uncond)
+
+
 def decode(model: WanModel, runner: Callable, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Un-normalise the latents with the VAE's mean/std, decode, and map [-1, 1] to [0, 1] frames."""
     cfg = model.vae.config
@@ -128,9 +164,12 @@ def decode(model: WanModel, runner: Callable, latents: torch.Tensor, dtype: torc
 def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShape, steps: int,
              seed: int = 0, negative_prompt: str = NEGATIVE_PROMPT, dtype: torch.dtype = torch.float32,
              device="cpu", latents: torch.Tensor | None = None, progress: bool = False,
-             keep_latents: bool = False, cfg_batch: int = 1, decode_video: bool = True) -> Generation:
+             keep_latents: bool = False, cfg_batch: int = 1, cfg_group=None, decode_video: bool = True) -> Generation:
     """Text encode -> two experts with the boundary switch and CFG -> VAE decode (skipped when not
-    `decode_video`, for runs that only want what the experts saw: the frames stay empty)."""
+    `decode_video`, for runs that only want what the experts saw: the frames stay empty).
+
+    With a `cfg_group` (a torch.distributed process group of two ranks) the CFG branches run CFG-parallel.
+    """
     from tqdm.auto import tqdm
 
     from harness.timing import timed_call
@@ -151,7 +190,10 @@ def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShap
     def denoise(latents):
         for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, unit="step"):
             name, guidance = expert_for(model, t)
-            noise = cfg_noise(getattr(runners, name), latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_batch)
+            runner = getattr(runners, name)
+            noise = (cfg_noise(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_batch)
+                     if cfg_group is None else
+                     cfg_noise_split(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_group))
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             run.experts.append(name)
             if keep_latents:

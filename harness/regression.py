@@ -21,9 +21,9 @@ SCHEMA = "wan-trt-bench/baseline/1"
 ABOUT = ("Accepted numbers of one run, written by `python -m harness baseline save` and read by "
          "`python -m harness compare`. entries: one per 'case|backend|metric', with the table it came "
          "from and its value; perf medians (median_ms) carry their spread (iqr_ms). Only metrics with a "
-         "rule in harness/thresholds.toml [regression] are kept. Non-finite values are the strings "
-         "'inf'/'-inf'. machine: where the numbers were measured; compare refuses another GPU or "
-         "TensorRT version unless --cross-machine.")
+         "rule in harness/thresholds.toml [regression] are kept. An infinite value (PSNR of identical "
+         "frames) is the string 'inf'; NaN never appears. machine: where the numbers were measured; "
+         "compare refuses another GPU or TensorRT version unless --cross-machine.")
 THRESHOLDS = Path(__file__).with_name("thresholds.toml")
 PERF_METRIC, SPREAD_METRIC = "median_ms", "iqr_ms"
 MACHINE_KEYS = ("device", "tensorrt", "tensorrt_rtx", "torch")
@@ -108,10 +108,10 @@ def run_entries(run: Path, rules: Rules, tables: tuple[str, ...] = TABLES) -> tu
         raise HarnessError(f"{run} holds no result tables ({', '.join(f'{t}.csv' for t in TABLES)}); "
                            "pass the folder a pytest run wrote")
     rows = [(t, r) for t in tables for r in found.get(t, [])]
-    return _entries(rows, rules), machine_from_rows([r for _, r in rows] or [r for v in found.values() for r in v])
+    return _entries(rows, rules, run), machine_from_rows([r for _, r in rows] or [r for v in found.values() for r in v])
 
 
-def _entries(rows: list[tuple[str, Row]], rules: Rules) -> dict[str, Entry]:
+def _entries(rows: list[tuple[str, Row]], rules: Rules, run: Path) -> dict[str, Entry]:
     spreads = {(r.case, r.backend): r.value for _, r in rows if r.metric == SPREAD_METRIC}
     entries: dict[str, Entry] = {}
     for table, r in rows:
@@ -121,7 +121,12 @@ def _entries(rows: list[tuple[str, Row]], rules: Rules) -> dict[str, Entry]:
         if key in entries:
             log.warning("%s appears more than once in the run; keeping the first value", key)
             continue
-        iqr = spreads.get((r.case, r.backend), 0.0) if r.metric == PERF_METRIC else None
+        iqr = None
+        if r.metric == PERF_METRIC:
+            iqr = spreads.get((r.case, r.backend))
+            if iqr is None:  # a median without its spread cannot be judged against noise
+                raise HarnessError(f"{run}: {key} has no {SPREAD_METRIC} row beside it; every perf case writes "
+                                   f"both, so rerun the case to rebuild its rows")
         entries[key] = Entry(table, r.value, iqr)
     return entries
 
@@ -151,10 +156,12 @@ def save_baseline(run: Path, name: str, folder: Path = Path("baselines"), tables
     """Store a run's gateable numbers as baselines/<name>.json (atomic, sorted, one entry per line)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise HarnessError(f"baseline name {name!r}: use letters, digits, '.', '_' and '-' only")
-    entries, machine = run_entries(Path(run), rules or load_rules(), tables)
-    bad = [k for k, e in entries.items() if math.isnan(e.value)]
+    rules = rules or load_rules()
+    entries, machine = run_entries(Path(run), rules, tables)
+    problems = {key: _unacceptable(key, entry, rules) for key, entry in entries.items()}
+    bad = [f"{key} ({problem})" for key, problem in problems.items() if problem]
     if bad:
-        raise HarnessError(f"{run} has NaN for {', '.join(bad[:5])}; a NaN is never an accepted number: "
+        raise HarnessError(f"{run} has {', '.join(bad[:5])}: a NaN or Inf is never an accepted number; "
                            "fix the case and rerun before saving a baseline")
     if not entries:
         raise HarnessError(f"{run} has no gateable numbers in tables {', '.join(tables)}")
@@ -181,9 +188,19 @@ def _entry_json(entry: Entry) -> dict:
     return doc
 
 
+def _unacceptable(key: str, entry: Entry, rules: Rules) -> str:
+    """Why an entry cannot be an accepted number ('' when it can): a NaN or Inf median or IQR, or a metric
+    whose error is not finite (PSNR of identical frames is inf, but its rule caps it to a finite error)."""
+    metric = key.rsplit("|", 1)[1]
+    if metric == PERF_METRIC:
+        return next((f"{name} {value}" for name, value in ((PERF_METRIC, entry.value), (SPREAD_METRIC, entry.iqr_ms))
+                     if not math.isfinite(value)), "")
+    return "" if math.isfinite(rules.for_metric(metric).error(entry.value)) else f"{metric} {entry.value}"
+
+
 def _number_json(value: float) -> float | str:
-    """Strict JSON has no inf: PSNR of identical frames is stored as the string 'inf'."""
-    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    """Strict JSON has no inf: PSNR of identical frames is stored as the string 'inf' (a NaN has no form)."""
+    return value if math.isfinite(value) else {math.inf: "inf", -math.inf: "-inf"}[value]
 
 
 def load_baseline(path: Path, rules: Rules | None = None) -> Baseline:
@@ -236,11 +253,17 @@ def _check_entry(key: str, doc, path: Path, rules: Rules) -> Entry:
         raise _field_error(path, _entry_field(key), f"names metric {metric!r}, which has no rule in thresholds.toml")
     value = _number(doc.get("value"), path, _entry_field(key, "value"))
     if metric != PERF_METRIC:
-        return Entry(doc["table"], value)
-    iqr = _number(doc.get("iqr_ms", 0.0), path, _entry_field(key, "iqr_ms"))
-    if iqr < 0:
-        raise _field_error(path, _entry_field(key, "iqr_ms"), f"is {iqr}, a spread must be >= 0")
-    return Entry(doc["table"], value, iqr)
+        entry = Entry(doc["table"], value)
+    elif "iqr_ms" not in doc:
+        raise _field_error(path, _entry_field(key, "iqr_ms"), "is missing; every median_ms entry carries its spread")
+    else:
+        entry = Entry(doc["table"], value, _number(doc["iqr_ms"], path, _entry_field(key, "iqr_ms")))
+        if entry.iqr_ms < 0:
+            raise _field_error(path, _entry_field(key, "iqr_ms"), f"is {entry.iqr_ms}, a spread must be >= 0")
+    problem = _unacceptable(key, entry, rules)
+    if problem:
+        raise _field_error(path, _entry_field(key), f"holds {problem}, which no rule can compare against")
+    return entry
 
 
 def _entry_field(key: str, name: str | None = None) -> str:
@@ -299,9 +322,14 @@ def compare(baseline: Baseline, current: dict[str, Entry], rules: Rules,
 
 
 def _judge_perf(key: str, base: Entry, cur: Entry, tolerance: float) -> Verdict:
-    """Regressed when the median slowed by > tolerance AND by more than both runs' IQRs added."""
+    """Regressed when the median slowed by > tolerance AND by more than both runs' IQRs added.
+
+    A NaN or Inf median or IQR in the run regresses: it would otherwise pass every comparison it takes part in.
+    """
     delta = cur.value - base.value
-    noise = (base.iqr_ms or 0.0) + (cur.iqr_ms or 0.0)
+    noise = base.iqr_ms + cur.iqr_ms
+    if not all(math.isfinite(v) for v in (cur.value, cur.iqr_ms)):
+        return Verdict(key, base.value, cur.value, f"not finite (median {cur.value}, IQR {cur.iqr_ms})", "regressed")
     change = f"{delta / base.value:+.1%} (IQRs {noise:.3g} ms)" if base.value else f"{delta:+.3g} ms"
     if abs(delta) > tolerance * base.value and abs(delta) > noise:
         return Verdict(key, base.value, cur.value, change, "regressed" if delta > 0 else "improved")
@@ -309,14 +337,15 @@ def _judge_perf(key: str, base: Entry, cur: Entry, tolerance: float) -> Verdict:
 
 
 def _judge_metric(key: str, base: Entry, cur: Entry, rule: Rule) -> Verdict:
-    """Regressed when the error grew by more than rtol * baseline error + atol; NaN/Inf errors always regress."""
+    """Regressed when the error grew by more than rtol * baseline error + atol; a NaN or Inf error always regresses.
+
+    The baseline's error is finite (load_baseline refuses another), so only the run's can be NaN or Inf.
+    """
     change = _change(base.value, cur.value)
-    if math.isnan(cur.value):
-        return Verdict(key, base.value, cur.value, change, "regressed")
     e_base, e_cur = rule.error(base.value), rule.error(cur.value)
-    if e_base == e_cur:  # also covers inf == inf (identical frames on both sides)
-        return Verdict(key, base.value, cur.value, change, "ok")
-    margin = rule.rtol * abs(e_base) + rule.atol if math.isfinite(e_base) else math.inf
+    if not math.isfinite(e_cur):
+        return Verdict(key, base.value, cur.value, change or f"not finite ({cur.value})", "regressed")
+    margin = rule.rtol * abs(e_base) + rule.atol
     worse = e_cur - e_base
     verdict = "regressed" if worse > margin else "improved" if -worse > margin else "ok"
     return Verdict(key, base.value, cur.value, change, verdict)

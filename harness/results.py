@@ -5,6 +5,7 @@ import csv
 import datetime as dt
 import io
 import math
+import os
 import re
 import shlex
 import shutil
@@ -244,8 +245,13 @@ class _CsvText(list):
         self.append(text)
 
 
+COMMIT_ENV = "WAN_BENCH_COMMIT"  # the commit, where the checkout's own git metadata is absent or stale
+
+
 def git_commit() -> str:
     """The commit that produced the numbers, with `-dirty` when the tree had changes."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)
@@ -257,6 +263,9 @@ def git_commit() -> str:
 # --- summary.md: tables pivoted per (case, backend) so a reviewer reads one line per measurement ---
 
 STEP_METRIC = re.compile(r"(?P<metric>.+)@step=(?P<step>\d+)")
+KEYS = ["case", "backend", "precision", "shape"]
+CPU_NOTE = ("CPU timings are informational, never gated: on a shared CPU machine one case's median moved "
+            "by 10x between runs, and the speed-up gate judges CUDA timings only.")
 
 
 def tables_markdown(tables: dict[str, list[Row]]) -> str:
@@ -267,13 +276,18 @@ def tables_markdown(tables: dict[str, list[Row]]) -> str:
     for table, rows in tables.items():
         plain = [r for r in rows if not STEP_METRIC.fullmatch(r.metric)]
         steps = [r for r in rows if STEP_METRIC.fullmatch(r.metric)]
+        note = f"{CPU_NOTE}\n\n" if table == "perf" and on_cpu(rows) else ""
         if plain:
-            headers, body = _pivot(plain)
-            sections.append(f"## {table}\n\n{tabulate(body, headers, tablefmt='github')}\n")
+            sections.append(f"## {table}\n\n{note}{tabulate(_pivot(plain), 'keys', tablefmt='github', showindex=False)}\n")
         if steps:
-            headers, body = _step_pivot(steps)
-            sections.append(f"## {table}: error by denoising step\n\n{tabulate(body, headers, tablefmt='github')}\n")
+            sections.append(f"## {table}: error by denoising step\n\n"
+                            f"{tabulate(_step_pivot(steps), 'keys', tablefmt='github', showindex=False)}\n")
     return "\n".join(sections)
+
+
+def on_cpu(rows: list[Row]) -> bool:
+    """Whether any of these rows was measured on a CPU (whose timings are not gated)."""
+    return any(r.device.startswith("cpu") for r in rows)
 
 
 def _cell(row: Row) -> str:
@@ -283,36 +297,34 @@ def _cell(row: Row) -> str:
     return text + (" FAIL" if row.passed is False else "")
 
 
-def _pivot(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    """case | backend | precision | shape | <metric>... | verdict."""
-    metrics = list(dict.fromkeys(r.metric for r in rows))
-    groups: dict[tuple, list[Row]] = {}
-    for r in rows:
-        groups.setdefault((r.case, r.backend, r.precision, r.shape), []).append(r)
-    body = []
-    for key, members in groups.items():
-        cells = {r.metric: _cell(r) for r in members}
-        body.append([*key, *(cells.get(m, "") for m in metrics), _verdict(members)])
-    return ["case", "backend", "precision", "shape", *metrics, "verdict"], body
+def _pivot(rows: list[Row]):
+    """case | backend | precision | shape | <metric>... | verdict, in the order rows arrived."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{**r.as_dict(), "cell": _cell(r)} for r in rows])
+    cells = frame.pivot_table(index=KEYS, columns="metric", values="cell", aggfunc="last", sort=False)
+    verdicts = frame.groupby(KEYS, sort=False)[["metric", "passed"]].apply(_verdict).rename("verdict")
+    return cells.join(verdicts).fillna("").reset_index().rename_axis(columns=None)
 
 
-def _verdict(rows: list[Row]) -> str:
-    failed = [r.metric for r in rows if r.passed is False]
+def _verdict(group) -> str:
+    failed = group.loc[group["passed"].eq(False), "metric"].tolist()
     if failed:
         return "FAIL: " + ", ".join(failed)
-    return "pass" if any(r.passed for r in rows) else ""
+    return "pass" if group["passed"].eq(True).any() else ""
 
 
-def _step_pivot(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+def _step_pivot(rows: list[Row]):
     """case | backend | metric | step 1 | step 2 | ...: how an error grows through the loop."""
-    steps = sorted({int(STEP_METRIC.fullmatch(r.metric)["step"]) for r in rows})
-    groups: dict[tuple, dict[int, float]] = {}
-    for r in rows:
-        m = STEP_METRIC.fullmatch(r.metric)
-        groups.setdefault((r.case, r.backend, m["metric"]), {})[int(m["step"])] = r.value
-    body = [[*key, *("" if values.get(s) is None else f"{values[s]:.4g}" for s in steps)]
-            for key, values in groups.items()]
-    return ["case", "backend", "metric", *(f"step {s}" for s in steps)], body
+    import pandas as pd
+
+    frame = pd.DataFrame([{"case": r.case, "backend": r.backend, **STEP_METRIC.fullmatch(r.metric).groupdict(),
+                           "cell": "" if r.value is None else f"{r.value:.4g}"} for r in rows])
+    frame["step"] = frame["step"].astype(int)
+    table = frame.pivot_table(index=["case", "backend", "metric"], columns="step", values="cell", aggfunc="last",
+                              sort=False)
+    table = table[sorted(table.columns)].rename(columns=lambda step: f"step {step}")
+    return table.fillna("").reset_index().rename_axis(columns=None)
 
 
 def short_summary(run: Path) -> str:
@@ -328,8 +340,9 @@ def short_summary(run: Path) -> str:
     checks = [[r.case, r.backend, r.metric, f"{r.value:.4g}" if r.value is not None else "n/a",
                "" if r.threshold is None else f"{r.threshold:.3g}", {True: "pass", False: "FAIL", None: ""}[r.passed]]
               for r in rows if r.backend != "torch" and r.passed is not None]
-    return (tabulate(speed, ["case", "candidate", "eager ms", "candidate ms", "speed-up", "gate", "verdict"],
-                     tablefmt="github") + "\n\n"
+    note = CPU_NOTE + "\n\n" if on_cpu([r for r in rows if r.metric == "speedup"]) else ""
+    return (note + tabulate(speed, ["case", "candidate", "eager ms", "candidate ms", "speed-up", "gate", "verdict"],
+                            tablefmt="github") + "\n\n"
             + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github"))
 
 
@@ -345,7 +358,8 @@ def summary_header(run_id: str, command: str, settings: dict, commit: str) -> st
              f"- command: `{command}`", f"- git commit: {commit}"]
     lines += [f"- {k}: {_plain(v)}" for k, v in settings.items()]
     lines += ["", "## machine", "", "| key | value |", "|---|---|"]
-    lines += [f"| {k} | {'not installed' if v is None else v} |" for k, v in machine_info().items()]
+    parallel = settings.get("parallel", "none") != "none"
+    lines += [f"| {k} | {'not installed' if v is None else v} |" for k, v in machine_info(parallel).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -363,35 +377,57 @@ def write_plots(tables: dict[str, list[Row]], folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")  # no display on CI runners
     written = []
-    speedups = [r for r in tables.get("perf", []) if r.metric == "speedup" and r.value is not None]
+    perf = tables.get("perf", [])
+    speedups = [r for r in perf if r.metric == "speedup" and r.value is not None]
     if speedups:
-        written.append(_save(_speedup_figure(speedups), Path(folder) / "speedup.png"))
+        quartiles = {(r.case, r.backend, r.metric): r.value for r in perf if r.metric in ("speedup_q1", "speedup_q3")}
+        written.append(_save(_speedup_figure(speedups, quartiles), Path(folder) / "speedup.png"))
     steps = [r for r in tables.get("parity", []) if STEP_METRIC.fullmatch(r.metric) and r.value is not None]
     if steps:
         written.append(_save(_step_figure(steps), Path(folder) / "error_vs_step.png"))
     return written
 
 
-def _speedup_figure(rows: list[Row]):
+def _speedup_figure(rows: list[Row], quartiles: dict[tuple[str, str, str], float]):
+    """Bars of the speed-up of medians, with error bars from the quartiles of the per-round ratios."""
     import matplotlib.pyplot as plt
 
-    labels = list(dict.fromkeys(f"{r.component}\n{r.shape}\n{r.precision}" for r in rows))
+    def label(r: Row) -> str:
+        return f"{r.component}\n{r.shape}\n{r.precision}"
+
+    labels = list(dict.fromkeys(label(r) for r in rows))
     backends = list(dict.fromkeys(r.backend for r in rows))
     width = 0.8 / len(backends)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(labels)), 4))
     for i, backend in enumerate(backends):
-        values = {f"{r.component}\n{r.shape}\n{r.precision}": r.value for r in rows if r.backend == backend}
+        mine = {label(r): r for r in rows if r.backend == backend}
         xs = [j + (i - (len(backends) - 1) / 2) * width for j in range(len(labels))]
-        ax.bar(xs, [values.get(lbl, math.nan) for lbl in labels], width, label=backend)
+        bars = [(mine[lbl].value, *_error_bar(mine[lbl], quartiles)) if lbl in mine else (math.nan, 0.0, 0.0)
+                for lbl in labels]
+        values, below, above = zip(*bars)
+        ax.bar(xs, values, width, yerr=[below, above], capsize=3, label=backend)
     for gate in sorted({r.threshold for r in rows if r.threshold is not None}):
         ax.axhline(gate, color="red", linestyle="--", label=f"gate {gate:g}x")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("speed-up over torch eager (x)")
-    ax.set_title("speed-up per backend and shape")
+    title = "speed-up per backend and shape\n(error bars: quartiles of the per-round ratios)"
+    if on_cpu(rows):
+        title = "CPU timings: informational, not gated\n" + title
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _error_bar(row: Row, quartiles: dict[tuple[str, str, str], float]) -> tuple[float, float]:
+    """How far below and above the bar the per-round ratios' quartiles reach (none recorded: no bar).
+
+    The ratio of medians need not lie between the ratios' quartiles, so each extent is clipped at zero.
+    """
+    q1 = quartiles.get((row.case, row.backend, "speedup_q1"), row.value)
+    q3 = quartiles.get((row.case, row.backend, "speedup_q3"), row.value)
+    return max(0.0, row.value - q1), max(0.0, q3 - row.value)
 
 
 def _step_figure(rows: list[Row]):

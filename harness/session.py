@@ -8,20 +8,23 @@ turns that into a skip, the CLI into exit 2).
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
 from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, KERNEL_CHECK, QUANTIZED_EXPORT, Backend,
                               BackendOptions, Runner, load, make_backend)
 from harness.cache import DiskCache
-from harness.case import PRECISIONS, Case, eager_precision, is_quantized
+from harness.case import ONE_GPU, PRECISIONS, Case, Layout, eager_precision, is_quantized
 from harness.compare import ParityResult, judge_parity
 from harness.components import Component, make_component
 from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, GraphCheck, export_case, validate_graph
 from harness.machine import device_name, versions_string
 from harness.models import WanModel, load_model
-from harness.pipeline import NEGATIVE_PROMPT, PROMPTS, Generation, Runners, build_runners, generate
+from harness.parallel import Job, launch, unsupported
+from harness.pipeline import (NEGATIVE_PROMPT, PROMPTS, Generation, Runners, build_runners, cfg_noise, cfg_noise_split,
+                              generate, initial_latents)
 from harness.results import Result, RunRecorder, result_rows
 from harness.settings import Settings
 from harness.shapes import VideoShape
@@ -39,6 +42,7 @@ class Session:
         self._unavailable: dict[tuple, str] = {}
         self._outputs: dict[tuple, torch.Tensor] = {}
         self._generations: dict[tuple, Generation] = {}
+        self._parallel: dict[tuple, object] = {}
         self._results: list[tuple[str, str, str, Result]] = []
 
     # ------------------------------------------------------------------ models and components
@@ -83,12 +87,13 @@ class Session:
     def build(self, backend: str, component: Component, case: Case, **options) -> Runner:
         """A runner of `component` for `case`; BackendUnavailable names why this machine cannot make one."""
         impl = self.backend(backend, **options)
-        if case.precision not in impl.precisions:
-            raise BackendUnavailable(f"{backend} has no {case.precision} path (it runs {', '.join(impl.precisions)})")
+        reason = _cannot_run(impl, case.precision, case.layout)
+        if reason:
+            raise BackendUnavailable(reason)
         try:
             return impl.build(component, case)
         except BackendUnavailable as exc:
-            raise BackendUnavailable(f"{backend} unavailable: {exc}") from None
+            raise BackendUnavailable(f"{backend} cannot run {case.id}: {exc}") from None
 
     def runner(self, backend: str, case: Case) -> Runner:
         """The session's runner of (backend, case), built once; an unusable one raises the same reason each time."""
@@ -128,25 +133,77 @@ class Session:
         """The batch of the candidate's CFG forwards; eager PyTorch runs two batch-1 calls, as WanPipeline does."""
         return 1 if backend == "torch" else self.settings.cfg_batch
 
-    def pipeline_runners(self, backend: str, precision: str, shape: VideoShape) -> Runners:
-        return build_runners(self.runner, backend, precision, shape, self.settings.source, self.cfg_batch(backend))
+    def pipeline_runners(self, backend: str, precision: str, shape: VideoShape, layout: Layout = ONE_GPU) -> Runners:
+        return build_runners(self.runner, backend, precision, shape, self.settings.source, self.cfg_batch(backend),
+                             layout)
 
     def generate(self, backend: str, precision: str, shape: VideoShape, prompt: str, *, seed: int = 0,
                  negative_prompt: str = NEGATIVE_PROMPT, steps: int | None = None, progress: bool = False,
-                 keep_latents: bool = False) -> Generation:
-        """Text -> video through `backend` (the VAE stays eager; see harness.pipeline.build_runners)."""
-        return generate(self.model(precision), self.pipeline_runners(backend, precision, shape), prompt,
+                 keep_latents: bool = False, layout: Layout = ONE_GPU) -> Generation:
+        """Text -> video through `backend` (the VAE stays eager; see harness.pipeline.build_runners); under a
+        layout, this rank's part of the parallel run (inside harness.rank only)."""
+        return generate(self.model(precision), self.pipeline_runners(backend, precision, shape, layout), prompt,
                         shape=shape, steps=steps or self.settings.steps, seed=seed, negative_prompt=negative_prompt,
                         dtype=PRECISIONS[precision], device=self.settings.device, progress=progress,
-                        keep_latents=keep_latents, cfg_batch=self.cfg_batch(backend))
+                        keep_latents=keep_latents, cfg_batch=self.cfg_batch(backend), cfg_group=_cfg_group(layout))
 
-    def generation(self, backend: str, precision: str, shape: VideoShape, prompt_index: int = 0) -> Generation:
+    def generation(self, backend: str, precision: str, shape: VideoShape, prompt_index: int = 0,
+                   layout: Layout = ONE_GPU) -> Generation:
         """The fixed-prompt run that parity and quality cases share, with every step's latents, made once."""
-        key = (backend, precision, shape, prompt_index)
+        key = (backend, precision, shape, prompt_index, layout)
         if key not in self._generations:
             self._generations[key] = self.generate(backend, precision, shape, PROMPTS[prompt_index],
-                                                   seed=prompt_index, keep_latents=True)
+                                                   seed=prompt_index, keep_latents=True, layout=layout)
         return self._generations[key]
+
+    def cfg_step(self, backend: str, precision: str, shape: VideoShape,
+                 layout: Layout = ONE_GPU) -> Callable[[], torch.Tensor]:
+        """One CFG denoising step of the high-noise expert on fixed inputs (t = 937), as a zero-argument call:
+        what the perf cases time and the parallel cases compare; under a layout, this rank's part of it."""
+        model, device, dtype = self.model(precision), self.settings.device, PRECISIONS[precision]
+        case = Case("transformer", shape, precision, source=self.settings.source)
+        batch = self.cfg_batch(backend)
+        runner = self.runner(backend, dataclasses.replace(case, batch=batch, layout=layout.forward))
+        cond, negative = self.inputs(case)[2], self.inputs(case, seed=1)[2]
+        latents = initial_latents(model, shape, 0, device)
+        timestep = torch.tensor(937, device=device)
+        group = _cfg_group(layout)
+        if group is not None:
+            return lambda: cfg_noise_split(runner, latents, timestep, cond, negative, model.guidance_scale, dtype, group)
+        return lambda: cfg_noise(runner, latents, timestep, cond, negative, model.guidance_scale, dtype, batch)
+
+    # ------------------------------------------------------------------ several GPUs per video
+
+    def parallel(self, task: str, backend: str, precision: str, shape: VideoShape, **arguments):
+        """What rank 0 returns from `task` (a function of harness.parallel_tasks) run by the ranks of the
+        settings' layout, launched once per arguments. BackendUnavailable (a skip) when this machine cannot
+        run the layout for the case, or a rank could not build `backend`."""
+        key = (task, backend, precision, shape, tuple(sorted(arguments.items())))
+        if key not in self._parallel:
+            try:
+                self._check_parallel(backend, precision, shape)
+                job = Job(self.settings, f"harness.parallel_tasks:{task}",
+                          dict(backend=backend, precision=precision, shape=shape, **arguments))
+                self._parallel[key] = launch(job, self.settings.parallel.world)
+            except (BackendUnavailable, HarnessError) as exc:  # a skip or a failed launch: every case needing it
+                self._parallel[key] = exc                        # says so at once, without launching again
+        outcome = self._parallel[key]
+        if isinstance(outcome, (BackendUnavailable, HarnessError)):
+            raise type(outcome)(str(outcome))
+        return outcome
+
+    def _check_parallel(self, backend: str, precision: str, shape: VideoShape) -> None:
+        """What the parent can tell before starting any rank: the machine, the split, the backend."""
+        layout, device = self.settings.parallel, self.settings.device
+        if layout == ONE_GPU:
+            raise BackendUnavailable("one GPU (--parallel none): give --parallel cfg2, ulysses2, ring2 or "
+                                     "cfg2,ulysses2 to run the parallel cases")
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
+        heads = self.model(eager_precision(precision)).transformer.config.num_attention_heads
+        reason = (unsupported(layout, device, gpus, precision, shape.tokens, heads)
+                  or _cannot_run(self.backend(backend), precision, layout))
+        if reason:
+            raise BackendUnavailable(reason)
 
     # ------------------------------------------------------------------ export and engines
 
@@ -154,6 +211,21 @@ class Session:
         """The case's graph through the cache; fp8/int8 cases get the Q/DQ graph of the quantized expert."""
         export = load(QUANTIZED_EXPORT) if is_quantized(case.precision) else export_case
         return export(self.component(case), case, cache or DiskCache(self.settings.cache_dir))
+
+    def checked_export(self, case: Case, cache: DiskCache | None = None) -> tuple[ExportedGraph, GraphCheck]:
+        """Export (cached) and validate; a cached graph that fails validation is evicted and exported once more.
+
+        The manifest's hashes already catch changed bytes, so this is the net under what they cannot see;
+        a fresh export's verdict is the result either way.
+        """
+        cache = cache or DiskCache(self.settings.cache_dir)
+        graph = self.export(case, cache)
+        check = self.check_graph(graph)
+        if graph.hit and not check:
+            cache.evict(graph.path.parent, f"the cached graph failed validation: {check}")
+            graph = self.export(case, cache)
+            check = self.check_graph(graph)
+        return graph, check
 
     def check_graph(self, graph: ExportedGraph) -> GraphCheck:
         """onnx.checker, shape inference and ONNX Runtime CPU against PyTorch at the graph's check shapes."""
@@ -187,6 +259,25 @@ class Session:
         """The last result of type `kind` recorded for (table, case, backend) in this session, if any."""
         found = [r for t, c, b, r in self._results if (t, c, b) == (table, case.id, backend) and isinstance(r, kind)]
         return found[-1] if found else None
+
+
+def _cannot_run(impl: Backend, precision: str, layout: Layout) -> str:
+    """Why backend `impl` cannot run a case at `precision` under `layout`, or ''."""
+    if precision not in impl.precisions:
+        return f"{impl.name} has no {precision} path (it runs {', '.join(impl.precisions)})"
+    if layout.sequence > 1 and not impl.shards_sequence:
+        return (f"{impl.name} runs one whole-sequence graph per forward; splitting its tokens over ranks "
+                f"(--parallel {layout.spec}) is out of its scope")
+    return ""
+
+
+def _cfg_group(layout: Layout):
+    """The CFG pair's process group where the layout splits CFG (inside a rank), else None."""
+    if layout.cfg == 1:
+        return None
+    from harness.distributed import cfg_group
+
+    return cfg_group()
 
 
 def check_asked_kernels(settings: Settings) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -15,10 +16,10 @@ import torch
 
 from harness.backends import (ATTENTION_KERNELS, BACKENDS, BackendOptions, check_backend, check_compute_capability,
                               load)
-from harness.case import QUANTIZED, check_precision
+from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
-from harness.models import SOURCES, check_checkpoint_folder
-from harness.shapes import VideoShape, parse_shapes
+from harness.models import SOURCES, check_checkpoint_folder, dit_configs
+from harness.shapes import VideoShape, check_fits, parse_shapes
 
 DEFAULT_SHAPES = {"tiny": "16x16x9", "proxy": "480p", "checkpoint": "480p"}
 GPU_BACKENDS = ("torch", "inductor", "torch-fp8", "onnxruntime", "tensorrt", "tensorrt_rtx")
@@ -71,6 +72,9 @@ OPTIONS = (
                           "triton-fp8: fp8) goes to each backend of its precision that takes it; backend=kernel "
                           "sets one (e.g. torch-fp8=fa3 for bf16 attention beside fp8 GEMMs). Default: each "
                           "backend's own (stock SDPA; cudnn-fp8 for torch-fp8); eager torch always keeps SDPA"),
+    Option("--parallel", "the GPUs of one video, for the parallel cases: cfg2 (the two CFG branches on two ranks), "
+                         "ulysses<N>, ring<N> (each forward's tokens over N ranks), or a product such as "
+                         "cfg2,ulysses2; none = one GPU", "none"),
 )
 
 
@@ -95,6 +99,7 @@ class Settings:
     cfg_batch: int = 1
     attention: tuple[tuple[str, str], ...] = ()  # (backend, kernel) for every backend that runs a kernel choice
     attention_asked: tuple[str, ...] = ()  # the backends whose kernel --attention named (not a default)
+    parallel: Layout = ONE_GPU
     backend_options: BackendOptions = field(default_factory=BackendOptions)
 
     def options_for(self, backend: str) -> BackendOptions:
@@ -108,7 +113,8 @@ class Settings:
                 "backends": self.backends, "candidate": self.candidate, "precisions": self.precisions,
                 "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
                 "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
-                "cfg batch": self.cfg_batch, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None}
+                "cfg batch": self.cfg_batch, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
+                "parallel": self.parallel.spec}
 
 
 def settings_from(values: dict) -> Settings:
@@ -130,17 +136,30 @@ def settings_from(values: dict) -> Settings:
         source=source, model_path=path, proxy_layers=_proxy_layers(given.get("proxy_layers", 2)),
         backends=backends, candidate=_candidate(given.get("candidate"), backends),
         precisions=_names(precisions, check_precision, "--precisions"),
-        shapes=tuple(parse_shapes(given.get("shapes", DEFAULT_SHAPES[source]))),
+        shapes=_shapes(given.get("shapes", DEFAULT_SHAPES[source]), source, path),
         steps=_positive(given.get("steps", 4 if source == "tiny" else 40), "--steps"),
         speedup_gate=_gate(given.get("speedup_gate", 1.5)),
         results_dir=Path(given.get("results_dir", "results")), cache_dir=cache_dir, device=device,
         perf_rounds=_positive(given.get("perf_rounds", 10), "--perf-rounds"),
-        perf_precision=check_precision(given.get("perf_precision", "bf16" if device == "cuda" else "fp32")),
+        perf_precision=flagged("--perf-precision", check_precision,
+                                given.get("perf_precision", "bf16" if device == "cuda" else "fp32")),
         cfg_batch=_choice(given.get("cfg_batch", 1), (1, 2), "--cfg-batch"),
+        parallel=_parallel(given.get("parallel", "none"), given.get("cfg_batch", 1)),
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3),
                                        compute_capability=check_compute_capability(given.get("compute_capability", ""))))
+
+
+def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]:
+    """Parsed shapes that every DiT expert of the source can take (its own positional table decides)."""
+    shapes = tuple(parse_shapes(specs))
+    if not shapes:
+        raise HarnessError(f"--shapes {specs!r} names nothing; give presets (480p, 720p) or HxWxF, comma-separated")
+    for name, config in dit_configs(source, path).items():
+        for shape in shapes:
+            check_fits(shape, config, f"checkpoint {name}" if source == "checkpoint" else source)
+    return shapes
 
 
 def default_precisions(backends: tuple[str, ...]) -> tuple[str, ...]:
@@ -174,6 +193,34 @@ def attention_kernels(text: str, backends: tuple[str, ...], asked_only: bool = F
     return tuple((b, chosen.get(b, takes[b][0])) for b in backends if takes[b])
 
 
+def parse_layout(text: str) -> Layout:
+    """A --parallel spec ('cfg2', 'ulysses4', 'cfg2,ulysses2', 'none') as a Layout, or HarnessError."""
+    text = str(text).strip()
+    if text in ("", "none"):
+        return ONE_GPU
+    degrees: dict[str, int] = {}
+    for item in (i.strip() for i in text.split(",")):
+        match = re.fullmatch(r"(cfg|ulysses|ring)([1-9][0-9]*)", item)
+        if not match:
+            raise HarnessError(f"--parallel {text!r}: {item!r} is not cfg2, ulysses<N> or ring<N>; e.g. "
+                               "--parallel cfg2,ulysses2 (none = one GPU)")
+        axis, degree = match[1], int(match[2])
+        if axis in degrees:
+            raise HarnessError(f"--parallel {text!r} names {axis} twice")
+        if axis == "cfg" and degree != 2:
+            raise HarnessError(f"--parallel {item}: classifier-free guidance has two branches, so cfg2 is its only split")
+        degrees[axis] = degree
+    return Layout(**degrees)
+
+
+def _parallel(text: str, cfg_batch: int) -> Layout:
+    layout = parse_layout(text)
+    if layout.cfg == 2 and cfg_batch == 2:
+        raise HarnessError("--parallel cfg2 runs the two CFG branches on two ranks and --cfg-batch 2 runs them in one "
+                           "batch-2 forward; choose one (--cfg-batch 1 with cfg2)")
+    return layout
+
+
 def _check_takes(backend: str, kernel: str, takes: dict[str, tuple[str, ...]]) -> None:
     if backend not in takes:
         raise HarnessError(f"--attention {backend}={kernel}: {backend} is not among --backends {','.join(takes)}")
@@ -189,8 +236,16 @@ def _choice(value, choices, flag: str):
     return value
 
 
+def flagged(flag: str, check: Callable[[str], str], value: str) -> str:
+    """`check(value)`, its error prefixed with the option that carried the value."""
+    try:
+        return check(value)
+    except HarnessError as exc:
+        raise HarnessError(f"{flag}: {exc}") from None
+
+
 def _names(text: str, check: Callable[[str], str], flag: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(check(n.strip()) for n in str(text).split(",") if n.strip()))
+    names = tuple(dict.fromkeys(flagged(flag, check, n.strip()) for n in str(text).split(",") if n.strip()))
     if not names:
         raise HarnessError(f"{flag} {text!r} names nothing; give a comma-separated list")
     return names
@@ -209,7 +264,7 @@ def _device(value: str | None) -> str:
 def _candidate(value: str | None, backends: tuple[str, ...]) -> str | None:
     if value is None:
         return "tensorrt" if "tensorrt" in backends else next((b for b in backends if b != "torch"), None)
-    check_backend(value)
+    flagged("--candidate", check_backend, value)
     if value not in backends:
         raise HarnessError(f"--candidate {value} is not among --backends {','.join(backends)}; add it there")
     return value

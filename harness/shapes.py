@@ -11,8 +11,8 @@ TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8
 PATCH = (1, 2, 2)
 LATENT_CHANNELS = 16
-# The VAE's causal 3D convs and RoPE table bound what a run can ask for; past these a
-# run would exceed rope_max_seq_len=1024 per axis or a GPU's memory long before.
+# Harness-wide bounds, far past a GPU's memory at A14B width; each model's own positional table
+# (rope_max_seq_len in its DiT config) bounds a run further: see check_fits.
 MAX_SIDE = 2048
 MAX_FRAMES = 1021
 PRESETS = {"480p": (480, 832, 81), "720p": (720, 1280, 81)}
@@ -71,12 +71,30 @@ def validate(height: int, width: int, frames: int) -> VideoShape:
     return VideoShape(height, width, frames)
 
 
+def check_fits(shape: VideoShape, dit_config: dict, model: str) -> VideoShape:
+    """Return the shape, or raise HarnessError when a latent axis outgrows the DiT's positional table.
+
+    Wan's rotary embedding holds `rope_max_seq_len` positions per axis (frames, height, width after the
+    (1, 2, 2) patchify): a longer axis has no positions and the forward fails on a reshape.
+    """
+    table = dit_config["rope_max_seq_len"]
+    patch = dit_config["patch_size"]
+    _, _, frames, height, width = shape.latent_shape()
+    largest = {"frames": TEMPORAL_COMPRESSION * (table * patch[0] - 1) + 1,
+               "height": table * patch[1] * SPATIAL_COMPRESSION, "width": table * patch[2] * SPATIAL_COMPRESSION}
+    for axis, length, p in (("frames", frames, patch[0]), ("height", height, patch[1]), ("width", width, patch[2])):
+        if length // p > table:
+            raise HarnessError(f"shape {shape.id}: {axis} {getattr(shape, axis)} needs {length // p} positions but "
+                               f"the {model} DiT's rope_max_seq_len is {table}; use {axis} <= {largest[axis]}")
+    return shape
+
+
 def parse_shape(spec: str) -> VideoShape:
     """Parse a preset name (480p, 720p) or HxWxF, e.g. 16x16x9."""
     spec = spec.strip().lower()
     if spec in PRESETS:
         return validate(*PRESETS[spec])
-    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", spec)
+    match = re.fullmatch(r"(-?\d+)x(-?\d+)x(-?\d+)", spec)
     if not match:
         raise HarnessError(f"shape {spec!r} is neither a preset ({', '.join(PRESETS)}) nor HxWxF like 480x832x81")
     return validate(*(int(g) for g in match.groups()))

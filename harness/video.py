@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.errors import HarnessError
+
 # Wan2.2-T2V-A14B renders at 16 frames per second.
 FPS = 16
 
@@ -16,19 +18,33 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return (frames.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
+def check_video_path(path: str | os.PathLike) -> Path:
+    """The path a video may be written to, or HarnessError (checked before a run spends time generating)."""
+    path = Path(path)
+    if path.is_dir():
+        raise HarnessError(f"--out {path} is a folder; give a file name, e.g. --out {path / 'video.mp4'}")
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        raise HarnessError(f"--out {path}: a file stands where its folder should be; choose another path")
+    return path
+
+
 def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: int = FPS) -> Path:
     """Write atomically (temp file, then rename) so a crash never leaves half a video behind."""
     import imageio.v2 as imageio
 
-    path = Path(path)
+    path = check_video_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial.mp4")
-    # macro_block_size=1 keeps small sizes (e.g. 16x16) exact instead of padding them to 16-multiples.
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                            pixelformat="yuv420p", ffmpeg_log_level="error") as writer:
-        for frame in to_uint8(frames):
-            writer.append_data(frame)
-    os.replace(tmp, path)
+    try:
+        # macro_block_size=1 keeps small sizes (e.g. 16x16) exact instead of padding them to 16-multiples.
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                pixelformat="yuv420p", ffmpeg_log_level="error") as writer:
+            for frame in to_uint8(frames):
+                writer.append_data(frame)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -22,10 +22,18 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class SelfAttnProcessor:
-    """Wan self-attention whose attention core is `kernel`; cross-attention and masked calls go to `stock`."""
+    """Wan self-attention whose attention core is `kernel`; cross-attention and masked calls go to `stock`.
+
+    Under context parallelism (harness.distributed) diffusers hands every processor that has a
+    `_parallel_config` the run's config; the kernel then runs inside diffusers' own Ulysses exchange, on the
+    full sequence of this rank's heads. A processor made after that inherits the config of the one it wraps.
+    """
+
+    _attention_backend = None  # what enable_parallelism checks: None is diffusers' native backend, which has a CP path
 
     def __init__(self, kernel: str, stock, **options):
         self.kernel, self.stock, self.options = kernel, stock, options
+        self._parallel_config = getattr(stock, "_parallel_config", None)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None) -> torch.Tensor:
@@ -39,8 +47,28 @@ class SelfAttnProcessor:
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
         if rotary_emb is not None:
             q, k = _rope(q, *rotary_emb), _rope(k, *rotary_emb)
-        out = attend(q, k, v, self.kernel, **self.options).flatten(2, 3).type_as(q)
+        out = self._attention(q, k, v).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self._parallel_config is None:
+            return attend(q, k, v, self.kernel, **self.options)
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+        return _templated_context_parallel_attention(q, k, v, forward_op=self._forward_op, backward_op=None,
+                                                     _parallel_config=self._parallel_config)
+
+    def _forward_op(self, ctx, q, k, v, *_, **__):
+        """diffusers' forward-op signature, called on the heads this rank holds after the all-to-all (Ulysses
+        only: check_layout keeps kernels, which return no log-sum-exp, out of ring attention)."""
+        return attend(q, k, v, self.kernel, **self.options)
+
+
+def check_layout(kernel: str, case) -> None:
+    """A kernel splits over Ulysses ranks (diffusers' exchange around it) but not over ring ranks."""
+    if kernel != "sdpa" and case.layout.ring > 1:
+        raise BackendUnavailable(f"{kernel} attention returns no log-sum-exp, which ring attention needs; "
+                                 f"use ulysses, or --attention sdpa")
 
 
 def _unsupported(attn, kernel: str) -> str:

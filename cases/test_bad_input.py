@@ -1,0 +1,450 @@
+"""What a new user gets wrong, and what the harness must do with each: a NaN never passes the gate, a damaged
+cache entry is rebuilt, and every user error is one line (CLI: exit 2; pytest: one usage error, exit 4,
+before any case runs) with no traceback.
+
+The CLI cases run in this process through `main`; whole pytest sessions and `bench` run as subprocesses,
+with their results and cache folders under the test's temporary folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.__main__ import main
+from harness.cache import MANIFEST, DiskCache, file_sha256, sweep_temp_folders
+from harness.case import Case
+from harness.errors import BackendUnavailable
+from harness.results import Row, RunRecorder
+from harness.settings import settings_from
+from harness.shapes import parse_shape
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPE = parse_shape("16x16x9")
+H100 = "NVIDIA H100 80GB HBM3 (sm_90)"
+PERF_CASE = "cfg_step-proxy-480p-bf16-b1"
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run the CLI and return its one line: exit 2, `error: ...` alone on stderr, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """A subprocess from the repository root, with HF offline (nothing here downloads)."""
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WAN_BENCH_RUN_ID": "run-bad-input"})
+
+
+def pytest_session(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--results-dir={tmp_path / 'results'}",
+                f"--cache-dir={tmp_path / 'cache'}", *args])
+
+
+def assert_one_usage_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    """pytest stopped in pytest_configure: exit 4, exactly one `ERROR:` line naming the problem, no case ran."""
+    output = proc.stdout + proc.stderr
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR, output
+    assert lines == [lines[0]] and lines[0].startswith("ERROR: ") and needle in lines[0], output
+    assert "Traceback" not in output
+
+
+# --- the regression gate: a NaN never passes ---
+
+def perf_run(root: Path, name: str, median: float, iqr: float) -> Path:
+    """A run folder holding one perf case's median and IQR, as a perf case records them."""
+    recorder = RunRecorder(root, name)
+    for metric, value in (("median_ms", median), ("iqr_ms", iqr)):
+        recorder.add("perf", Row(PERF_CASE, "cfg_step", "tensorrt", "bf16", "480p", 32760, metric, value, None, None,
+                                 H100, "torch=2.14.1;tensorrt=11.4.0.106"))
+    return recorder.path
+
+
+@pytest.fixture
+def accepted(tmp_path) -> Path:
+    assert main(["baseline", "save", "--from", str(perf_run(tmp_path, "run-ok", 100.0, 1.0)), "--name", "gpu",
+                 "--dir", str(tmp_path / "baselines")]) == 0
+    return tmp_path / "baselines" / "gpu.json"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("median, iqr", [(math.nan, 1.0), (1000.0, math.nan), (100.0, math.inf)],
+                         ids=["nan-median", "nan-iqr-10x-slower", "inf-iqr"])
+def test_compare_calls_a_nan_perf_row_regressed(accepted, tmp_path, capsys, median, iqr):
+    current = perf_run(tmp_path, "run-nan", median, iqr)
+    assert main(["compare", "--baseline", str(accepted), "--current", str(current)]) == 1
+    out = capsys.readouterr().out
+    assert "1 regressed" in out and "0 ok" in out
+
+
+@pytest.mark.unit
+def test_baseline_save_refuses_a_nan_iqr(tmp_path, capsys):
+    run_folder = perf_run(tmp_path, "run-nan", 100.0, math.nan)
+    line = cli_error(["baseline", "save", "--from", str(run_folder), "--name", "nan", "--dir", str(tmp_path)], capsys)
+    assert "iqr_ms nan" in line and "never an accepted number" in line
+    assert not (tmp_path / "nan.json").exists()
+
+
+@pytest.mark.unit
+def test_a_baseline_without_iqr_ms_names_the_field(accepted, tmp_path, capsys):
+    doc = json.loads(accepted.read_text())
+    del doc["entries"][f"{PERF_CASE}|tensorrt|median_ms"]["iqr_ms"]
+    accepted.write_text(json.dumps(doc))
+    current = perf_run(tmp_path, "run-cur", 100.0, 1.0)
+    line = cli_error(["compare", "--baseline", str(accepted), "--current", str(current)], capsys)
+    assert f'entries["{PERF_CASE}|tensorrt|median_ms"].iqr_ms' in line and "is missing" in line
+
+
+# --- the cache: damaged entries are rebuilt, killed writers' folders swept ---
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    """The tiny text encoder (the smallest component) in fp32, and in fp16, whose dynamo export writes its
+    weights to an external data file."""
+    from harness.components import make_component
+    from harness.models import load_model
+
+    return {p: make_component(load_model("tiny", dtype=dtype), "text_encoder")
+            for p, dtype in (("fp32", torch.float32), ("fp16", torch.float16))}
+
+
+def overwrite_same_size(path: Path) -> bytes:
+    """Random bytes of the file's own size (returned): only a content hash can tell."""
+    garbage = os.urandom(path.stat().st_size)
+    path.write_bytes(garbage)
+    return garbage
+
+
+@pytest.mark.export
+@pytest.mark.parametrize("precision, damaged", [("fp32", "model.onnx"), ("fp16", "model.onnx.data")],
+                         ids=["graph", "external-data"])
+def test_same_size_garbage_in_an_onnx_entry_is_rebuilt(text_encoder, tmp_path, caplog, precision, damaged):
+    from harness.export import export_case
+
+    case, cache = Case("text_encoder", SHAPE, precision), DiskCache(tmp_path)
+    graph = export_case(text_encoder[precision], case, cache)
+    target = graph.path.parent / damaged
+    assert target.is_file(), sorted(p.name for p in graph.path.parent.iterdir())
+    original = target.read_bytes()
+    overwrite_same_size(target)
+    with caplog.at_level(logging.WARNING, logger="harness.cache"):
+        again = export_case(text_encoder[precision], case, cache)
+    assert cache.outcomes("onnx", graph.key) == ["miss", "rebuild"] and not again.hit
+    assert f"{damaged} has sha256" in caplog.text and "rebuilding" in caplog.text
+    assert (again.path.parent / damaged).stat().st_size == len(original)
+
+
+@pytest.mark.export
+def test_same_size_garbage_in_an_engine_plan_is_rebuilt(text_encoder, tmp_path, caplog):
+    from engines.tensorrt import PLAN_FILE, TensorRTRTXBuilder
+
+    case, cache = Case("text_encoder", SHAPE), DiskCache(tmp_path)
+    builder = TensorRTRTXBuilder(cache=cache)
+    _, engine = builder.build(text_encoder["fp32"], case)
+    garbage = overwrite_same_size(engine.path)
+    with caplog.at_level(logging.WARNING, logger="harness.cache"):
+        _, again = builder.build(text_encoder["fp32"], case)
+    assert cache.outcomes("engines", engine.key) == ["miss", "rebuild"] and not again.hit
+    assert f"{PLAN_FILE} has sha256" in caplog.text
+    assert again.path.read_bytes() != garbage and again.layers == engine.layers
+
+
+@pytest.mark.export
+def test_a_cached_graph_failing_validation_is_exported_once_more(tmp_path, caplog):
+    """An entry whose manifest matches its (bad) bytes, as a buggy writer could leave: the hash cannot see
+    it, validation does, and the graph is evicted and exported again."""
+    import onnx
+    from onnx import numpy_helper
+
+    from harness.session import Session
+
+    session = Session(settings_from({"cache_dir": str(tmp_path)}))
+    case = Case("text_encoder", SHAPE)
+    graph, check = session.checked_export(case)
+    assert check and not graph.hit
+    model = onnx.load(str(graph.path))
+    weight = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 3.0, weight.name))
+    onnx.save(model, str(graph.path))
+    manifest_path = graph.path.parent / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][graph.path.name] = {"size": graph.path.stat().st_size, "sha256": file_sha256(graph.path)}
+    manifest_path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="harness.cache"):
+        again, check = session.checked_export(case)
+    assert check and not again.hit, str(check)
+    assert "failed validation" in caplog.text
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from harness.cache import DiskCache
+
+    def build(folder):
+        (folder / "model.onnx").write_bytes(b"x" * 1_000_000)
+        Path(sys.argv[2]).write_text(str(folder))  # tell the test the temp folder exists, half written
+        time.sleep(600)
+
+    DiskCache(Path(sys.argv[1])).fetch("onnx", "victim", {"v": 1}, build, lambda folder: None)
+""")
+
+
+@pytest.mark.unit
+def test_a_writer_killed_mid_write_leaves_a_folder_the_next_fetch_sweeps(tmp_path, caplog):
+    ready = tmp_path / "ready"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "cache"), str(ready)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer never started its build"
+            time.sleep(0.1)
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        writer.wait(timeout=60)
+    left = Path(ready.read_text())
+    assert writer.returncode == -signal.SIGKILL and left.is_dir() and left.name.startswith(".victim-")
+    cache = DiskCache(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="harness.cache"):
+        built = cache.fetch("onnx", "victim", {"v": 1}, lambda f: (f / "model.onnx").write_bytes(b"ok"),
+                            lambda f: (f / "model.onnx").read_bytes())
+    assert not left.exists() and "left behind" in caplog.text
+    assert built.value == b"ok" and [p.name for p in left.parent.iterdir()] == [built.path.name]
+
+
+@pytest.mark.unit
+def test_a_live_writers_folder_is_kept_and_an_old_unknown_one_swept(tmp_path):
+    from harness.cache import STALE_AFTER_S, _temp_prefix
+
+    live = tmp_path / f"{_temp_prefix('entry-a')}abc123"  # this process: still writing
+    recent, old = tmp_path / ".entry-b.x1y2z3", tmp_path / ".entry-c.q9w8e7"  # names without a writer pid
+    for folder in (live, recent, old):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"partial")
+    stale = time.time() - STALE_AFTER_S - 60
+    for path in (old, old / "model.onnx"):
+        os.utime(path, (stale, stale))
+    assert sweep_temp_folders(tmp_path) == [old]
+    assert live.is_dir() and recent.is_dir()
+
+
+# --- a damaged checkpoint folder: one line naming the file, before any case ---
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny model saved as a diffusers folder: what --model-source=checkpoint loads."""
+    from harness.models import load_model
+
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    load_model("tiny").pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def damaged_checkpoint(tiny_checkpoint, tmp_path):
+    """A copy of the tiny checkpoint with one file cut in half; returns (folder, the file's relative path)."""
+    import shutil
+
+    def cut(relative: str) -> Path:
+        folder = tmp_path / "checkpoint"
+        shutil.copytree(tiny_checkpoint, folder)
+        data = (folder / relative).read_bytes()
+        (folder / relative).write_bytes(data[: len(data) // 2])
+        return folder
+
+    return cut
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("relative, needle", [("model_index.json", "is unreadable"),
+                                              ("transformer/diffusion_pytorch_model.safetensors", "is cut short")])
+def test_a_file_cut_in_half_is_named_by_the_cli(damaged_checkpoint, capsys, tmp_path, relative, needle):
+    folder = damaged_checkpoint(relative)
+    line = cli_error(["generate", "--prompt", "x", "--model-source", "checkpoint", "--model-path", str(folder),
+                      "--out", str(tmp_path / "v.mp4")], capsys)
+    assert str(folder / relative) in line and needle in line and "copy the file again" in line
+
+
+def test_a_truncated_checkpoint_stops_pytest_once(damaged_checkpoint, tmp_path):
+    folder = damaged_checkpoint("model_index.json")
+    proc = pytest_session(tmp_path, "-m", "parity", "--model-source=checkpoint", f"--model-path={folder}")
+    assert_one_usage_error(proc, "model_index.json is unreadable")
+
+
+# --- shapes: the loaded model's positional table decides ---
+
+@pytest.fixture(scope="module")
+def odd_checkpoint(tmp_path_factory) -> Path:
+    """A held-out-like checkpoint of other dimensions: 3 heads x 16, 3 layers, text width 24, a WordLevel
+    tokenizer, and a positional table of 64 per axis in its transformer configs."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    from harness.models import TINY_TRANSFORMER, TINY_VAE, TOKENIZER_CORPUS, make_scheduler
+
+    torch.manual_seed(0)
+    words = sorted(set(TOKENIZER_CORPUS.replace(",", " ").replace(".", " ").lower().split()))
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    dit = {**TINY_TRANSFORMER, "num_attention_heads": 3, "attention_head_dim": 16, "text_dim": 24, "num_layers": 3,
+           "ffn_dim": 40, "rope_max_seq_len": 64}
+    text = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=24, d_kv=8, d_ff=40, num_layers=2, num_heads=3,
+                                       relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"))
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text, vae=AutoencoderKLWan(**TINY_VAE),
+                       scheduler=make_scheduler(), transformer=WanTransformer3DModel(**dit),
+                       transformer_2=WanTransformer3DModel(**dit), boundary_ratio=0.875)
+    folder = tmp_path_factory.mktemp("odd-checkpoint")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.unit
+def test_a_shape_past_the_tiny_table_is_refused(capsys, tmp_path):
+    line = cli_error(["generate", "--prompt", "x", "--shape", "16x528x1", "--out", str(tmp_path / "v.mp4")], capsys)
+    assert "rope_max_seq_len is 32" in line and "width <= 512" in line
+
+
+@pytest.mark.unit
+def test_a_checkpoints_own_table_decides(odd_checkpoint, capsys, tmp_path):
+    line = cli_error(["generate", "--prompt", "x", "--model-source", "checkpoint", "--model-path", str(odd_checkpoint),
+                      "--shape", "16x1088x1", "--out", str(tmp_path / "v.mp4")], capsys)
+    assert "checkpoint transformer DiT's rope_max_seq_len is 64" in line and "width <= 1024" in line
+    accepted = settings_from({"model_source": "checkpoint", "model_path": str(odd_checkpoint), "shapes": "16x1024x1"})
+    assert accepted.shapes[0].width == 1024  # past the tiny model's 512, within this checkpoint's table
+
+
+@pytest.mark.unit
+def test_the_odd_checkpoint_generates_a_video(odd_checkpoint, tmp_path):
+    from harness.video import read_mp4
+
+    out = tmp_path / "odd.mp4"
+    assert main(["generate", "--prompt", "a cat walks on the grass", "--model-source", "checkpoint", "--model-path",
+                 str(odd_checkpoint), "--shape", "32x48x5", "--steps", "2", "--out", str(out)]) == 0
+    assert read_mp4(out).shape == (5, 32, 48, 3)
+
+
+@pytest.mark.unit
+def test_a_spec_starting_with_a_dash_gets_the_shape_error(capsys):
+    line = cli_error(["shapes", "-480x832x81"], capsys)
+    assert "shape -480x832x81" in line and "must be positive" in line
+
+
+# --- the CLI's own options ---
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv, needle", [
+    (["--steps", "0"], "--steps 0 must be a whole number >= 1"),
+    (["--steps", "-1"], "--steps -1 must be a whole number >= 1"),
+    (["--model-source", "proxy", "--proxy-layers", "0"], "--proxy-layers 0 must be a whole number >= 1"),
+    (["--precision", "fp8", "--backend", "torch"], "has no fp8 path (it runs fp32, fp16, bf16); fp8 runs on "
+                                                   "--backend torch-fp8"),
+])
+def test_generate_refuses_bad_options(argv, needle, capsys, tmp_path):
+    assert needle in cli_error(["generate", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *argv], capsys)
+
+
+@pytest.mark.unit
+def test_generate_into_an_existing_folder_is_refused_and_leaves_nothing(capsys, tmp_path):
+    line = cli_error(["generate", "--prompt", "x", "--out", str(tmp_path)], capsys)
+    assert "is a folder" in line and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.unit
+def test_a_long_prompt_is_truncated_with_one_warning(caplog):
+    from harness.models import load_model
+    from harness.pipeline import tokenize
+
+    model = load_model("tiny")
+    prompt = " ".join(["a cat walks on the grass"] * 1000)  # 5,000 words
+    with caplog.at_level(logging.WARNING, logger="harness.pipeline"):
+        for _ in range(3):
+            ids, _ = tokenize(model, [prompt, "a cat"], "cpu")
+    (record,) = [r for r in caplog.records if "truncated" in r.getMessage()]
+    assert ids.shape[1] == 512 and "512 tokens" in record.getMessage() and "dropped" in record.getMessage()
+
+
+@pytest.mark.unit
+def test_ort_cpu_refusing_bf16_names_the_op_and_type(tmp_path):
+    from engines.onnxruntime import OnnxRuntime, refusal
+    from harness.backends import BackendOptions
+    from harness.components import make_component
+    from harness.models import load_model
+
+    component = make_component(load_model("tiny", dtype=torch.bfloat16), "vae_decoder")
+    with pytest.raises(BackendUnavailable, match=r"ONNX Runtime CPU does not implement Conv for tensor\(bfloat16\)"):
+        OnnxRuntime(BackendOptions(cache_dir=tmp_path)).build(component, Case("vae_decoder", SHAPE, "bf16"))
+    ort_words = "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for Mul(14) node with name 'm'"
+    assert refusal(ort_words, ["CPUExecutionProvider"], tmp_path / "g.onnx") == (
+        "ONNX Runtime CPU does not implement Mul (opset 14) for this graph's tensor types (node m)")
+
+
+# --- whole pytest sessions and bench: one usage error, before any case ---
+
+@pytest.mark.parametrize("option, needle", [
+    ("--backends=foo", "--backends: unknown backend 'foo'"),
+    ("--candidate=foo", "--candidate: unknown backend 'foo'"),
+    ("--precisions=fp4", "--precisions: unknown precision 'fp4'"),
+    ("--proxy-layers=0", "--proxy-layers 0 must be a whole number >= 1"),
+    ("--steps=-1", "--steps -1 must be a whole number >= 1"),
+    ("--perf-rounds=0", "--perf-rounds 0 must be a whole number >= 1"),
+    ("--shapes=16x528x1", "rope_max_seq_len is 32"),
+])
+def test_a_bad_option_stops_pytest_once(tmp_path, option, needle):
+    assert_one_usage_error(pytest_session(tmp_path, "-m", "parity", option), needle)
+
+
+def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "harness", "bench", f"--results-dir={tmp_path / 'results'}",
+                f"--cache-dir={tmp_path / 'cache'}", *args])
+
+
+def test_bench_passes_steps_0_to_pytest_as_an_error(tmp_path):
+    proc = bench(tmp_path, "--", "--steps", "0")
+    assert proc.returncode == 2 and "--steps 0 must be a whole number >= 1" in proc.stderr, proc.stdout + proc.stderr
+    assert "passed" not in proc.stdout and "summary" not in proc.stdout and not (tmp_path / "results").exists()
+
+
+def test_bench_takes_checkpoint_options_as_its_own(tiny_checkpoint, tmp_path):
+    proc = bench(tmp_path, "--model-source", "checkpoint", f"--model-path={tiny_checkpoint}", "--shapes", "32x48x5",
+                 "--backends", "torch,onnxruntime", "--", "-k", "parity and text_encoder and fp32")
+    summary = tmp_path / "results" / "run-bad-input" / "summary.md"
+    assert proc.returncode == 0 and f"summary: {summary}" in proc.stdout, proc.stdout[-3000:] + proc.stderr
+    assert "| text_encoder-checkpoint-32x48x5-fp32-b1 | onnxruntime |" in summary.read_text()
+    # The TorchScript export of the text encoder warns about aten::index; pytest.ini filters it.
+    assert "warnings summary" not in proc.stdout and "Warning:" not in proc.stdout + proc.stderr
+
+
+def test_bench_with_no_rows_prints_no_summary_path(tmp_path):
+    proc = bench(tmp_path, "--backends", "torch", "--", "-k", "no_case_has_this_name")
+    assert "no rows were recorded" in proc.stdout and "summary:" not in proc.stdout
+    assert not (tmp_path / "results" / "run-bad-input" / "summary.md").exists()
+
+
+def test_export_labels_cases_and_table_with_the_checkpoint_and_shape(tiny_checkpoint, tmp_path):
+    proc = pytest_session(tmp_path, "-m", "export", "--model-source=checkpoint", f"--model-path={tiny_checkpoint}",
+                          "--shapes=32x48x5", "--precisions=fp32", "-k", "test_export_check_and_trt_build and "
+                          "text_encoder", "-v", "cases/test_export.py")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert "text_encoder-checkpoint-32x48x5-fp32-b1" in proc.stdout
+    table = (tmp_path / "results" / "run-bad-input" / "export-cpu.md").read_text()
+    assert table.startswith("# ONNX export and TensorRT-RTX build (checkpoint source, 32x48x5)")
+    assert "| text_encoder | fp32 | static |" in table and "| text_encoder | fp32 | dynamic |" in table
