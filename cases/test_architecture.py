@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.backends import BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, load
+from harness.backends import BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, QUANTIZED_EXPORT, load
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +44,6 @@ def test_every_registered_backend_loads_and_keeps_the_contract(name):
     assert isinstance(ok, bool) and (ok or reason), "an unavailable backend must say why"
 
 
-def test_builders_and_the_graph_runner_load():
-    for path in (*ENGINE_BUILDERS.values(), GRAPH_RUNNER):
+def test_builders_the_graph_runner_and_the_quantized_export_load():
+    for path in (*ENGINE_BUILDERS.values(), GRAPH_RUNNER, QUANTIZED_EXPORT):
         assert callable(load(path))

@@ -5,6 +5,7 @@ checked in a private temporary cache so the outcomes recorded there are this run
 """
 from __future__ import annotations
 
+import collections
 import logging
 import re
 
@@ -14,7 +15,7 @@ import torch
 from engines.tensorrt import TensorRT, TensorRTRTX, engine_spec, import_trt, profile_from
 from harness.backends import make_backend
 from harness.cache import DiskCache, entry_key, spec_hash
-from harness.case import COMPONENTS, Case
+from harness.case import COMPONENTS, QUANTIZED, Case, is_dit, is_quantized
 from harness.errors import HarnessError
 from harness.export import OPSET, assert_plain_types, default_exporter, export_case, export_friendly, export_spec
 from harness.results import Measured
@@ -23,17 +24,20 @@ from harness.shapes import parse_shape
 pytestmark = pytest.mark.export
 
 SHAPE = parse_shape("16x16x9")
-EXPORT_PRECISIONS = ("fp32", "fp16", "bf16")
-TABLE_HEADER = ("| component | precision | shape mode | export s | ORT rel err | TRT layers | plan weights | engine MB | "
-                "build s |\n|---|---|---|---|---|---|---|---|---|\n")
+EXPORT_PRECISIONS = ("fp32", "fp16", "bf16", *QUANTIZED)
+TABLE_HEADER = ("| component | precision | shape mode | shape | export s | ORT rel err | TRT layers | plan weights | "
+                "engine MB | build s | target | block GEMM FLOPs in fp8/int8 | self-attention |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def pytest_generate_tests(metafunc):
-    """The export matrix: every component x the run's shapes x each exportable precision x static/dynamic."""
+    """The export matrix: every component x the run's shapes x each exportable precision x static/dynamic;
+    fp8/int8 for the DiT experts at static shapes (ModelOpt's Q/DQ export is TorchScript's)."""
     if "export_case_" in metafunc.fixturenames:
         s = metafunc.config.wan_session.settings
         cases = [Case(c, shape, p, source=s.source, dynamic=d) for c in COMPONENTS for shape in s.shapes
-                 for p in s.precisions if p in EXPORT_PRECISIONS for d in (False, True)]
+                 for p in s.precisions if p in EXPORT_PRECISIONS for d in (False, True)
+                 if not is_quantized(p) or (is_dit(c) and not d)]
         metafunc.parametrize("export_case_", cases, ids=[c.id for c in cases])
 
 
@@ -85,13 +89,26 @@ def test_export_check_and_trt_build(export_case_, session, export_table):
         assert check.parity_skipped or len(check.parity) == 2, "a dynamic graph is checked at two shapes"
     _, engine = session.build_engine("tensorrt_rtx", case)
     assert engine.layers > 0 and engine.size_bytes > 0, str(engine)
+    assert all(engine.checks().values()), f"not a {case.precision} engine: {engine}"
     session.record("export", case, "onnx", check)
     session.record("export", case, "tensorrt_rtx", engine)
     ort = f"{check.worst_rel_l2:.2e}" if check.parity else f"skipped: {_short(check.parity_skipped)}"
     plugins = f" (plugins: {', '.join(engine.plugin_layers)})" if engine.plugin_layers else ""
     export_table[case.id] = (case, f"| {case.component} | {case.precision} | {'dynamic' if case.dynamic else 'static'} | "
+                                   f"{case.shape.id} | "
                                    f"{graph.export_s:.2f} | {ort} | {engine.layers}{plugins} | {engine.weights} | "
-                                   f"{engine.size_bytes / 2 ** 20:.2f} | {engine.build_s:.2f} |\n", engine)
+                                   f"{engine.size_bytes / 2 ** 20:.2f} | {engine.build_s:.2f} | {engine.target} | "
+                                   f"{_quantized_columns(engine)} |\n", engine)
+
+
+def _quantized_columns(engine) -> str:
+    """A quantized engine's proof as two table cells: the block GEMM FLOPs share, and how self-attention ran."""
+    if not is_quantized(engine.precision):
+        return "- | -"
+    proof = engine.proof()
+    kinds = collections.Counter(proof.self_attention)
+    attention = "fused fp8 MHA" if proof.fused_self_attention else ", ".join(f"{n} x {k}" for k, n in kinds.items())
+    return f"{proof.share:.1%} | {attention}"
 
 
 @pytest.fixture

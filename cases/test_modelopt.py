@@ -1,26 +1,42 @@
-"""ModelOpt PTQ on the CPU: loop-captured calibration, the calibration cache, and the simulated `modelopt` backend
-judged against bf16 eager in the fp8 and int8 bands.
+"""ModelOpt PTQ to fp8/int8 engines on the CPU, with real ModelOpt, ONNX Runtime and TensorRT-RTX: loop-captured
+calibration and its cache, the simulated `modelopt` backend judged against bf16 eager in the fp8 and int8 bands,
+the Q/DQ graph against the simulation on ONNX Runtime, and strongly typed TensorRT-RTX builds for a named
+compute capability whose own layer information proves the GEMMs (and self-attention) quantized.
 
-The tiny DiT is judged at 128x128x9 (192 tokens): at the CI shape 16x16x9 (3 tokens) static scales from the
-calibration prompts do not cover held-out prompts (harness/thresholds.toml [parity.int8]).
+The tiny DiT runs at 128x128x9 (192 tokens): at the CI shape 16x16x9 (3 tokens) static scales from the
+calibration prompts do not cover held-out prompts (harness/thresholds.toml [parity.int8]), and TensorRT does
+not fuse self-attention into one kernel.
 """
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
+import onnx
 import pytest
 import torch
 
-from engines.modelopt import calibrate, restore
+from engines.layer_precision import markdown_table
+from engines.modelopt import calibrate, quantized_module, restore
+from engines.modelopt_export import export_quantized, qdq_cpu_runner
+from engines.tensorrt import EngineBuildError, TensorRTRTXBuilder, import_trt, min_quantized_share
+from harness.__main__ import main
+from harness.backends import BackendOptions
 from harness.cache import DiskCache
 from harness.case import DIT_COMPONENTS, QUANTIZED, Case
+from harness.compare import compare, thresholds
 from harness.components import dit_component, make_component
-from harness.errors import BackendUnavailable
+from harness.errors import BackendUnavailable, HarnessError
 from harness.models import load_model
 from harness.pipeline import CALIBRATION_PROMPTS, CALIBRATION_STEPS
+from harness.settings import settings_from
 from harness.shapes import parse_shape
+from harness.weight_inputs import weight_bytes_view, weight_inputs
 
 pytestmark = pytest.mark.export
 SHAPE = parse_shape("128x128x9")
-BOUNDARY = 875  # harness.models.WanModel.boundary_ratio x 1000 train timesteps
+# How ONNX Runtime takes each moved weight's bytes (fp8 as its raw bytes, typed by the OrtValue)
+WEIGHT_NUMPY = {"FLOAT": np.float32, "FLOAT16": np.float16, "FLOAT8E4M3FN": np.uint8, "INT8": np.int8}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +54,9 @@ def test_each_expert_calibrates_on_its_own_timesteps_of_the_real_loop(tiny_bf16)
              for name in DIT_COMPONENTS}
     per_expert = len(CALIBRATION_PROMPTS) * CALIBRATION_STEPS  # half the steps each, two CFG branches per step
     assert [len(c) for c in calls.values()] == [per_expert, per_expert]
-    assert all(int(t) >= BOUNDARY for _, t, _ in calls["transformer"])
-    assert all(int(t) < BOUNDARY for _, t, _ in calls["transformer_2"])
+    boundary = tiny_bf16.boundary_ratio * tiny_bf16.scheduler.config.num_train_timesteps
+    assert all(int(t) >= boundary for _, t, _ in calls["transformer"])
+    assert all(int(t) < boundary for _, t, _ in calls["transformer_2"])
     latents, _, text = calls["transformer"][0]
     assert latents.dtype == text.dtype == torch.bfloat16 and tuple(latents.shape) == SHAPE.latent_shape(1)
     held_out = make_component(tiny_bf16, "transformer").loop_inputs(Case("transformer", SHAPE, "fp8"), True)
@@ -88,3 +105,163 @@ def test_modelopt_says_what_it_cannot_quantize(session, modelopt_ready):
         session.build("modelopt", session.component(text), text)
     with pytest.raises(BackendUnavailable, match=r"modelopt has no bf16 path \(it runs fp8, int8\)"):
         session.build("modelopt", alone, case.with_precision("bf16"))
+
+
+@pytest.mark.parametrize("scheme", QUANTIZED)
+def test_qdq_graph_passes_the_checker_and_matches_the_simulation_on_onnxruntime(scheme, session, modelopt_ready):
+    """An fp16 graph (ORT's CPU provider has no bf16 Conv), graph optimizations off (they break fp8 Q/DQ)."""
+    model = load_model("tiny", dtype=torch.float16)
+    component, case = make_component(model, "transformer"), Case("transformer", SHAPE, "fp16")
+    cache = DiskCache(session.settings.cache_dir)
+    graph = export_quantized(component, case, cache, scheme)
+    onnx.checker.check_model(str(graph.path), full_check=True)
+    proto = onnx.load(str(graph.path))
+    assert {n.domain for n in proto.graph.node} == {""}, "every Q/DQ is a standard ONNX op"
+    stored = {onnx.TensorProto.DataType.Name(i.data_type) for i in proto.graph.initializer}
+    assert {"fp8": "FLOAT8E4M3FN", "int8": "INT8"}[scheme] in stored
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    assert conv.input[1] == "transformer.patch_embedding.weight", "the patch embedding keeps its own weight"
+    simulated, _ = quantized_module(component, case, cache, scheme)
+    inputs = component.loop_inputs(case, True)[0]
+    with torch.inference_mode():
+        expected = simulated(*inputs)
+    result = compare(qdq_cpu_runner(graph.path)(*inputs), expected,
+                     tolerance=thresholds()["qdq_graph"][f"ort_rel_l2_{scheme}"])
+    assert result, result.message()
+
+
+@pytest.mark.parametrize("scheme", QUANTIZED)
+def test_weights_as_inputs_keep_the_quantized_weights_quantized(scheme, session, modelopt_ready):
+    """The weights-as-inputs twin of a Q/DQ graph (a weight-stripped plan's graph on a CPU-only machine) takes each
+    fp8/int8 weight as an input of its own type, and computes what the Q/DQ graph computes (ONNX Runtime CPU)."""
+    import onnxruntime
+
+    model = load_model("tiny", dtype=torch.float16)
+    component, case = make_component(model, "transformer"), Case("transformer", SHAPE, "fp16")
+    cache = DiskCache(session.settings.cache_dir)
+    graph = export_quantized(component, case, cache, scheme)
+    derived = weight_inputs(graph, cache)
+    stored = {"fp8": "FLOAT8E4M3FN", "int8": "INT8"}[scheme]
+    quantized = [i.name for i in onnx.load(str(graph.path)).graph.initializer
+                 if onnx.TensorProto.DataType.Name(i.data_type) == stored and len(i.dims) >= 2]
+    moved = {w.name: w.dtype for w in derived.weights}
+    assert quantized and all(moved.get(name) == stored for name in quantized), "every quantized weight moved as it is"
+    feeds = {name: t.numpy() for name, t in zip(component.input_names, component.loop_inputs(case, True)[0])}
+    weights = {w.name: onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(
+        weight_bytes_view(derived.folder, w).reshape(-1).view(WEIGHT_NUMPY[w.dtype]).reshape(w.shape),
+        onnx.TensorProto.DataType.Value(w.dtype)) for w in derived.weights}
+    expected = qdq_cpu_runner(graph.path).session.run(None, feeds)[0]
+    actual = qdq_cpu_runner(derived.path).session.run(None, {**feeds, **weights})[0]
+    assert np.array_equal(actual, expected)
+
+
+@pytest.fixture(scope="module")
+def rtx(modelopt_ready):
+    module, reason = import_trt("tensorrt_rtx")
+    if module is None:
+        pytest.skip(reason)
+
+
+def block_linear_flops(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """2 x rows x in x out of every Linear inside the DiT blocks, from one forward: what the engine must run."""
+    flops, hooks = [0], []
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Linear) and ".blocks." in f".{name}":
+            hooks.append(sub.register_forward_hook(
+                lambda m, args, out: flops.__setitem__(0, flops[0] + 2 * args[0].numel() * m.out_features)))
+    with torch.inference_mode():
+        module(*inputs)
+    for hook in hooks:
+        hook.remove()
+    return flops[0]
+
+
+def engine_for(session, precision: str, compute_capability: str, engine_weights: str = "stripped"):
+    case = Case("transformer", SHAPE, precision, source=session.settings.source)
+    options = BackendOptions(cache_dir=session.settings.cache_dir, compute_capability=compute_capability,
+                             engine_weights=engine_weights)
+    component = session.component(case)
+    _, engine = TensorRTRTXBuilder(options).build(component, case)
+    return engine, block_linear_flops(component.module, component.inputs(case))
+
+
+@pytest.mark.parametrize("precision, compute_capability, engine_weights",
+                         [("fp8", "8.9", "stripped"), ("fp8", "8.9", "full"), ("int8", "8.6", "stripped")])
+def test_quantized_engine_runs_its_block_gemms_quantized(precision, compute_capability, engine_weights, session, rtx):
+    """Strongly typed TensorRT-RTX build for a named target; the builder's own layer log is the proof, whether the
+    plan holds the fp8/int8 weights or takes them as graph inputs (a stripped plan on a CPU-only machine)."""
+    engine, expected = engine_for(session, precision, compute_capability, engine_weights)
+    rows = engine.gemms()
+    proof = engine.proof(precision, expected)
+    assert engine.target == "sm" + compute_capability.replace(".", "")
+    assert (engine.weights == "full") == (engine_weights == "full") and (engine.weights == "inputs") == bool(engine.weight_inputs)
+    assert sum(g.flops for g in rows if g.block and g.kind == "linear") == expected, "every block GEMM was seen"
+    assert proof.share >= min_quantized_share(), str(proof)
+    if precision == "fp8":  # int8 attention stays 16-bit: ModelOpt exports fp8 attention only
+        assert proof.fused_self_attention, f"self-attention is not one fused fp8 MHA kernel: {proof}"
+    case = Case("transformer", SHAPE, precision, source=session.settings.source)
+    session.record("export", case, "tensorrt_rtx", engine)
+    assert engine.checks() == {"quantized_gemm_share": True}
+
+
+def test_a_plain_bf16_engine_fails_the_fp8_proof(session, rtx):
+    engine, expected = engine_for(session, "bf16", "8.9")
+    proof = engine.proof("fp8", expected)
+    assert proof.block_gemm_flops == expected and proof.share < min_quantized_share()
+    assert not proof.fused_self_attention, str(proof)
+
+
+def test_fp8_for_a_gpu_without_fp8_fails_loudly(session, rtx):
+    with pytest.raises(EngineBuildError, match="HW-specific datatypes: fp8_e4m3"):
+        engine_for(session, "fp8", "8.6")
+
+
+def test_a_compute_capability_is_major_minor_and_one_the_builder_targets(session, rtx):
+    with pytest.raises(HarnessError, match="write it as major.minor"):
+        settings_from({"compute_capability": "sm89", "device": "cpu", "backends": "torch"})
+    with pytest.raises(HarnessError, match=r"cannot target compute capability 9.0; it targets .*8\.9"):
+        engine_for(session, "fp8", "9.0")
+
+
+def test_harness_build_makes_an_fp8_engine_for_a_named_target(session, rtx, capsys):
+    code = main(["build", "--precision", "fp8", "--compute-capability", "8.9", "--component", "transformer",
+                 "--shape", SHAPE.id, "--model-source", "tiny", f"--cache-dir={session.settings.cache_dir}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "target sm89" in out and "100.0% of" in out and "fused_mha fp8" in out, out
+    assert main(["build", "--precision", "fp8", "--compute-capability", "8.9.1", "--component", "transformer"]) == 2
+
+
+def test_real_width_fp8_engine_layer_table(session, rtx):
+    """One A14B-width expert of --proxy-layers layers, fp8 for 8.9 at the run's first shape: the layer-precision
+    table and build time go to the run folder (fp8-engine-proxy.md).
+
+    The expert is built alone, without a WanModel: the whole proxy model does not fit a 24 GB CPU machine
+    (its bf16 load alone passed 10 GB), so there is no loop to calibrate on, and three seeded forwards stand in.
+    That is no calibration for accuracy (every accuracy case calibrates on the loop); this build proves which
+    kernels and precisions TensorRT picks at real width, which the scale values do not change.
+    """
+    s = session.settings
+    if s.source != "proxy":
+        pytest.skip("builds a real-width expert: run with --model-source proxy (2 layers at 64x64x5 peaked at "
+                    "about 8 GB here)")
+    from harness.components import proxy_expert
+    from harness.machine import versions_string
+    from harness.results import atomic_write_text
+
+    case = Case("transformer", s.shapes[0], "fp8", source="proxy")
+    expert = proxy_expert(s.proxy_layers, device="cpu", dtype=torch.bfloat16)
+    component = dataclasses.replace(expert, loop_inputs=lambda c, held_out: [expert.inputs(c, seed) for seed in range(3)])
+    expected = block_linear_flops(component.module, component.inputs(case))
+    options = BackendOptions(cache_dir=s.cache_dir, compute_capability="8.9")
+    graph, engine = TensorRTRTXBuilder(options).build(component, case)
+    rows = engine.gemms()
+    proof = engine.proof("fp8", expected)
+    table = (f"# fp8 TensorRT-RTX engine at A14B width (proxy, {s.proxy_layers} of 40 layers, {case.shape.id}, "
+             f"{case.shape.tokens} tokens)\n\nCommand: `{session.recorder.command}`; {versions_string()}\n\n"
+             f"Engine {engine.key}: target {engine.target}, build {engine.build_s:.1f} s, {engine.size_bytes / 2 ** 20:.0f} MB, "
+             f"graph export {graph.export_s:.1f} s; {proof}\n\n" + markdown_table([g for g in rows if g.block]))
+    session.recorder.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(session.recorder.path / "fp8-engine-proxy.md", table)
+    session.record("export", case, "tensorrt_rtx", engine)
+    assert proof.share >= min_quantized_share() and proof.block_gemm_flops == expected, str(proof)
+    assert proof.fused_self_attention, str(proof)

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from harness.backends import BACKENDS, load
-from harness.case import Case, eager_precision, is_dit
+from harness.case import Case, eager_precision, is_dit, is_quantized
 from harness.shapes import A14B_LAYERS, forward_flops
 from harness.timing import RoundRecorder, SpeedupResult, judge_speedup
 
@@ -27,7 +27,13 @@ def pytest_generate_tests(metafunc):
 
 
 def perf_precision(backend: str, settings) -> str:
-    return "fp8" if backend == "torch-fp8" else settings.perf_precision
+    """--perf-precision, unless the backend runs quantized precisions only (torch-fp8) or --precisions names only
+    quantized ones it runs (`--candidate tensorrt --precisions fp8` times the fp8 engine): then the first of those."""
+    runs = load(BACKENDS[backend]).precisions
+    asked = [p for p in settings.precisions if p in runs]
+    if all(is_quantized(p) for p in runs) or (asked and all(is_quantized(p) for p in settings.precisions)):
+        return (asked or list(runs))[0]
+    return settings.perf_precision
 
 
 def workload(session, stage, backend, precision, shape):
@@ -66,7 +72,7 @@ def test_speed(stage, shape, candidate, session, benchmark):
     if untimed:  # a simulation: its numerics stand for an engine's, its timings for nothing
         pytest.skip(untimed)
     precision = perf_precision(candidate, s)
-    if precision == "fp8" and stage in ("vae_decoder", "text_encoder"):
+    if is_quantized(precision) and stage in ("vae_decoder", "text_encoder"):
         pytest.skip(f"{candidate} quantizes the DiT experts only; the {stage} stays bf16 eager")
     base_precision = eager_precision(precision)
     cand_fn, flops = workload(session, stage, candidate, precision, shape)

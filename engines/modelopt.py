@@ -40,13 +40,15 @@ SCALES_FILE = "scales.pt"
 #   patch_embedding     the Conv3d that embeds the latents,
 #   condition_embedder  the timestep and text embedders, with the modulation projection (time_proj),
 #   proj_out            the output projection.
-# Measured, fp8 calibrated on the loop, tiny DiT at 128x128x9, rel L2 of one expert forward against fp32:
-# FP8_DEFAULT_CFG as it is 0.048 (it quantizes the embedders), these three kept high 0.020; quantizing proj_out
-# as well 0.059. On the proxy at A14B width (2 of 40 layers, 480p, H100, fp32 reference): 0.049, outside the fp8
-# band of 0.028, against 0.019 with these kept high, the error of torch-fp8 (0.0195), which keeps the same
-# layers in bf16. Norms and the modulation tables are no matmuls and are never quantized.
+# Measured, fp8 calibrated on the loop, fp32 tiny DiT at 128x128x9, rel L2 of one expert forward on held-out
+# loop inputs against fp32: FP8_DEFAULT_CFG as it is 0.048 (it quantizes the embedders), these three kept high
+# 0.020; quantizing proj_out as well 0.059. On the proxy at A14B width (2 of 40 layers, 480p, H100, calibrated
+# on 3 random-input forwards): 0.049, outside the fp8 band of 0.028, against 0.019 with these kept high, the
+# error of torch-fp8 (0.0195), which keeps the same layers in bf16. Norms and the modulation tables are no
+# matmuls and are never quantized.
 HIGH_PRECISION = ("*patch_embedding*", "*condition_embedder*", "*proj_out*")
-# SmoothQuant's migration strength: the paper's default; measured 0.010-0.013 rel L2 on the tiny DiT.
+# SmoothQuant's migration strength, the SmoothQuant paper's default: int8 measured 0.011-0.019 rel L2 on the bf16
+# tiny DiT at 128x128x9 (held-out loop calls), where fp8 measured 0.018-0.025.
 SMOOTHQUANT_ALPHA = 0.5
 
 
@@ -82,8 +84,8 @@ def _keep_high_precision(cfg: dict) -> dict:
 def _fp8_config() -> dict:
     """FP8_DEFAULT_CFG (per-tensor e4m3 weights and inputs, max calibration) with fp8 self-attention.
 
-    Self-attention's Q, K, V and softmax output in fp8, as torch-fp8 runs it (0.0198 -> 0.0203 in the
-    measurement above); cross-attention over the 512 text tokens stays 16-bit.
+    Self-attention's Q, K, V and softmax output in fp8, as torch-fp8 runs it; it cost the tiny DiT 0.0198 ->
+    0.0203 rel L2. Cross-attention over the 512 text tokens stays 16-bit.
     """
     cfg = copy.deepcopy(_mtq().FP8_DEFAULT_CFG)
     e4m3 = {"num_bits": (4, 3), "axis": None}
@@ -140,13 +142,18 @@ def _quantizer_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if "_quantizer." in k}
 
 
-def calibrate(component: Component, case: Case, cache: DiskCache) -> Cached[dict]:
-    """The quantizer state of `component` calibrated for case.precision on the loop's inputs, through the cache."""
+def calibrate(component: Component, case: Case, cache: DiskCache, scheme: str | None = None) -> Cached[dict]:
+    """The quantizer state of `component` calibrated on the loop's inputs, through the cache.
+
+    `scheme` (fp8 or int8) defaults to case.precision; name it to quantize beside the case's own activation
+    precision, e.g. an fp16 expert for an ONNX Runtime check (ORT's CPU provider has no bf16 Conv).
+    """
     if component.loop_inputs is None:
         raise BackendUnavailable(f"{component.name} carries no denoising-loop inputs to calibrate on (an expert "
                                  "held without a WanModel); quantize an expert of a whole model")
-    inputs = component.loop_inputs(case)
-    cfg = quant_config(case.precision)
+    scheme = scheme or case.precision
+    inputs = component.loop_inputs(case, False)
+    cfg = quant_config(scheme)
 
     def build(folder: Path) -> None:
         import modelopt.torch.opt as mto
@@ -159,7 +166,7 @@ def calibrate(component: Component, case: Case, cache: DiskCache) -> Cached[dict
                 "calibrate_s": time.perf_counter() - start, "forwards": len(inputs)}
         torch.save(blob, folder / SCALES_FILE)
 
-    readable = dataclasses.replace(case, batch=1).id
+    readable = dataclasses.replace(case, batch=1).id + ("" if scheme == case.precision else f"-{scheme}")
     cached = cache.fetch("calibration", readable, calibration_spec(component, cfg, inputs), build, _load_scales)
     log.info("calibration %s: %s (%d loop forwards, %.1f s)", readable, "cache hit" if cached.hit else "calibrated",
              cached.value["forwards"], cached.value["calibrate_s"])
@@ -184,8 +191,10 @@ def restore(component: Component, scales: dict) -> torch.nn.Module:
     """A fresh deep copy of the component's module with the cached quantizers and scales; no calibration pass.
 
     SmoothQuant also divided each smoothed linear's weight by its per-input-channel scale; that is redone
-    from the stored scale (kept in the weight dtype), so a calibrated bf16 copy and a restored one may differ
-    by one bf16 ulp in those weights; every run uses the restored copy, so every run computes the same.
+    from the stored scale. ModelOpt keeps that scale in the weight dtype but divided by its fp32 value, so in
+    bf16 the restored weights differ from the calibrated copy's by one ulp (18% of them on the tiny DiT): the
+    same int8 model rounded differently (output 0.7% rel L2 apart, both 0.012-0.016 from fp32; fp32 copies
+    restore bit-identical). Every run uses the restored copy, so a cache hit and a miss compute the same.
     """
     import modelopt.torch.opt as mto
 
@@ -208,12 +217,13 @@ def _fold_smoothing(module: torch.nn.Module) -> None:
             sub.weight.copy_((sub.weight * inverse[None, :]).to(sub.weight.dtype))
 
 
-def quantized_module(component: Component, case: Case, cache: DiskCache) -> tuple[torch.nn.Module, str]:
-    """The component's module fake-quantized for case.precision, and the key of the calibration entry it restored."""
+def quantized_module(component: Component, case: Case, cache: DiskCache,
+                     scheme: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The component's module fake-quantized (see `calibrate`), and the key of the calibration entry it restored."""
     if not is_dit(case.component):
         raise BackendUnavailable(f"ModelOpt quantization covers the DiT experts only, not {case.component} "
                                  "(the text encoder and VAE stay bf16 beside them)")
-    cached = calibrate(component, case, cache)
+    cached = calibrate(component, case, cache, scheme)
     return restore(component, cached.value), cached.path.name
 
 

@@ -53,11 +53,11 @@ class OrtRunner:
     no host copies and its timings compare fairly with TensorRT's.
     """
 
-    def __init__(self, path: Path, providers: list[str]):
+    def __init__(self, path: Path, providers: list[str], options=None):
         import onnxruntime
 
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        try:  # options: onnxruntime.SessionOptions, e.g. graph optimizations off for Q/DQ graphs
+            self.session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; their text is the reason
             raise BackendUnavailable(refusal(str(exc) or type(exc).__name__, providers, path)) from None
         self.input_names = [i.name for i in self.session.get_inputs()]

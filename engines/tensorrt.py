@@ -11,6 +11,7 @@ engines/trt_build.py, run in a process of its own for a graph that holds weights
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -22,13 +23,15 @@ from types import ModuleType
 import torch
 
 from engines.cuda_graph import GraphedRunner
-from engines.trt_build import (NETWORK_FILE, PLAN_FILE, BuildOptions, EngineBuildError, Profile, build_into,
-                               capturing_logger)
+from engines.layer_precision import Gemm, PrecisionProof, gemms, parse_layers, precision_proof
+from engines.trt_build import (LAYERS_FILE, NETWORK_FILE, PLAN_FILE, BuildOptions, EngineBuildError, Profile,
+                               build_into, capturing_logger)
 from harness.backends import BackendOptions, Runner
 from harness.cache import DiskCache
-from harness.case import Case, is_dit
+from harness.case import QUANTIZED, Case, is_dit, is_quantized
+from harness.compare import thresholds
 from harness.components import Component
-from harness.errors import BackendUnavailable
+from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, check_inputs, export_case
 from harness.memory import StageUsage, run_isolated
 from harness.weight_inputs import WeightInputs, read_index, weight_bytes_view, weight_inputs
@@ -63,12 +66,33 @@ def run_reason(module_name: str) -> str:
     return ""
 
 
-def build_target(module_name: str) -> str:
-    """What the engine is built for: the GPU's compute capability, or the AOT default set on a CPU."""
+def build_target(module_name: str, compute_capability: str | None = None) -> str:
+    """What the engine is built for: a named compute capability, the GPU's own, or the AOT default set on a CPU."""
+    if compute_capability:
+        return "sm" + compute_capability.replace(".", "")
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"sm{major}{minor}"
     return f"aot-default:{module_name}"
+
+
+# What an ahead-of-time build of a quantized precision targets when no compute capability is named: the
+# lowest with fp8 tensor cores (Ada) for fp8, Ampere's 8.6 for int8. TensorRT-RTX refuses fp8 for 8.6 and
+# below ("contains HW-specific datatypes: fp8_e4m3"), so fp8 is never dropped silently. Other precisions keep
+# TensorRT-RTX's own default set of targets.
+AOT_TARGETS = {"fp8": "8.9", "int8": "8.6"}
+
+
+def compute_target(module_name: str, precision: str, asked: str = "") -> str | None:
+    """The compute capability to name to the builder ("8.9"), or None for its own choice: this GPU on a GPU
+    machine, the default set of an AOT build. Full TensorRT builds for the GPU it runs on only."""
+    if torch.cuda.is_available():
+        own = "{}.{}".format(*torch.cuda.get_device_capability())
+        if asked and asked != own and module_name not in AOT_MODULES:
+            raise HarnessError(f"{module_name} builds for the GPU it runs on (compute capability {own}); "
+                               f"--compute-capability {asked} needs tensorrt_rtx, which builds ahead of time")
+        return asked if module_name in AOT_MODULES else None
+    return asked or AOT_TARGETS.get(precision)
 
 
 def profile_from(names: tuple[str, ...], input_sets: list[tuple[torch.Tensor, ...]]) -> Profile:
@@ -106,23 +130,51 @@ class EngineBuild:
     onnx_content: str = ""  # content digest of the graph entry the plan was built from (weights included)
     onnx_bytes: int = 0  # that graph's weights: of the source graph where the plan takes them as inputs
     stages: list[StageUsage] = field(default_factory=list)  # the original build's parse and build+serialize
+    precision: str = ""
+    layer_info: str = ""  # the builder's detailed layer information; "" where the module logs none
+    weight_inputs: frozenset[str] = frozenset()  # the weights an "inputs" plan takes as graph inputs
+
+    def gemms(self) -> list[Gemm]:
+        """The engine's GEMM-like layers, from the builder's layer information."""
+        return gemms(parse_layers(self.layer_info), self.weight_inputs)
+
+    def proof(self, target: str | None = None, expected_flops: int = 0) -> PrecisionProof:
+        """How much of the blocks' GEMM work runs in `target` (default: this engine's quantized precision); see
+        precision_proof for `expected_flops`."""
+        return precision_proof(self.gemms(), target or self.precision, expected_flops)
+
+    @functools.cached_property
+    def quantized_proof(self) -> PrecisionProof | None:
+        """The proof of a quantized engine whose module logged its layers; None otherwise."""
+        return self.proof() if is_quantized(self.precision) and self.layer_info else None
 
     def metrics(self) -> dict[str, float]:
-        return {"trt_layers": self.layers, "engine_mb": self.size_bytes / 2 ** 20, "build_s": self.build_s,
-                "fetch_s": self.fetch_s, "plan_share": self.size_bytes / self.onnx_bytes}
+        out = {"trt_layers": self.layers, "engine_mb": self.size_bytes / 2 ** 20, "build_s": self.build_s,
+               "fetch_s": self.fetch_s, "plan_share": self.size_bytes / self.onnx_bytes}
+        if self.quantized_proof:
+            out.update(quantized_gemm_share=self.quantized_proof.share,
+                       fused_self_attention=float(self.quantized_proof.fused_self_attention))
+        return out
 
     def thresholds(self) -> dict:
-        return {}
+        return {"quantized_gemm_share": min_quantized_share()} if self.quantized_proof else {}
 
     def checks(self) -> dict:
-        return {}
+        proof = self.quantized_proof
+        return {"quantized_gemm_share": proof.share >= min_quantized_share()} if proof else {}
 
     def __str__(self) -> str:
         plugins = f", plugins: {', '.join(self.plugin_layers)}" if self.plugin_layers else ", no plugin layers"
+        proof = f"; {self.quantized_proof}" if self.quantized_proof else ""
         return (f"engine {self.key}: {'cache hit' if self.hit else 'built'} in {self.fetch_s:.2f} s "
                 f"(build {self.build_s:.2f} s), {self.size_bytes / 2 ** 20:.2f} MB ({self.weights} weights, "
                 f"{100 * self.size_bytes / self.onnx_bytes:.2f}% of the ONNX), {self.layers} layers"
-                f"{plugins}; target {self.target}, {self.trt_version}")
+                f"{plugins}; target {self.target}, {self.trt_version}{proof}")
+
+
+def min_quantized_share() -> float:
+    """The share of the blocks' GEMM FLOPs a quantized engine must run in its precision (thresholds.toml)."""
+    return thresholds()["quantized_engine"]["min_gemm_share"]
 
 
 # A graph holding this many bytes is built in a process of its own (see build_plan).
@@ -147,7 +199,7 @@ def plan_weights_mode(asked: str, component: str, cuda: bool) -> str:
 
 def engine_spec(module_name: str, module_version: str, onnx_fingerprint: str, profiles: list[Profile],
                 opt_level: int = 3, workspace_gib: float | None = None, weight_streaming: bool = False,
-                weights: str = "full", onnx_content: str = "") -> dict:
+                weights: str = "full", onnx_content: str = "", compute_capability: str | None = None) -> dict:
     """Everything that changes the engine's bytes, or the weights it runs with; its hash is the engine cache key.
 
     `onnx_content` (the content digest of the graph entry the plan is built from) keys the plan on the weights
@@ -155,15 +207,15 @@ def engine_spec(module_name: str, module_version: str, onnx_fingerprint: str, pr
     """
     flags = ["STRONGLY_TYPED"] + (["WEIGHT_STREAMING"] if weight_streaming else [])
     return {"onnx": onnx_fingerprint, "module": module_name, "version": module_version,
-            "target": build_target(module_name), "profiles": [p.as_json() for p in profiles],
-            "opt_level": opt_level, "workspace_gib": workspace_gib,
+            "target": build_target(module_name, compute_capability), "profiles": [p.as_json() for p in profiles],
+            "opt_level": opt_level, "workspace_gib": workspace_gib, "profiling": "detailed",
             "flags": flags + (["STRIP_PLAN", "REFIT_IDENTICAL"] if weights == "refit" else []),
             "weights": weights, "onnx_content": onnx_content}
 
 
 def build_plan(trt: ModuleType, graph: ExportedGraph, profiles: list[Profile], cache: DiskCache, *,
                opt_level: int = 3, workspace_gib: float | None = None, weight_streaming: bool = False,
-               weights: str = "full") -> EngineBuild:
+               weights: str = "full", compute_capability: str | None = None) -> EngineBuild:
     """Parse the ONNX into a strongly typed network and build a serialized engine, through the cache.
 
     A plan of "inputs" weights is built from the graph's weights-as-inputs twin. A graph holding ISOLATE_BYTES
@@ -172,11 +224,12 @@ def build_plan(trt: ModuleType, graph: ExportedGraph, profiles: list[Profile], c
     """
     parsed: WeightInputs | ExportedGraph = weight_inputs(graph, cache) if weights == "inputs" else graph
     spec = engine_spec(trt.__name__, trt.__version__, graph.fingerprint, profiles, opt_level, workspace_gib,
-                       weight_streaming, weights, parsed.content)
+                       weight_streaming, weights, parsed.content, compute_capability)
     timing_cache = cache.root / "timing" / f"{trt.__name__}-{trt.__version__}-{spec['target'].replace(':', '_')}.cache"
     isolate = weights != "inputs" and graph.size_bytes >= ISOLATE_BYTES
     options = BuildOptions(opt_level, workspace_gib, weight_streaming, strip=weights == "refit",
-                           timing_cache=torch.cuda.is_available(), drop_pages=isolate)
+                           timing_cache=torch.cuda.is_available(), compute_capability=compute_capability,
+                           drop_pages=isolate)
     record = {"weights": weights, "onnx_content": parsed.content, "onnx_bytes": graph.size_bytes}
 
     def build(folder: Path) -> None:
@@ -191,20 +244,28 @@ def build_plan(trt: ModuleType, graph: ExportedGraph, profiles: list[Profile], c
     result = EngineBuild(cached.path / PLAN_FILE, cached.path.name, cached.hit, cached.seconds, info["build_s"],
                          (cached.path / PLAN_FILE).stat().st_size, info["layers"], info["layer_types"],
                          info["plugin_layers"], spec["target"], f"{trt.__name__} {trt.__version__}",
-                         info["weights"], info["onnx_content"], info["onnx_bytes"], info["stages"])
+                         info["weights"], info["onnx_content"], info["onnx_bytes"], info["stages"],
+                         graph.case.precision, info["layer_info"],
+                         frozenset(w.name for w in parsed.weights) if weights == "inputs" else frozenset())
+    if is_quantized(result.precision) and not result.layer_info:
+        log.warning("%s %s logged no detailed layer information: no proof of what %s engine runs in %s",
+                    trt.__name__, trt.__version__, graph.case.id, result.precision)
     log.info("%s", result)
     return result
 
 
 def _load_network_info(folder: Path) -> dict:
-    """An engine entry is usable when its plan is non-empty and its network summary holds what EngineBuild reports."""
+    """An engine entry is usable when its plan is non-empty and its network summary holds what EngineBuild reports;
+    the layer information is read beside it (a module that logs none leaves no file)."""
     if (folder / PLAN_FILE).stat().st_size == 0:
         raise ValueError("empty engine plan")
     info = json.loads((folder / NETWORK_FILE).read_text())
     missing = {"weights", "onnx_content", "onnx_bytes"} - info.keys()
     if missing:
         raise ValueError(f"{NETWORK_FILE} lacks {', '.join(sorted(missing))}")
-    return {**info, "stages": [StageUsage(**s) for s in info["stages"]]}
+    layers = folder / LAYERS_FILE
+    return {**info, "stages": [StageUsage(**s) for s in info["stages"]],
+            "layer_info": layers.read_text() if layers.is_file() else ""}
 
 
 class WeightsMismatch(RuntimeError):
@@ -247,14 +308,16 @@ def refit_from_onnx(trt: ModuleType, engine, onnx: Path, logger) -> None:
                                f"(first: {', '.join(missing[:3])})")
 
 
-ONNX_FLOATS = {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}
+# The ONNX types of the weights a plan can take as inputs (harness.weight_inputs), the quantized ones included.
+WEIGHT_DTYPES = {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16,
+                 "FLOAT8E4M3FN": torch.float8_e4m3fn, "INT8": torch.int8}
 
 
 def bind_weight_inputs(context, folder: Path) -> dict[str, torch.Tensor]:
     """Copy each weight the plan takes as an input to the GPU once and bind it; returns the tensors (keep them)."""
     bound = {}
     for entry in read_index(folder):
-        host = torch.from_numpy(weight_bytes_view(folder, entry)).view(ONNX_FLOATS[entry.dtype]).reshape(entry.shape)
+        host = torch.from_numpy(weight_bytes_view(folder, entry)).view(WEIGHT_DTYPES[entry.dtype]).reshape(entry.shape)
         bound[entry.name] = host.to("cuda")
         context.set_tensor_address(entry.name, bound[entry.name].data_ptr())
     return bound
@@ -354,6 +417,7 @@ class _Builder:
         self.cache = cache or DiskCache(options.cache_dir)
         self.options = dict(opt_level=options.opt_level, weight_streaming=options.weight_streaming)
         self.engine_weights = options.engine_weights
+        self.compute_capability = options.compute_capability
 
     def can_build(self) -> tuple[bool, str]:
         """TensorRT-RTX builds without a GPU; full TensorRT needs one."""
@@ -368,11 +432,25 @@ class _Builder:
         ok, reason = self.can_build()
         if not ok:
             raise BackendUnavailable(reason)
-        graph = export_case(component, case, self.cache)
+        target = compute_target(self.module_name, case.precision, self.compute_capability)
+        graph = self._graph(component, case)
         trt = importlib.import_module(self.module_name)
         weights = plan_weights_mode(self.engine_weights, case.component, torch.cuda.is_available())
-        engine = build_plan(trt, graph, [case_profile(component, case)], self.cache, weights=weights, **self.options)
+        engine = build_plan(trt, graph, [case_profile(component, case)], self.cache, weights=weights,
+                            compute_capability=target, **self.options)
         return graph, engine
+
+    def _graph(self, component: Component, case: Case) -> ExportedGraph:
+        """The case's graph: for fp8/int8 the Q/DQ export of the ModelOpt-quantized expert."""
+        if not is_quantized(case.precision):
+            return export_case(component, case, self.cache)
+        from engines.modelopt import modelopt_reason
+        from engines.modelopt_export import export_quantized
+
+        reason = modelopt_reason()
+        if reason:
+            raise BackendUnavailable(f"{case.precision} engines start from ModelOpt's Q/DQ graph: {reason}")
+        return export_quantized(component, case, self.cache)
 
 
 class TensorRTBuilder(_Builder):
@@ -388,7 +466,7 @@ class _TensorRTBackend:
 
     name = ""
     builder_class: type[_Builder] = _Builder
-    precisions = ("fp32", "fp16", "bf16")
+    precisions = ("fp32", "fp16", "bf16", *QUANTIZED)  # fp8/int8: the DiT experts, from ModelOpt Q/DQ graphs
     attention_kernels = ()  # TensorRT chooses its own attention kernels from the graph
     shards_sequence = False  # one exported graph holds the whole sequence's attention
 

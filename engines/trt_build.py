@@ -18,19 +18,23 @@ import ctypes
 import importlib
 import json
 import logging
+import re
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from engines.layer_precision import LAYERS_HEADER
 from harness.cache import atomic_write_bytes
+from harness.errors import HarnessError
 from harness.memory import StageUsage, stage
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "engine.plan"
 NETWORK_FILE = "network.json"
+LAYERS_FILE = "layers.txt"  # the builder's detailed layer information (engines/layer_precision.py)
 MADV_DONTNEED = 4
 DROP_EVERY_S = 0.005
 
@@ -62,13 +66,15 @@ class BuildOptions:
     weight_streaming: bool = False
     strip: bool = False  # STRIP_PLAN + REFIT_IDENTICAL: the plan keeps no weights; the runner refits them from the ONNX
     timing_cache: bool = False  # read and persist the timing cache: only where a GPU times tactics
+    compute_capability: str | None = None  # "8.9": build for exactly this target; None: the builder's own choice
     drop_pages: bool = False
 
 
 def build_into(module_name: str, onnx_path: Path, profiles: list[Profile], folder: Path, timing_cache: Path,
                options: BuildOptions, record: dict) -> None:
     """Build `onnx_path` into folder/PLAN_FILE and write folder/NETWORK_FILE: the network's layers, the stages'
-    time and memory, and `record` (what the caller keys the plan on)."""
+    time and memory, and `record` (what the caller keys the plan on); and folder/LAYERS_FILE, the builder's own
+    account of the engine's layers, where the module logs one."""
     trt = importlib.import_module(module_name)
     stages: list[StageUsage] = []
     logger = capturing_logger(trt)
@@ -91,6 +97,8 @@ def build_into(module_name: str, onnx_path: Path, profiles: list[Profile], folde
     del parser, network, config  # they hold TensorRT's copy of the weights: give it back first
     if timing is not None:
         atomic_write_bytes(timing_cache, bytes(timing))
+    if logger.layer_info:
+        (folder / LAYERS_FILE).write_text(logger.layer_info)
     summary = {"build_s": stages[-1].seconds, **info, "stages": [s.as_dict() for s in stages], **record}
     (folder / NETWORK_FILE).write_text(json.dumps(summary, indent=1))
 
@@ -98,6 +106,10 @@ def build_into(module_name: str, onnx_path: Path, profiles: list[Profile], folde
 def _builder_config(trt: ModuleType, builder, profiles: list[Profile], timing_cache: Path, options: BuildOptions):
     config = builder.create_builder_config()
     config.builder_optimization_level = options.opt_level
+    # Per-layer information in the plan and in the build log: the proof of what each layer runs in.
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if options.compute_capability:
+        _set_target(trt, config, options.compute_capability)
     if options.workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2 ** 30))
     if options.weight_streaming:
@@ -120,6 +132,17 @@ def _builder_config(trt: ModuleType, builder, profiles: list[Profile], timing_ca
             optimization.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(optimization)
     return config
+
+
+def _set_target(trt: ModuleType, config, compute_capability: str) -> None:
+    """Build for exactly one named compute capability (TensorRT-RTX's ahead-of-time targets)."""
+    name = "SM" + compute_capability.replace(".", "")
+    known = sorted((n for n in dir(trt.ComputeCapability) if re.fullmatch(r"SM\d+", n)), key=lambda n: int(n[2:]))
+    if name not in known:
+        raise HarnessError(f"{trt.__name__} {trt.__version__} cannot target compute capability {compute_capability}; "
+                           f"it targets {', '.join(f'{n[2:-1]}.{n[-1]}' for n in known)}")
+    config.num_compute_capabilities = 1  # the count first, then each target
+    config.set_compute_capability(getattr(trt.ComputeCapability, name), 0)
 
 
 def _write_plan(trt: ModuleType, builder, network, config, path: Path) -> bool:
@@ -158,14 +181,18 @@ def _network_info(trt: ModuleType, network) -> dict:
 
 
 def capturing_logger(trt: ModuleType):
-    """A TensorRT logger that keeps errors (for the failure message) and forwards warnings to logging."""
+    """A TensorRT logger that keeps errors (for the failure message) and the detailed layer information, and
+    forwards warnings to logging."""
 
     class CapturingLogger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.layer_info = ""
 
         def log(self, severity, msg):
+            if msg.startswith(LAYERS_HEADER):  # VERBOSE: one line per engine layer
+                self.layer_info = msg
             if severity <= trt.ILogger.Severity.ERROR:
                 # Kept for the exception a real failure raises; logged quietly because an AOT build
                 # on a machine without a CUDA driver logs harmless cudaError 35 lines as errors.

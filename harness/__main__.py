@@ -171,10 +171,11 @@ def _tables(text: str) -> tuple[str, ...]:
 
 
 def _export_cases(args, settings) -> list:
-    """Cases for `export`/`build`: one per named component (`all` = every component)."""
-    from harness.case import COMPONENTS, Case, check_component
+    """Cases for `export`/`build`: one per named component (`all` = every component; the experts for fp8/int8)."""
+    from harness.case import COMPONENTS, DIT_COMPONENTS, Case, check_component, is_quantized
 
-    names = COMPONENTS if args.component == "all" else (check_component(args.component),)
+    every = DIT_COMPONENTS if is_quantized(settings.precisions[0]) else COMPONENTS
+    names = every if args.component == "all" else (check_component(args.component),)
     return [Case(name, settings.shapes[0], settings.precisions[0], source=settings.source, dynamic=args.dynamic)
             for name in names]
 
@@ -198,7 +199,8 @@ def cmd_build(args) -> int:
     """Export (cached) and build (cached) a TensorRT engine for each component; print its summary."""
     from harness.session import Session
 
-    session = Session(_settings(args, precisions=args.precision, shapes=args.shape, opt_level=args.opt_level))
+    session = Session(_settings(args, precisions=args.precision, shapes=args.shape, opt_level=args.opt_level,
+                                compute_capability=args.compute_capability))
     for case in _export_cases(args, session.settings):
         try:
             _, engine = session.build_engine(args.backend, case)
@@ -245,9 +247,13 @@ def _add_export_commands(sub) -> None:
             p.add_argument("--backend", default="tensorrt_rtx", help="tensorrt | tensorrt_rtx (default: %(default)s)")
             p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default: %(default)s)")
             _add_run_options(p, "--engine-weights")
+            p.add_argument("--compute-capability", default="",
+                           help="build for this GPU generation, e.g. 8.9 (tensorrt_rtx builds ahead of time; default: "
+                                "this GPU's own, or with no GPU 8.9 for fp8, 8.6 for int8)")
         p.add_argument("--component", default="all",
                        help="transformer | transformer_2 | vae_decoder | text_encoder | all (default: %(default)s)")
-        p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default: %(default)s)")
+        p.add_argument("--precision", default="fp32",
+                       help="fp32 | fp16 | bf16, or for the DiT experts fp8 | int8 (default: %(default)s)")
         p.add_argument("--shape", default=None, help="a preset or HxWxF (default: 16x16x9 tiny, 480p otherwise)")
         p.add_argument("--dynamic", action="store_true", help="dynamic batch/latent/text axes (VAE frames stay static)")
         _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--device", "--cache-dir")

@@ -8,6 +8,7 @@ frontend) therefore only makes its own backend unavailable.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -37,6 +38,8 @@ BACKENDS = {
 ENGINE_BUILDERS = {"tensorrt": "engines.tensorrt:TensorRTBuilder", "tensorrt_rtx": "engines.tensorrt:TensorRTRTXBuilder"}
 # What runs an exported graph on the CPU when export is validated: OrtRunner(path) -> Runner.
 GRAPH_RUNNER = "engines.onnxruntime:cpu_graph_runner"
+# What exports an fp8/int8 case: the Q/DQ graph of the ModelOpt-quantized expert, (component, case, cache) -> graph.
+QUANTIZED_EXPORT = "engines.modelopt_export:export_quantized"
 # Self-attention kernels the torch backends can run in Wan's blocks (engines/attention/kernels.py), and the
 # precision of their arithmetic. Each backend lists the ones it takes in `attention_kernels`, default first.
 ATTENTION_KERNELS = {"sdpa": "bf16", "fa3": "bf16", "cudnn-fp8": "fp8", "fa3-fp8": "fp8", "triton-fp8": "fp8"}
@@ -58,6 +61,9 @@ class BackendOptions:
     weight_streaming: bool = False  # TensorRT: stream weights that do not fit the GPU's memory
     cuda_graph: bool = False  # replay static-shape forwards as one CUDA graph
     engine_weights: str = "stripped"  # ENGINE_WEIGHTS: what a DiT expert's TensorRT plan holds
+    # TensorRT: the compute capability an engine is built for, "major.minor"; "" is this GPU's own, or with
+    # no GPU a default per precision (engines/tensorrt.py AOT_TARGETS)
+    compute_capability: str = ""
 
 
 class Backend(Protocol):
@@ -71,6 +77,13 @@ class Backend(Protocol):
 
     def build(self, component: "Component", case: "Case") -> Runner:
         """Prepare `component` for `case` (compile, export, build an engine) and return a Runner."""
+
+
+def check_compute_capability(text: str) -> str:
+    """'' or a compute capability written major.minor, e.g. 8.9; anything else is a user error."""
+    if text and not re.fullmatch(r"\d+\.\d", text):
+        raise HarnessError(f"--compute-capability {text!r}: write it as major.minor, e.g. 8.9 (Ada) or 8.6 (Ampere)")
+    return text
 
 
 def check_backend(name: str) -> str:

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -34,6 +34,8 @@ EXPORTERS = ("torchscript", "dynamo")
 # Bumped when export_friendly() changes what a graph computes or contains.
 PATCHES = "rmsnorm-fp32+nearest-v1"
 GRAPH_FILE = "model.onnx"
+# Post-processes a written graph in place and returns counts for the entry's metadata (see export_case).
+Rewrite = Callable[[Path], dict]
 META_FILE = "export.json"  # how the export went (times, stages, op counts): not part of the graph's content
 
 
@@ -119,8 +121,12 @@ def export_spec(component: Component, case: Case, fingerprint: str, opset: int, 
 
 
 def export_case(component: Component, case: Case, cache: DiskCache, *, opset: int = OPSET,
-                exporter: str | None = None) -> ExportedGraph:
-    """Export `component` at `case`, with the case's seeded inputs, to ONNX through the cache (a hit loads)."""
+                exporter: str | None = None, rewrite: Rewrite | None = None) -> ExportedGraph:
+    """Export `component` at `case`, with the case's seeded inputs, to ONNX through the cache (a hit loads).
+
+    `rewrite(path)` post-processes the written graph in place and returns counts for the entry's metadata
+    (the Q/DQ rewrite of quantized experts); component.fingerprint must cover what it does.
+    """
     exporter = exporter or default_exporter(case)
     if exporter not in EXPORTERS:
         raise HarnessError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
@@ -129,9 +135,9 @@ def export_case(component: Component, case: Case, cache: DiskCache, *, opset: in
 
     def build(folder: Path) -> None:
         if component.holds_weights:
-            meta = _export_into(component, case, example, folder, opset, exporter, [])
+            meta = _export_into(component, case, example, folder, opset, exporter, rewrite, [])
         else:  # a skeleton: build and export the real component where its memory goes back when it ends
-            meta = run_isolated(_export_from_recipe, component.recipe, case, folder, opset, exporter)
+            meta = run_isolated(_export_from_recipe, component.recipe, case, folder, opset, exporter, rewrite)
         (folder / META_FILE).write_text(json.dumps(meta, indent=1))
 
     cached = cache.fetch("onnx", case.id, spec, build, _load_meta)
@@ -144,20 +150,27 @@ def export_case(component: Component, case: Case, cache: DiskCache, *, opset: in
 
 
 def _export_into(component: Component, case: Case, example: tuple[torch.Tensor, ...], folder: Path, opset: int,
-                 exporter: str, stages: list[StageUsage]) -> dict:
-    """Export into the entry folder (external data is written there directly); returns the entry's metadata."""
+                 exporter: str, rewrite: Rewrite | None, stages: list[StageUsage]) -> dict:
+    """Export into the entry folder (external data is written there directly), then rewrite it; returns the
+    entry's metadata. export_s covers both: it is the time to the graph the entry holds."""
+    first = len(stages)
     with stage("export", stages):
         _export_to(component, case, example, folder / GRAPH_FILE, opset, exporter)
-    return {"export_s": stages[-1].seconds, "op_counts": assert_plain_types(folder / GRAPH_FILE),
-            "weight_bytes": component.weight_bytes, "stages": [s.as_dict() for s in stages]}
+    rewritten = {}
+    if rewrite:
+        with stage("rewrite", stages):
+            rewritten["rewrite"] = rewrite(folder / GRAPH_FILE)
+    return {"export_s": sum(s.seconds for s in stages[first:]),
+            "op_counts": assert_plain_types(folder / GRAPH_FILE), "weight_bytes": component.weight_bytes,
+            "stages": [s.as_dict() for s in stages], **rewritten}
 
 
-def _export_from_recipe(recipe, case: Case, folder: Path, opset: int, exporter: str) -> dict:
+def _export_from_recipe(recipe, case: Case, folder: Path, opset: int, exporter: str, rewrite: Rewrite | None) -> dict:
     """In a process of its own: build the component from its recipe, then export it (both stages measured)."""
     stages: list[StageUsage] = []
     with stage("model build", stages):
         component = recipe()
-    return _export_into(component, case, component.inputs(case), folder, opset, exporter, stages)
+    return _export_into(component, case, component.inputs(case), folder, opset, exporter, rewrite, stages)
 
 
 def default_exporter(case: Case) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from harness.case import Layout
+from harness.case import QUANTIZED, Layout
 from harness.errors import BackendUnavailable, HarnessError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def unsupported(layout: Layout, device: str, gpus: int, precision: str, tokens: 
     if layout.ring > 1 and device != "cuda":
         return ("ring attention merges partial results by their log-sum-exp, and diffusers' attention backend that "
                 "returns it (_native_flash: aten::_scaled_dot_product_flash_attention) runs on CUDA only")
-    if layout.ring > 1 and precision not in ("fp16", "bf16", "fp8"):
+    if layout.ring > 1 and precision not in ("fp16", "bf16", *QUANTIZED):  # fp8 and int8 keep bf16 activations
         return f"ring attention runs diffusers' _native_flash backend, which takes bf16/fp16, not {precision}"
     return ""
 

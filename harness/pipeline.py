@@ -164,8 +164,9 @@ def decode(model: WanModel, runner: Callable, latents: torch.Tensor, dtype: torc
 def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShape, steps: int,
              seed: int = 0, negative_prompt: str = NEGATIVE_PROMPT, dtype: torch.dtype = torch.float32,
              device="cpu", latents: torch.Tensor | None = None, progress: bool = False,
-             keep_latents: bool = False, cfg_batch: int = 1, cfg_group=None) -> Generation:
-    """Text encode -> two experts with the boundary switch and CFG -> VAE decode.
+             keep_latents: bool = False, cfg_batch: int = 1, cfg_group=None, decode_video: bool = True) -> Generation:
+    """Text encode -> two experts with the boundary switch and CFG -> VAE decode (skipped when not
+    `decode_video`, for runs that only want what the experts saw: the frames stay empty).
 
     With a `cfg_group` (a torch.distributed process group of two ranks) the CFG branches run CFG-parallel.
     """
@@ -200,7 +201,8 @@ def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShap
         return latents
 
     latents, run.stage_ms["denoise"] = timed_call(denoise, latents, device=device)
-    run.frames, run.stage_ms["vae_decode"] = timed_call(decode, model, runners.vae_decoder, latents, dtype,
-                                                        device=device)
-    run.frames = run.frames.cpu()
+    if decode_video:
+        run.frames, run.stage_ms["vae_decode"] = timed_call(decode, model, runners.vae_decoder, latents, dtype,
+                                                            device=device)
+        run.frames = run.frames.cpu()
     return run

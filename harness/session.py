@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, KERNEL_CHECK, Backend, BackendOptions, Runner,
-                              load, make_backend)
+from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, KERNEL_CHECK, QUANTIZED_EXPORT, Backend,
+                              BackendOptions, Runner, load, make_backend)
 from harness.cache import DiskCache
 from harness.case import ONE_GPU, PRECISIONS, Case, Layout, eager_precision, is_dit, is_quantized
 from harness.compare import ParityResult, judge_parity
@@ -208,7 +208,9 @@ class Session:
     # ------------------------------------------------------------------ export and engines
 
     def export(self, case: Case, cache: DiskCache | None = None) -> ExportedGraph:
-        return export_case(self.component(case), case, cache or DiskCache(self.settings.cache_dir))
+        """The case's graph through the cache; fp8/int8 cases get the Q/DQ graph of the quantized expert."""
+        export = load(QUANTIZED_EXPORT) if is_quantized(case.precision) else export_case
+        return export(self.component(case), case, cache or DiskCache(self.settings.cache_dir))
 
     def checked_export(self, case: Case, cache: DiskCache | None = None) -> tuple[ExportedGraph, GraphCheck]:
         """Export (cached) and validate; a cached graph that fails validation is evicted and exported once more.
@@ -243,9 +245,10 @@ class Session:
 
     def engine_component(self, case: Case) -> Component:
         """What an engine of `case` is built from, where no eager run needs the model: a proxy expert is a skeleton
-        (export builds it in a process of its own), so this process never holds a real-width expert's weights."""
+        (export builds it in a process of its own), so this process never holds a real-width expert's weights.
+        An fp8/int8 expert is the model's own: its calibration runs the eager denoising loop."""
         s = self.settings
-        if s.source == "proxy" and is_dit(case.component):
+        if s.source == "proxy" and is_dit(case.component) and not is_quantized(case.precision):
             return proxy_expert(s.proxy_layers, device=s.device, dtype=case.dtype, seed=EXPERT_SEEDS[case.component],
                                 skeleton=True, name=case.component)
         return self.component(case)

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from harness.backends import ATTENTION_KERNELS, BACKENDS, ENGINE_WEIGHTS, BackendOptions, check_backend, load
+from harness.backends import (ATTENTION_KERNELS, BACKENDS, ENGINE_WEIGHTS, BackendOptions, check_backend,
+                              check_compute_capability, load)
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
@@ -63,7 +64,8 @@ OPTIONS = (
     Option("--cache-dir", "ONNX graphs and engines (git-ignored)", ".cache", env="WAN_BENCH_CACHE"),
     Option("--device", "cuda or cpu (default: cuda when available)"),
     Option("--perf-rounds", "timed rounds per side in perf cases", 10, int),
-    Option("--perf-precision", "precision of perf cases (default bf16 on CUDA, fp32 on CPU; torch-fp8 runs fp8)"),
+    Option("--perf-precision", "precision of perf cases (default bf16 on CUDA, fp32 on CPU; torch-fp8 runs fp8, and "
+                               "a backend runs fp8/int8 when --precisions names only those)"),
     Option("--cfg-batch", "the candidates' CFG step: 1 = two batch-1 forwards (as WanPipeline), 2 = one batch-2 "
                           "forward over both branches; eager torch always runs 1", 1, int),
     Option("--attention", "self-attention kernels, comma-separated: a kernel (sdpa, fa3: bf16; cudnn-fp8, fa3-fp8, "
@@ -121,7 +123,7 @@ class Settings:
 def settings_from(values: dict) -> Settings:
     """Validate option values (keyed by Option.dest; None = not given) into Settings, or raise HarnessError.
 
-    Commands add their own keys: `opt_level` (TensorRT builds).
+    Commands add their own keys: `opt_level` and `compute_capability` (TensorRT builds).
     """
     given = {k: v for k, v in values.items() if v is not None}
     source = _choice(given.get("model_source", "tiny"), SOURCES, "--model-source")
@@ -150,7 +152,8 @@ def settings_from(values: dict) -> Settings:
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3),
                                        engine_weights=_choice(given.get("engine_weights", "stripped"), ENGINE_WEIGHTS,
-                                                              "--engine-weights")))
+                                                              "--engine-weights"),
+                                       compute_capability=check_compute_capability(given.get("compute_capability", ""))))
 
 
 def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]:

@@ -7,7 +7,9 @@ time, so on a CPU-only machine this is the way to a weightless plan).
 
 Every float initializer of two or more dimensions moves (the matrices and convolution kernels: all but a fraction
 of a percent of the bytes); vectors, scalars and integer tensors stay constants, so shape logic and small tables
-still fold. The derived folder hard-links the source's external data files (no copy: a derived graph of a 28.6 GB
+still fold. The fp8 and int8 weights of a Q/DQ graph move too, in their own type: a DequantizeLinear reads them
+as it read the constant, and TensorRT still builds the quantized GEMM (an fp8 or int8 weight moved as a wider float
+would be no quantized weight at all). The derived folder hard-links the source's external data files (no copy: a derived graph of a 28.6 GB
 expert takes a few MB), so the constants it keeps external still resolve beside it and the weights outlive an
 eviction of the source entry; weights the source held inline (graphs under protobuf's 2 GB) are written out.
 """
@@ -26,7 +28,7 @@ from harness.export import GRAPH_FILE, META_FILE, ExportedGraph
 INDEX_FILE = "weights.json"
 INLINE_FILE = "weights.data"  # the moved weights that the source graph held inline
 # Bumped when the rewrite changes which tensors move or how the index reads.
-FORMAT = "floats-2d-v1"
+FORMAT = "floats-2d-qdq-v2"
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,9 @@ def weight_inputs(graph: ExportedGraph, cache: DiskCache) -> WeightInputs:
 def _moves(tensor) -> bool:
     import onnx
 
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-    return tensor.data_type in floats and len(tensor.dims) >= 2
+    weights = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+               onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.INT8)
+    return tensor.data_type in weights and len(tensor.dims) >= 2
 
 
 def _derive(source: Path, folder: Path) -> None:
