@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_choice
 
 if TYPE_CHECKING:
     from harness.case import Case
@@ -87,9 +87,7 @@ def check_compute_capability(text: str) -> str:
 
 
 def check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise HarnessError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return name
+    return check_choice("backend", name, BACKENDS)
 
 
 def load(path: str):

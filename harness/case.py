@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.errors import HarnessError
+from harness.errors import check_choice
 from harness.shapes import VideoShape
 
 COMPONENTS = ("transformer", "transformer_2", "vae_decoder", "text_encoder")
@@ -47,15 +47,11 @@ def is_dit(component: str) -> bool:
 
 
 def check_component(name: str) -> str:
-    if name not in COMPONENTS:
-        raise HarnessError(f"unknown component {name!r}; choose one of {', '.join(COMPONENTS)}")
-    return name
+    return check_choice("component", name, COMPONENTS)
 
 
 def check_precision(name: str) -> str:
-    if name not in PRECISIONS:
-        raise HarnessError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
-    return name
+    return check_choice("precision", name, PRECISIONS)
 
 
 @dataclass(frozen=True)

@@ -7,3 +7,10 @@ class HarnessError(Exception):
 
 class BackendUnavailable(Exception):
     """This machine cannot run a backend for a case; the message is the concrete reason (a skip, not a failure)."""
+
+
+def check_choice(kind: str, name: str, choices) -> str:
+    """`name` when it is one of `choices`, else the one-line error that lists them."""
+    if name not in choices:
+        raise HarnessError(f"unknown {kind} {name!r}; choose one of {', '.join(choices)}")
+    return name

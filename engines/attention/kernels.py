@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from engines.attention import cudnn_fp8, fa3, triton_fp8
 from engines.attention.recipe import quantize_qkv
 from harness.backends import ATTENTION_KERNELS
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_choice
 
 # Head sizes each kernel was written and checked for.
 HEAD_DIMS = {"sdpa": None, "fa3": fa3.HEAD_DIMS, "fa3-fp8": fa3.HEAD_DIMS, "cudnn-fp8": (64, 128),
@@ -32,9 +32,7 @@ _INSTALL = {"cudnn-fp8": "install nvidia-cudnn-frontend==1.32.0 (requirements-gp
 
 
 def check_kernel(name: str) -> str:
-    if name not in ATTENTION_KERNELS:
-        raise HarnessError(f"unknown attention kernel {name!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
-    return name
+    return check_choice("attention kernel", name, ATTENTION_KERNELS)
 
 
 def _import_error(module: str) -> str:
