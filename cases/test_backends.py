@@ -27,8 +27,11 @@ def test_inductor_matches_eager_on_the_tiny_dit_and_leaves_eager_alone():
     inputs = component.inputs(CASE)
     eager = make_backend("torch").build(component, CASE)
     expected = eager(*inputs)
+    tuned_before = torch._inductor.config.coordinate_descent_tuning
     result = judge_parity(inductor.build(component, CASE)(*inputs), expected, "fp32")
     assert result, result.message()
+    # its tuning went to its own compiles, not into the process-wide config other backends compile under
+    assert torch._inductor.config.coordinate_descent_tuning == tuned_before
     # the eager backend shares the module: it must still run its own, uncompiled blocks
     assert all(type(b).__name__ == "WanTransformerBlock" for b in model.transformer.blocks)
     assert torch.equal(eager(*inputs), expected)
@@ -38,6 +41,17 @@ def test_inductor_matches_eager_on_the_tiny_dit_and_leaves_eager_alone():
 def test_unknown_inductor_mode_is_a_user_error():
     with pytest.raises(HarnessError, match="unknown inductor mode 'fastest'; choose one of default, "):
         make_backend("inductor", BackendOptions(compile_mode="fastest"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs", "reduce-overhead"])
+def test_inductor_compiles_with_its_modes_settings_and_its_tuning(mode):
+    from torch._inductor import list_mode_options
+
+    from engines.inductor import TUNING
+
+    options = make_backend("inductor", BackendOptions(compile_mode=mode)).compile_options()
+    assert options == {**list_mode_options(mode), **TUNING} and options["coordinate_descent_tuning"] is True
 
 
 @pytest.mark.unit

@@ -3,7 +3,8 @@
 A 1-layer proxy expert forward (one block plus the patch embedding, time embedding and unpatchify around
 it), built through the session. Each region's achieved TFLOP/s is recorded against the best rate measured
 for its kind of work (thresholds.toml [floors]). The rows land in the run's perf table, so
-`python -m harness compare` gates a slower region like any other timing.
+`python -m harness compare` gates a slower region like any other timing. Each variant's slowest kernels go
+beside them in the run folder (kernels-*.md): what to fuse or replace next.
 """
 import dataclasses
 
@@ -18,28 +19,34 @@ from harness.shapes import block_flops_by_region
 from harness.timing import summarize, timed_call
 
 pytestmark = [pytest.mark.perf, pytest.mark.gpu]
-# (backend, self-attention kernel): eager, the best bf16 PyTorch, and the fp8 stacks
-VARIANTS = [("torch", "sdpa"), ("inductor", "sdpa"), ("inductor", "fa3"), ("torch-fp8", "sdpa"),
-            ("torch-fp8", "cudnn-fp8"), ("torch-fp8", "fa3-fp8")]
+# (backend, self-attention kernel, --fp8-scales; "+static" in the label): eager, the best bf16 PyTorch, and the fp8 stacks
+VARIANTS = [("torch", "sdpa", ""), ("inductor", "sdpa", ""), ("inductor", "fa3", ""), ("torch-fp8", "cudnn-fp8", "row"), ("torch-fp8", "fa3-fp8", "row"), ("torch-fp8", "fa3-fp8", "static")]
 WARMUP = 3  # compile, autotune, cuDNN plan build
+
+
+def label(backend: str, kernel: str, scales: str) -> str:
+    return f"{backend}[{kernel}{'+static' if scales == 'static' else ''}]"
 
 
 @pytest.fixture(scope="module")
 def block(session):
     if session.settings.device != "cuda":
         pytest.skip("the block profile sorts CUDA kernel times into regions; this run has no CUDA device")
-    return proxy_expert(1, device="cuda", dtype=torch.bfloat16)
+    block = proxy_expert(1, device="cuda", dtype=torch.bfloat16)
+    # Static fp8 scales calibrate on the loop's inputs, which a lone expert has not got: the block is timed,
+    # not judged, so its own seeded inputs stand in (same kernels, other scale values).
+    return dataclasses.replace(block, loop_inputs=lambda case, held_out: [block.inputs(case, seed) for seed in range(2)])
 
 
-@pytest.mark.parametrize("stack", VARIANTS, ids=[f"{b}[{k}]" for b, k in VARIANTS])
+@pytest.mark.parametrize("stack", VARIANTS, ids=[label(*v) for v in VARIANTS])
 def test_block_profile(stack, shape, block, session):
-    backend, kernel = stack
-    variant = f"{backend}[{kernel}]"
+    backend, kernel, scales = stack
+    variant = label(*stack)
     precision = "fp8" if backend == "torch-fp8" else "bf16"
     # Built as what it is, a (1-layer) high-noise expert, so every backend takes it; recorded as "block".
     expert = Case("transformer", shape, precision, source="proxy")
     case = dataclasses.replace(expert, component="block")
-    runner = session.build(backend, block, expert, attention=kernel)
+    runner = session.build(backend, block, expert, attention=kernel, **({"fp8_scales": scales} if scales else {}))
     inputs = block.inputs(expert)
     for _ in range(WARMUP):
         runner(*inputs)
@@ -49,7 +56,10 @@ def test_block_profile(stack, shape, block, session):
                         flops=sum(flops.values()))
     session.record("perf", dataclasses.replace(case, variant="forward"), variant, forward)
     kernel_ms = 0.0
-    for region, times in region_times(lambda: runner(*inputs), rounds).items():
+    profile = region_times(lambda: runner(*inputs), rounds)
+    session.attach(f"kernels-{case.id}-{backend}-{kernel}{'-static' if scales == 'static' else ''}.md",
+                   profile.markdown(f"{variant}, {case.id}"))
+    for region, times in profile.regions.items():
         result = summarize(f"{variant} {region}", times, "cuda", flops=flops.get(region),
                            floor_tflops=floor_tflops(region, ATTENTION_KERNELS[kernel] if region == "attention" else precision))
         session.record("perf", dataclasses.replace(case, variant=region), variant, result)

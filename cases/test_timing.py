@@ -86,3 +86,16 @@ def test_cuda_events_time_device_work():
     recorder = RoundRecorder("spin", spin, device="cuda")
     recorder()
     assert recorder.result().method == "cuda-events" and recorder.result().peak_mem_bytes is not None
+
+
+@pytest.mark.unit
+def test_profile_ranks_kernels_and_sorts_them_into_regions():
+    from harness.profile import Profile, region_of
+
+    assert [region_of(k) for k in ("flash_fwd_kernel", "sm90_xmma_gemm_e4m3", "triton_per_fused_gelu_0")] == [
+        "attention", "gemm", "rest"]
+    profile = Profile({"attention": [3.0], "gemm": [2.0], "rest": [1.0]},
+                      {"triton_per_fused_gelu_0": 1.0, "flash_fwd_kernel": 3.0, "sm90_xmma_gemm_e4m3": 2.0})
+    assert profile.top(2) == [("attention", "flash_fwd_kernel", 3.0), ("gemm", "sm90_xmma_gemm_e4m3", 2.0)]
+    table = profile.markdown("block", count=3)
+    assert "Kernel time per call: 6.00 ms" in table and "| rest | `triton_per_fused_gelu_0` | 1.000 | 16.7% |" in table

@@ -26,6 +26,11 @@ from harness.errors import BackendUnavailable, HarnessError
 log = logging.getLogger(__name__)
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+# Inductor settings every compile here gets, on top of its mode's, passed per call: torchao's quantize_()
+# would otherwise set them process-wide, so an inductor run's kernels depended on whether torch-fp8 had been
+# built before it in the same session. Coordinate-descent tuning re-tunes each generated Triton kernel's
+# launch config (block sizes, warps) by timing it, which is what torchao recommends for its fp8 GEMM models.
+TUNING = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 # One session compiles the same block code for each shape, expert, precision and attention kernel; past
 # dynamo's default of 8 recompiles a block would silently run eager, so the limit is raised.
 RECOMPILE_LIMIT = 64
@@ -87,9 +92,16 @@ class Inductor:
             return False, "no CUDA device and no C++ compiler (g++/clang++) on PATH: Inductor's CPU backend needs one"
         return kernel_available(self.kernel)
 
+    def compile_options(self, dynamic: bool = False) -> dict:
+        """Inductor's config for these compiles: what torch.compile(mode=...) would set, then TUNING."""
+        from torch._inductor import list_mode_options
+
+        return {**list_mode_options(self.mode, dynamic), **TUNING}
+
     def compile_fn(self, case: Case):
         """The torch.compile call used for every region; static shapes unless the case is dynamic."""
-        return lambda m: torch.compile(m, mode=self.mode, dynamic=case.dynamic, fullgraph=False)
+        options = self.compile_options(case.dynamic)
+        return lambda m: torch.compile(m, options=options, dynamic=case.dynamic, fullgraph=False)
 
     def build(self, component: Component, case: Case) -> Runner:
         if self.kernel != "sdpa" and not (is_dit(case.component) and self.regional):

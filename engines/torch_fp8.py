@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import importlib
 import logging
+from typing import Iterable
 
 import torch
 
@@ -59,14 +60,31 @@ def fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def quantized_copy(module: torch.nn.Module) -> tuple[torch.nn.Module, int]:
-    """A deep copy of `module` whose block linears hold fp8 e4m3 row-wise weights; and how many were quantized."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+def quantized_copy(module: torch.nn.Module, scales: str = "row",
+                   calibration: Iterable[tuple[torch.Tensor, ...]] = ()) -> tuple[torch.nn.Module, int]:
+    """A deep copy of `module` whose block linears run fp8 e4m3 matmuls; and how many were quantized.
+
+    scales "row": weights and activations per row, each call's activations scaled by their own amax.
+    scales "static": one scale per weight and one per activation, the activation's the largest |x| the
+    linear saw over the `calibration` calls (torchao's observer flow: prepare, run, convert).
+    set_inductor_config=False throughout: the Inductor backend passes its tuning per compile
+    (engines/inductor.py) instead of torchao setting it for every later compile in the process.
+    """
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
     clone = copy.deepcopy(module)
     count = sum(fp8_linear(m, name) for name, m in clone.named_modules())
-    if count:
-        quantize_(clone, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_linear)
+    if count and scales == "row":
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        quantize_(clone, config, filter_fn=fp8_linear)
+    elif count:
+        from torchao.prototype.quantization.quant_api import Float8StaticActivationFloat8WeightConfig as Static
+
+        quantize_(clone, Static(step="prepare", granularity=PerTensor(), set_inductor_config=False), filter_fn=fp8_linear)
+        with torch.inference_mode():
+            for inputs in calibration:
+                clone(*inputs)
+        quantize_(clone, Static(step="convert", granularity=PerTensor(), set_inductor_config=False), filter_fn=fp8_linear)
     return clone, count
 
 
@@ -79,12 +97,14 @@ class TorchFp8:
     # self-attention in bf16 beside the fp8 GEMMs.
     attention_kernels = ("cudnn-fp8", "fa3-fp8", "triton-fp8", "fa3", "sdpa")
     shards_sequence = True
+    fp8_scales = True  # reads --fp8-scales; its rows name the scaling
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         if options.attention and options.attention not in self.attention_kernels:
             raise HarnessError(f"torch-fp8 takes attention kernels {', '.join(self.attention_kernels)}, "
                                f"not {options.attention!r}")
         self.kernel = options.attention or self.attention_kernels[0]
+        self.scales = options.fp8_scales
         self.compiler = Inductor(dataclasses.replace(options, attention="sdpa"))
         # The whole forward as one CUDA graph (static shapes only). Off by default: on an H100 it changed a
         # CFG step by -0.7% to +0.3%, inside the rounds' IQR (results/gpu-h100-2026-11-26-fp8/cuda_graph.csv).
@@ -101,11 +121,15 @@ class TorchFp8:
         if self.cuda_graph and case.dynamic:
             raise BackendUnavailable("torch-fp8: a CUDA graph needs static shapes; this case is dynamic")
         check_layout(self.kernel, case)
-        module, count = quantized_copy(component.module)
+        if self.scales == "static" and component.loop_inputs is None:
+            raise BackendUnavailable(f"torch-fp8 --fp8-scales static calibrates on the denoising loop's inputs; "
+                                     f"{component.name} carries none (an expert held without a WanModel)")
+        calibration = component.loop_inputs(case, False) if self.scales == "static" else ()
+        module, count = quantized_copy(component.module, self.scales, calibration)
         if count == 0:  # the tiny DiT (width 24) has no linear fit for fp8 matmuls: it would be plain bf16
             raise BackendUnavailable(f"torch-fp8: no linear in {case.component}'s blocks has dims that are "
                                      f"multiples of 16, so nothing would run in fp8; use the proxy source")
-        log.info("torch-fp8: %d linears of %s quantized to fp8 e4m3 row-wise", count, case.component)
+        log.info("torch-fp8: %d linears of %s quantized to fp8 e4m3, %s scales", count, case.component, self.scales)
         if self.kernel != "sdpa":
             # Installed before compiling, so Inductor fuses the Q/K/V quantization with RoPE and the norms.
             install(module.transformer, self.kernel)

@@ -50,6 +50,11 @@ KERNEL_CHECK = "engines.attention.kernels:kernel_available"  # name -> (runs her
 ENGINE_WEIGHTS = ("stripped", "full", "inputs")
 
 
+# torch-fp8's activation scales: per row from each call's amax (torchao's dynamic scaling), or one per tensor
+# calibrated once on the denoising loop's inputs, as TensorRT's fp8 engines take them.
+FP8_SCALES = ("row", "static")
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """Settings every backend is built with; each reads the fields it has a use for."""
@@ -60,6 +65,7 @@ class BackendOptions:
     opt_level: int = 3  # TensorRT builder optimization level
     weight_streaming: bool = False  # TensorRT: stream weights that do not fit the GPU's memory
     cuda_graph: bool = False  # replay static-shape forwards as one CUDA graph
+    fp8_scales: str = "row"  # FP8_SCALES: torch-fp8's activation scales
     engine_weights: str = "stripped"  # ENGINE_WEIGHTS: what a DiT expert's TensorRT plan holds
     # TensorRT: the compute capability an engine is built for, "major.minor"; "" is this GPU's own, or with
     # no GPU a default per precision (engines/tensorrt.py AOT_TARGETS)

@@ -13,8 +13,9 @@ COMPONENTS = ("transformer", "transformer_2", "vae_decoder", "text_encoder")
 # The two DiT experts: high-noise first, low-noise after the boundary. fp8/int8 and ONNX dynamic axes apply to them.
 DIT_COMPONENTS = ("transformer", "transformer_2")
 # What a case may measure besides one whole component: several components at once (a CFG step, the loop,
-# the video), or a part of one (one DiT block and its kernel regions, the self-attention kernel alone).
-STAGES = ("cfg_step", "denoising_loop", "video", "end_to_end", "block", "attention")
+# the video), or a part of one (one DiT block and its kernel regions, the self-attention kernel alone, one of
+# the block's GEMMs alone).
+STAGES = ("cfg_step", "denoising_loop", "video", "end_to_end", "block", "attention", "gemm")
 # fp8 means bf16 activations with fp8 e4m3 matmuls (and attention where the backend has it); int8 the same with
 # int8 matmuls (SmoothQuant-style), for GPUs without fp8 (compute capability 8.0 and 8.6).
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16,

@@ -7,6 +7,8 @@ docs/hardware.md).
 from __future__ import annotations
 
 import re
+import statistics
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,11 +27,34 @@ def region_of(kernel: str) -> str:
     return "gemm" if _GEMM.search(kernel) else "rest"
 
 
-def region_times(fn: Callable[[], object], rounds: int) -> dict[str, list[float]]:
-    """Milliseconds of CUDA kernel time per region, one value per call of `fn`, over `rounds` calls."""
+@dataclass
+class Profile:
+    """Kernel time of `rounds` calls: per region, one total per call; per kernel, its median total per call."""
+
+    regions: dict[str, list[float]]
+    kernels: dict[str, float]
+
+    def top(self, count: int) -> list[tuple[str, str, float]]:
+        """The `count` kernels with the most time per call: (region, name, ms), slowest first."""
+        ranked = sorted(self.kernels.items(), key=lambda item: -item[1])[:count]
+        return [(region_of(name), name, ms) for name, ms in ranked]
+
+    def markdown(self, title: str, count: int = 15) -> str:
+        """The slowest kernels as a table: what to fuse or replace next."""
+        total = sum(self.kernels.values())
+        lines = [f"# {title}", "", f"Kernel time per call: {total:.2f} ms. The {count} slowest kernels:", "",
+                 "| region | kernel | ms per call | share |", "|---|---|---|---|"]
+        lines += [f"| {region} | `{name[:120]}` | {ms:.3f} | {100 * ms / total:.1f}% |"
+                  for region, name, ms in self.top(count)]
+        return "\n".join(lines) + "\n"
+
+
+def region_times(fn: Callable[[], object], rounds: int) -> Profile:
+    """CUDA kernel time of `rounds` calls of `fn`, per region and per kernel name."""
     from torch.profiler import ProfilerActivity, profile
 
-    times: dict[str, list[float]] = {region: [] for region in REGIONS}
+    regions: dict[str, list[float]] = {region: [] for region in REGIONS}
+    kernels: dict[str, list[float]] = {}
     for _ in range(rounds):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
@@ -37,10 +62,13 @@ def region_times(fn: Callable[[], object], rounds: int) -> dict[str, list[float]
         totals = dict.fromkeys(REGIONS, 0.0)
         for event in prof.key_averages():
             if event.device_time_total > 0:
-                totals[region_of(event.key)] += event.device_time_total / 1e3
+                ms = event.device_time_total / 1e3
+                totals[region_of(event.key)] += ms
+                kernels.setdefault(event.key, []).append(ms)
         for region, ms in totals.items():
-            times[region].append(ms)
-    return times
+            regions[region].append(ms)
+    return Profile(regions, {name: statistics.median(times + [0.0] * (rounds - len(times)))
+                             for name, times in kernels.items()})
 
 
 def floor_tflops(region: str, precision: str) -> float | None:

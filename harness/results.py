@@ -132,6 +132,13 @@ class RunRecorder:
             writer.writerow(_csv_fields(row))
             f.flush()
 
+    def attach(self, name: str, text: str) -> Path:
+        """A text file beside the tables (e.g. a kernel breakdown), written atomically now."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._dir / name
+        atomic_write_text(path, text)
+        return path
+
     def tables(self) -> dict[str, list[Row]]:
         """Every row of the run so far, by table, with workers' parts merged in first."""
         if not self._dir.is_dir():

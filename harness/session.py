@@ -259,11 +259,19 @@ class Session:
         """Keep `result` (the gate reads it back) and append its rows to the run folder now."""
         self._results.append((table, case.id, backend, result))
         kernel = dict(self.settings.attention).get(backend)
-        versions = versions_string() + (f";attention={kernel}" if kernel else "")
+        # Rows may name a variant ("torch-fp8[fa3-fp8]") rather than a registered backend: those carry their own label.
+        scaled = backend in BACKENDS and getattr(load(BACKENDS[backend]), "fp8_scales", False)
+        scales = self.settings.backend_options.fp8_scales if scaled else ""
+        versions = versions_string() + (f";attention={kernel}" if kernel else "") + (f";fp8_scales={scales}" if scales else "")
         if self.recorder is not None:
             for row in result_rows(case, backend, result, precision=precision, device=device_name(self.settings.device),
                                    versions=versions):
                 self.recorder.add(table, row)
+
+    def attach(self, name: str, text: str) -> None:
+        """A text file in the run folder beside the tables (nothing without a recorder)."""
+        if self.recorder is not None:
+            self.recorder.attach(name, text)
 
     def recorded(self, table: str, case: Case, backend: str, kind: type) -> Result | None:
         """The last result of type `kind` recorded for (table, case, backend) in this session, if any."""

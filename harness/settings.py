@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from harness.backends import (ATTENTION_KERNELS, BACKENDS, ENGINE_WEIGHTS, BackendOptions, check_backend,
+from harness.backends import (ATTENTION_KERNELS, BACKENDS, ENGINE_WEIGHTS, FP8_SCALES, BackendOptions, check_backend,
                               check_compute_capability, load)
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
@@ -72,6 +72,9 @@ OPTIONS = (
                           "triton-fp8: fp8) goes to each backend of its precision that takes it; backend=kernel "
                           "sets one (e.g. torch-fp8=fa3 for bf16 attention beside fp8 GEMMs). Default: each "
                           "backend's own (stock SDPA; cudnn-fp8 for torch-fp8); eager torch always keeps SDPA"),
+    Option("--fp8-scales", "torch-fp8's activation scales: row (one per row from each call's amax, torchao's "
+                           "dynamic scaling) or static (one per tensor, calibrated once on the denoising loop's "
+                           "inputs, as TensorRT's fp8 engines take them)", "row"),
     Option("--parallel", "the GPUs of one video, for the parallel cases: cfg2 (the two CFG branches on two ranks), "
                          "ulysses<N>, ring<N> (each forward's tokens over N ranks), or a product such as "
                          "cfg2,ulysses2; none = one GPU", "none"),
@@ -116,7 +119,7 @@ class Settings:
                 "backends": self.backends, "candidate": self.candidate, "precisions": self.precisions,
                 "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
                 "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
-                "cfg batch": self.cfg_batch, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
+                "cfg batch": self.cfg_batch, "fp8 scales": self.backend_options.fp8_scales, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
                 "parallel": self.parallel.spec}
 
 
@@ -151,6 +154,7 @@ def settings_from(values: dict) -> Settings:
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3),
+                                       fp8_scales=_choice(given.get("fp8_scales", "row"), FP8_SCALES, "--fp8-scales"),
                                        engine_weights=_choice(given.get("engine_weights", "stripped"), ENGINE_WEIGHTS,
                                                               "--engine-weights"),
                                        compute_capability=check_compute_capability(given.get("compute_capability", ""))))
