@@ -20,8 +20,15 @@ _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|cudnn|_attend|_flash_fwd|mha
 _GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|scaled_mm|matmul|triton_tem|sm90_|wgmma|_mm_", re.I)
 
 
+# Inductor's generated pointwise and reduction kernels, named after every op fused into them: a row-wise fp8
+# quantization fused ahead of a matmul is "triton_red_fused__scaled_mm_..._amax_...", bandwidth work of the rest.
+_GENERATED = re.compile(r"^triton_(poi|red|per)_")
+
+
 def region_of(kernel: str) -> str:
     """attention, gemm or rest, by the CUDA kernel's name (attention first: its kernels also contain GEMMs)."""
+    if _GENERATED.search(kernel):
+        return "rest"
     if _ATTENTION.search(kernel):
         return "attention"
     return "gemm" if _GEMM.search(kernel) else "rest"
