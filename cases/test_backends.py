@@ -1,4 +1,5 @@
 """The torch-side backends: Inductor matches eager within drift on the tiny DiT; availability reasons are concrete."""
+import dataclasses
 import sys
 
 import pytest
@@ -111,6 +112,44 @@ def test_torch_fp8_quantizes_a_copy_and_keeps_the_bf16_weights():
     # e4m3 keeps 3 mantissa bits: ~3.6% rms rounding on x and on w gives ~5% rel L2 per matmul
     result = compare(clone.blocks[0](x), wide.blocks[0](x), tolerance=0.1, min_cosine=min_cosine("fp8"))
     assert result, result.message()
+
+
+@pytest.mark.unit
+def test_static_fp8_scales_are_the_calibration_amax_and_keep_fp8_accuracy():
+    """torchao's observer flow on the CPU (its fp8 matmul has a CPU path): one scale per activation, amax/448 of
+    what the calibration calls fed that linear, and a forward within fp8's rounding of the bf16 one."""
+    from engines.torch_fp8 import quantized_copy
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)])
+            self.proj_out = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.proj_out(self.blocks[1](self.blocks[0](x)))
+
+    torch.manual_seed(0)
+    stack = Stack().bfloat16()
+    calls = [(torch.randn(1, 32, 64).bfloat16(),), (3 * torch.randn(1, 32, 64).bfloat16(),)]
+    clone, count = quantized_copy(stack, "static", calls)
+    assert count == 2 and type(clone.proj_out.weight) is torch.nn.Parameter  # the output projection stays bf16
+    scale = clone.blocks[0].weight.act_quant_scale.float().flatten()
+    assert torch.allclose(scale, max(x.abs().amax().float() for (x,) in calls) / 448, rtol=1e-2)
+    x = torch.randn(1, 32, 64).bfloat16()
+    with torch.inference_mode():
+        result = compare(clone(x), stack(x), tolerance=0.1, min_cosine=min_cosine("fp8"))
+    assert result, result.message()
+
+
+@pytest.mark.unit
+def test_static_fp8_scales_need_the_loop_to_calibrate_on():
+    from engines.torch_fp8 import TorchFp8
+
+    model = load_model("tiny", dtype=torch.bfloat16)
+    component = dataclasses.replace(make_component(model, "transformer"), loop_inputs=None)
+    with pytest.raises(BackendUnavailable, match="--fp8-scales static calibrates on the denoising loop's inputs"):
+        TorchFp8(BackendOptions(fp8_scales="static")).build(component, CASE.with_precision("fp8"))
 
 
 @pytest.mark.unit
