@@ -409,9 +409,11 @@ def test_ort_cpu_refusing_bf16_names_the_op_and_type(tmp_path):
     ("--shapes=16x528x1", "rope_max_seq_len is 32"),
     ("--engine-weights=none", "--engine-weights 'none': choose one of stripped, full, inputs"),
     ("--fp8-scales=dynamic", "--fp8-scales 'dynamic': choose one of row, static"),
+    ("--backends=torch,onnxruntime --fp8-scales=static",
+     "--fp8-scales static: no backend among --backends torch,onnxruntime reads it; add torch-fp8"),
 ])
 def test_a_bad_option_stops_pytest_once(tmp_path, option, needle):
-    assert_one_usage_error(pytest_session(tmp_path, "-m", "parity", option), needle)
+    assert_one_usage_error(pytest_session(tmp_path, "-m", "parity", *option.split()), needle)
 
 
 def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

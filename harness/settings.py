@@ -119,7 +119,8 @@ class Settings:
                 "backends": self.backends, "candidate": self.candidate, "precisions": self.precisions,
                 "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
                 "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
-                "cfg batch": self.cfg_batch, "fp8 scales": self.backend_options.fp8_scales, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
+                "cfg batch": self.cfg_batch,
+                "fp8 scales": self.backend_options.fp8_scales if fp8_scale_readers(self.backends) else None, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
                 "parallel": self.parallel.spec}
 
 
@@ -154,7 +155,7 @@ def settings_from(values: dict) -> Settings:
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3),
-                                       fp8_scales=_choice(given.get("fp8_scales", "row"), FP8_SCALES, "--fp8-scales"),
+                                       fp8_scales=_fp8_scales(given.get("fp8_scales", "row"), backends),
                                        engine_weights=_choice(given.get("engine_weights", "stripped"), ENGINE_WEIGHTS,
                                                               "--engine-weights"),
                                        compute_capability=check_compute_capability(given.get("compute_capability", ""))))
@@ -290,6 +291,20 @@ def _proxy_layers(value) -> int:
     if layers > 40:
         raise HarnessError(f"--proxy-layers {layers} must be between 1 and 40 (the A14B expert has 40)")
     return layers
+
+
+def fp8_scale_readers(backends: tuple[str, ...]) -> list[str]:
+    """The backends among `backends` that read --fp8-scales (torch-fp8)."""
+    return [b for b in backends if getattr(load(BACKENDS[b]), "fp8_scales", False)]
+
+
+def _fp8_scales(value: str, backends: tuple[str, ...]) -> str:
+    """--fp8-scales, which only backends that read it take: naming it for none of --backends is a mistake."""
+    _choice(value, FP8_SCALES, "--fp8-scales")
+    if value != "row" and not fp8_scale_readers(backends):
+        raise HarnessError(f"--fp8-scales {value}: no backend among --backends {','.join(backends)} reads it; "
+                           f"add torch-fp8")
+    return value
 
 
 def _gate(value) -> float:
