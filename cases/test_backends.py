@@ -17,9 +17,11 @@ CASE = Case("transformer", parse_shape("16x16x9"), "fp32")
 
 
 @pytest.mark.parity
-def test_inductor_matches_eager_on_the_tiny_dit_and_leaves_eager_alone():
-    """Regional compile of the tiny DiT: ~35 s cold on 2 CPU cores, ~6 s with Inductor's on-disk cache warm."""
-    inductor = make_backend("inductor")
+@pytest.mark.parametrize("scope", ["blocks", "forward"])
+def test_inductor_matches_eager_on_the_tiny_dit_and_leaves_eager_alone(scope):
+    """The tiny DiT compiled per block, or whole with nested block regions: ~35 s cold on 2 CPU cores each,
+    ~6 s with Inductor's on-disk cache warm."""
+    inductor = make_backend("inductor", BackendOptions(compile_scope=scope))
     ok, reason = inductor.available()
     if not ok:
         pytest.skip(reason)
@@ -36,6 +38,16 @@ def test_inductor_matches_eager_on_the_tiny_dit_and_leaves_eager_alone():
     # the eager backend shares the module: it must still run its own, uncompiled blocks
     assert all(type(b).__name__ == "WanTransformerBlock" for b in model.transformer.blocks)
     assert torch.equal(eager(*inputs), expected)
+
+
+@pytest.mark.unit
+def test_whole_forward_compile_refuses_a_token_split():
+    from harness.case import Layout
+
+    component = make_component(load_model("tiny"), "transformer")
+    with pytest.raises(BackendUnavailable, match="--compile-scope forward would trace diffusers' context-parallel"):
+        make_backend("inductor", BackendOptions(compile_scope="forward")).build(
+            component, dataclasses.replace(CASE, layout=Layout(ulysses=2)))
 
 
 @pytest.mark.unit

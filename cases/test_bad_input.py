@@ -410,7 +410,10 @@ def test_ort_cpu_refusing_bf16_names_the_op_and_type(tmp_path):
     ("--engine-weights=none", "--engine-weights 'none': choose one of stripped, full, inputs"),
     ("--fp8-scales=dynamic", "--fp8-scales 'dynamic': choose one of row, static"),
     ("--backends=torch,onnxruntime --fp8-scales=static",
-     "--fp8-scales static: no backend among --backends torch,onnxruntime reads it; add torch-fp8"),
+     "--fp8-scales static: no backend among --backends torch,onnxruntime reads it; add one of torch-fp8"),
+    ("--backends=torch,onnxruntime --compile-scope=forward",
+     "--compile-scope forward: no backend among --backends torch,onnxruntime reads it; add one of inductor, torch-fp8"),
+    ("--compile-scope=model", "--compile-scope 'model': choose one of blocks, forward"),
 ])
 def test_a_bad_option_stops_pytest_once(tmp_path, option, needle):
     assert_one_usage_error(pytest_session(tmp_path, "-m", "parity", *option.split()), needle)

@@ -19,13 +19,18 @@ from harness.shapes import block_flops_by_region
 from harness.timing import summarize, timed_call
 
 pytestmark = [pytest.mark.perf, pytest.mark.gpu]
-# (backend, self-attention kernel, --fp8-scales; "+static" in the label): eager, the best bf16 PyTorch, and the fp8 stacks
-VARIANTS = [("torch", "sdpa", ""), ("inductor", "sdpa", ""), ("inductor", "fa3", ""), ("torch-fp8", "cudnn-fp8", "row"), ("torch-fp8", "fa3-fp8", "row"), ("torch-fp8", "fa3-fp8", "static")]
+STATIC, WHOLE = {"fp8_scales": "static"}, {"compile_scope": "forward"}
+# (backend, self-attention kernel, options other than their defaults, named in the label): eager, the best bf16
+# PyTorch, and the fp8 stacks, with static fp8 scales and the whole forward compiled as the levers to weigh.
+VARIANTS = [("torch", "sdpa", {}), ("inductor", "sdpa", {}), ("inductor", "fa3", {}), ("inductor", "fa3", WHOLE),
+            ("torch-fp8", "cudnn-fp8", {}), ("torch-fp8", "fa3-fp8", {}), ("torch-fp8", "fa3-fp8", STATIC),
+            ("torch-fp8", "fa3-fp8", {**STATIC, **WHOLE})]
 WARMUP = 3  # compile, autotune, cuDNN plan build
 
 
-def label(backend: str, kernel: str, scales: str) -> str:
-    return f"{backend}[{kernel}{'+static' if scales == 'static' else ''}]"
+def label(backend: str, kernel: str, options: dict) -> str:
+    """e.g. torch-fp8[fa3-fp8+static+forward]"""
+    return f"{backend}[{kernel}{''.join('+' + v for v in options.values())}]"
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +45,13 @@ def block(session):
 
 @pytest.mark.parametrize("stack", VARIANTS, ids=[label(*v) for v in VARIANTS])
 def test_block_profile(stack, shape, block, session):
-    backend, kernel, scales = stack
+    backend, kernel, options = stack
     variant = label(*stack)
     precision = "fp8" if backend == "torch-fp8" else "bf16"
     # Built as what it is, a (1-layer) high-noise expert, so every backend takes it; recorded as "block".
     expert = Case("transformer", shape, precision, source="proxy")
     case = dataclasses.replace(expert, component="block")
-    runner = session.build(backend, block, expert, attention=kernel, **({"fp8_scales": scales} if scales else {}))
+    runner = session.build(backend, block, expert, attention=kernel, **options)
     inputs = block.inputs(expert)
     for _ in range(WARMUP):
         runner(*inputs)
@@ -57,7 +62,7 @@ def test_block_profile(stack, shape, block, session):
     session.record("perf", dataclasses.replace(case, variant="forward"), variant, forward)
     kernel_ms = 0.0
     profile = region_times(lambda: runner(*inputs), rounds)
-    session.attach(f"kernels-{case.id}-{backend}-{kernel}{'-static' if scales == 'static' else ''}.md",
+    session.attach(f"kernels-{case.id}-{backend}-{kernel}{''.join('-' + v for v in options.values())}.md",
                    profile.markdown(f"{variant}, {case.id}"))
     for region, times in profile.regions.items():
         result = summarize(f"{variant} {region}", times, "cuda", flops=flops.get(region),

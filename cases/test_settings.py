@@ -62,12 +62,16 @@ def test_candidate_defaults_and_must_be_a_backend():
         settings_from({"backends": "torch,foo", "device": "cpu"})
 
 
-def test_rows_record_the_attention_kernel_of_their_backend(tmp_path):
-    settings = settings_from({"backends": BACKENDS, "attention": "fa3", "device": "cpu"})
+def test_rows_record_the_attention_kernel_and_the_options_their_backend_reads(tmp_path):
+    settings = settings_from({"backends": BACKENDS, "attention": "fa3", "compile_scope": "forward",
+                              "fp8_scales": "static", "device": "cpu"})
     session = Session(settings, RunRecorder(tmp_path, "run-x"))
     case = Case("cfg_step", parse_shape("16x16x9"), "bf16")
-    session.record("perf", case, "inductor", Measured({"median_ms": 1.0}))
-    session.record("perf", case, "onnxruntime", Measured({"median_ms": 2.0}))
+    for backend in ("inductor", "torch-fp8", "onnxruntime"):
+        session.record("perf", case, backend, Measured({"median_ms": 1.0}))
     rows = {r.backend: r.versions for r in load_run(tmp_path / "run-x")}
-    assert rows["inductor"].endswith(";attention=fa3") and "attention=" not in rows["onnxruntime"]
+    assert rows["inductor"].endswith(";attention=fa3;compile_scope=forward")
+    assert rows["torch-fp8"].endswith(";attention=cudnn-fp8;fp8_scales=static;compile_scope=forward")
+    assert "attention=" not in rows["onnxruntime"] and "scope" not in rows["onnxruntime"]
+    assert {"fp8 scales": "static", "compile scope": "forward"}.items() <= settings.summary().items()
     assert session.recorded("perf", case, "inductor", Measured).metrics() == {"median_ms": 1.0}

@@ -2,8 +2,9 @@
 
 The eager backend runs the very same module object, so nothing here compiles in place: `module.compile()`
 would swap the forward of the shared module and silently turn the eager baseline into a compiled one.
-Instead the DiT gets a shallow clone whose `blocks` list holds `torch.compile` wrappers of the original
-blocks (weights shared, no copy: a 40-layer expert is 28.6 GB), and other components get a wrapper.
+Instead the DiT gets a shallow clone whose `blocks` list holds wrappers of the original blocks (weights shared,
+no copy: a 40-layer expert is 28.6 GB): `torch.compile` wrappers, or with --compile-scope forward nested-region
+wrappers inside one compiled forward. Other components get a wrapper.
 """
 from __future__ import annotations
 
@@ -41,8 +42,21 @@ def _cpu_compiler() -> str | None:
     return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
 
 
-def compiled_blocks_clone(transformer: torch.nn.Module, compile_fn) -> torch.nn.Module:
-    """A shallow clone of `transformer` whose `blocks` are compiled wrappers of the original blocks.
+class _Region(torch.nn.Module):
+    """A block as a nested compile region: torch.compile of the whole forward traces it once and stamps out
+    the same compiled code for every identical block, so 40 layers still compile about as fast as one."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    @torch.compiler.nested_compile_region
+    def forward(self, *args, **kwargs):
+        return self.block(*args, **kwargs)
+
+
+def blocks_clone(transformer: torch.nn.Module, wrap) -> torch.nn.Module:
+    """A shallow clone of `transformer` whose `blocks` are `wrap(block)` of the original blocks.
 
     Only the clone's module table is new; parameters, buffers and the original `blocks` are shared and
     untouched. Identical blocks reuse one compiled graph (parameters are graph inputs), so 40 layers
@@ -50,20 +64,25 @@ def compiled_blocks_clone(transformer: torch.nn.Module, compile_fn) -> torch.nn.
     """
     clone = copy.copy(transformer)
     clone._modules = dict(transformer._modules)
-    clone._modules["blocks"] = torch.nn.ModuleList(compile_fn(block) for block in transformer.blocks)
+    clone._modules["blocks"] = torch.nn.ModuleList(wrap(block) for block in transformer.blocks)
     return clone
 
 
-def _regional(module: torch.nn.Module, compile_fn, kernel: str) -> torch.nn.Module | None:
-    """The DiT wrapper with compiled blocks (their self-attention on `kernel`), or None without blocks."""
+def _dit_compiled(module: torch.nn.Module, compile_fn, kernel: str, scope: str) -> torch.nn.Module | None:
+    """The DiT wrapper compiled per `scope` (its blocks' self-attention on `kernel`), or None without blocks.
+
+    blocks: each block compiled on its own; the patch embedding, embedders and output head around them
+    stay eager. forward: the whole forward compiled, the blocks as nested regions, so the head and tail
+    fuse too (about 4 ms of a 1-layer 480p forward ran uncompiled per block scope: docs/hardware.md).
+    """
     inner = getattr(module, "transformer", None)
     if inner is None or not isinstance(getattr(inner, "blocks", None), torch.nn.ModuleList):
         return None
     if kernel != "sdpa":
         inner = with_kernel(inner, kernel)  # a clone: the eager baseline keeps the stock processors
     clone = copy.copy(module)
-    clone._modules = {**module._modules, "transformer": compiled_blocks_clone(inner, compile_fn)}
-    return clone
+    clone._modules = {**module._modules, "transformer": blocks_clone(inner, compile_fn if scope == "blocks" else _Region)}
+    return clone if scope == "blocks" else compile_fn(clone)
 
 
 def _raise_recompile_limit() -> None:
@@ -73,18 +92,20 @@ def _raise_recompile_limit() -> None:
 
 
 class Inductor:
-    """torch.compile with a chosen mode, per transformer block ("regional") or over the whole module."""
+    """torch.compile with a chosen mode: a DiT expert per block ("regional") or its whole forward with the blocks
+    as nested regions (--compile-scope); other components as one module."""
 
     name = "inductor"
     precisions = ("fp32", "fp16", "bf16")
     attention_kernels = ("sdpa", "fa3")
     shards_sequence = True
+    labelled_options = ("compile_scope",)  # harness.backends.LABELLED_OPTIONS
 
-    def __init__(self, options: BackendOptions = BackendOptions(), regional: bool = True):
+    def __init__(self, options: BackendOptions = BackendOptions()):
         if options.compile_mode not in MODES:
             raise HarnessError(f"unknown inductor mode {options.compile_mode!r}; choose one of {', '.join(MODES)}")
         self.mode = options.compile_mode
-        self.regional = regional
+        self.scope = options.compile_scope
         self.kernel = options.attention or self.attention_kernels[0]
 
     def available(self) -> tuple[bool, str]:
@@ -104,17 +125,20 @@ class Inductor:
         return lambda m: torch.compile(m, options=options, dynamic=case.dynamic, fullgraph=False)
 
     def build(self, component: Component, case: Case) -> Runner:
-        if self.kernel != "sdpa" and not (is_dit(case.component) and self.regional):
-            raise BackendUnavailable(f"inductor runs {self.kernel} attention in the DiT experts' blocks (regional "
-                                     f"compile) only, not in {case.component}")
+        if self.kernel != "sdpa" and not is_dit(case.component):
+            raise BackendUnavailable(f"inductor runs {self.kernel} attention in the DiT experts' blocks only, "
+                                     f"not in {case.component}")
+        if self.scope == "forward" and case.layout.sequence > 1:
+            raise BackendUnavailable("--compile-scope forward would trace diffusers' context-parallel hooks around "
+                                     "the blocks; split the tokens with --compile-scope blocks")
         check_layout(self.kernel, case)
         _raise_recompile_limit()
         compile_fn = self.compile_fn(case)
         # Split before compiling, so the compiled blocks take their token shard and the exchange is traced.
         component = dataclasses.replace(component, module=sequence_parallel(component.module, case))
-        regional = _regional(component.module, compile_fn, self.kernel) if self.regional else None
-        compiled = compile_fn(component.module) if regional is None else regional
-        scope = "whole module" if regional is None else "per block"
+        dit = _dit_compiled(component.module, compile_fn, self.kernel, self.scope)
+        compiled = compile_fn(component.module) if dit is None else dit
+        scope = "whole module" if dit is None else {"blocks": "per block", "forward": "whole forward, blocks nested"}[self.scope]
         return _first_call_logged(compiled, f"{self.name}[{self.mode}, {scope}] {case.id}")
 
 

@@ -97,7 +97,7 @@ class TorchFp8:
     # self-attention in bf16 beside the fp8 GEMMs.
     attention_kernels = ("cudnn-fp8", "fa3-fp8", "triton-fp8", "fa3", "sdpa")
     shards_sequence = True
-    fp8_scales = True  # reads --fp8-scales; its rows name the scaling
+    labelled_options = ("fp8_scales", "compile_scope")  # harness.backends.LABELLED_OPTIONS
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         if options.attention and options.attention not in self.attention_kernels:

@@ -53,6 +53,12 @@ ENGINE_WEIGHTS = ("stripped", "full", "inputs")
 # torch-fp8's activation scales: per row from each call's amax (torchao's dynamic scaling), or one per tensor
 # calibrated once on the denoising loop's inputs, as TensorRT's fp8 engines take them.
 FP8_SCALES = ("row", "static")
+# What torch.compile covers in a DiT expert: each block on its own (the embeddings and output head stay eager),
+# or the whole forward with the blocks as nested regions (compiled once, stamped out per block).
+COMPILE_SCOPES = ("blocks", "forward")
+# Options that only some backends read, with their flag: such a backend declares them in `labelled_options`,
+# its rows name their values, and giving a non-default value to a run with no such backend is an error.
+LABELLED_OPTIONS = {"fp8_scales": "--fp8-scales", "compile_scope": "--compile-scope"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class BackendOptions:
     weight_streaming: bool = False  # TensorRT: stream weights that do not fit the GPU's memory
     cuda_graph: bool = False  # replay static-shape forwards as one CUDA graph
     fp8_scales: str = "row"  # FP8_SCALES: torch-fp8's activation scales
+    compile_scope: str = "blocks"  # COMPILE_SCOPES: what torch.compile covers in a DiT expert (inductor, torch-fp8)
     engine_weights: str = "stripped"  # ENGINE_WEIGHTS: what a DiT expert's TensorRT plan holds
     # TensorRT: the compute capability an engine is built for, "major.minor"; "" is this GPU's own, or with
     # no GPU a default per precision (engines/tensorrt.py AOT_TARGETS)

@@ -259,10 +259,11 @@ class Session:
         """Keep `result` (the gate reads it back) and append its rows to the run folder now."""
         self._results.append((table, case.id, backend, result))
         kernel = dict(self.settings.attention).get(backend)
+        options = self.settings.backend_options
         # Rows may name a variant ("torch-fp8[fa3-fp8]") rather than a registered backend: those carry their own label.
-        scaled = backend in BACKENDS and getattr(load(BACKENDS[backend]), "fp8_scales", False)
-        scales = self.settings.backend_options.fp8_scales if scaled else ""
-        versions = versions_string() + (f";attention={kernel}" if kernel else "") + (f";fp8_scales={scales}" if scales else "")
+        read = getattr(load(BACKENDS[backend]), "labelled_options", ()) if backend in BACKENDS else ()
+        labels = ([f"attention={kernel}"] if kernel else []) + [f"{name}={getattr(options, name)}" for name in read]
+        versions = ";".join([versions_string(), *labels])
         if self.recorder is not None:
             for row in result_rows(case, backend, result, precision=precision, device=device_name(self.settings.device),
                                    versions=versions):

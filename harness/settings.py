@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from harness.backends import (ATTENTION_KERNELS, BACKENDS, ENGINE_WEIGHTS, FP8_SCALES, BackendOptions, check_backend,
+from harness.backends import (ATTENTION_KERNELS, BACKENDS, COMPILE_SCOPES, ENGINE_WEIGHTS, FP8_SCALES, LABELLED_OPTIONS,
+                              BackendOptions, check_backend,
                               check_compute_capability, load)
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
@@ -75,6 +76,9 @@ OPTIONS = (
     Option("--fp8-scales", "torch-fp8's activation scales: row (one per row from each call's amax, torchao's "
                            "dynamic scaling) or static (one per tensor, calibrated once on the denoising loop's "
                            "inputs, as TensorRT's fp8 engines take them)", "row"),
+    Option("--compile-scope", "what torch.compile covers in a DiT expert (inductor, torch-fp8): blocks (each block "
+                              "on its own; the embeddings and output head stay eager) or forward (the whole forward, "
+                              "blocks as nested regions compiled once)", "blocks"),
     Option("--parallel", "the GPUs of one video, for the parallel cases: cfg2 (the two CFG branches on two ranks), "
                          "ulysses<N>, ring<N> (each forward's tokens over N ranks), or a product such as "
                          "cfg2,ulysses2; none = one GPU", "none"),
@@ -120,7 +124,9 @@ class Settings:
                 "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
                 "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
                 "cfg batch": self.cfg_batch,
-                "fp8 scales": self.backend_options.fp8_scales if fp8_scale_readers(self.backends) else None, "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
+                **{LABELLED_OPTIONS[name].lstrip("-").replace("-", " "): getattr(self.backend_options, name)
+                   for name in LABELLED_OPTIONS if option_readers(name, self.backends)},
+                "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
                 "parallel": self.parallel.spec}
 
 
@@ -155,7 +161,8 @@ def settings_from(values: dict) -> Settings:
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3),
-                                       fp8_scales=_fp8_scales(given.get("fp8_scales", "row"), backends),
+                                       fp8_scales=_read_option("fp8_scales", given, FP8_SCALES, backends),
+                                       compile_scope=_read_option("compile_scope", given, COMPILE_SCOPES, backends),
                                        engine_weights=_choice(given.get("engine_weights", "stripped"), ENGINE_WEIGHTS,
                                                               "--engine-weights"),
                                        compute_capability=check_compute_capability(given.get("compute_capability", ""))))
@@ -293,17 +300,20 @@ def _proxy_layers(value) -> int:
     return layers
 
 
-def fp8_scale_readers(backends: tuple[str, ...]) -> list[str]:
-    """The backends among `backends` that read --fp8-scales (torch-fp8)."""
-    return [b for b in backends if getattr(load(BACKENDS[b]), "fp8_scales", False)]
+def option_readers(name: str, backends: tuple[str, ...]) -> list[str]:
+    """The backends among `backends` that read BackendOptions field `name` (harness.backends.LABELLED_OPTIONS)."""
+    return [b for b in backends if name in getattr(load(BACKENDS[b]), "labelled_options", ())]
 
 
-def _fp8_scales(value: str, backends: tuple[str, ...]) -> str:
-    """--fp8-scales, which only backends that read it take: naming it for none of --backends is a mistake."""
-    _choice(value, FP8_SCALES, "--fp8-scales")
-    if value != "row" and not fp8_scale_readers(backends):
-        raise HarnessError(f"--fp8-scales {value}: no backend among --backends {','.join(backends)} reads it; "
-                           f"add torch-fp8")
+def _read_option(name: str, given: dict, choices: tuple[str, ...], backends: tuple[str, ...]) -> str:
+    """A LABELLED_OPTIONS value: one of `choices` (the first is the default), and only a non-default value for a
+    run with a backend that reads it (a value nothing reads would silently change nothing)."""
+    flag, value = LABELLED_OPTIONS[name], given.get(name, choices[0])
+    _choice(value, choices, flag)
+    if value != choices[0] and not option_readers(name, backends):
+        readers = [b for b in BACKENDS if name in getattr(load(BACKENDS[b]), "labelled_options", ())]
+        raise HarnessError(f"{flag} {value}: no backend among --backends {','.join(backends)} reads it; "
+                           f"add one of {', '.join(readers)}")
     return value
 
 
