@@ -42,6 +42,10 @@ def _cpu_compiler() -> str | None:
     return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
 
 
+# torch.compiler.nested_compile_region came with torch 2.8; without it --compile-scope forward is refused.
+_NESTED = getattr(torch.compiler, "nested_compile_region", None)
+
+
 class _Region(torch.nn.Module):
     """A block as a nested compile region: torch.compile of the whole forward traces it once and stamps out
     the same compiled code for every identical block, so 40 layers still compile about as fast as one."""
@@ -50,9 +54,12 @@ class _Region(torch.nn.Module):
         super().__init__()
         self.block = block
 
-    @torch.compiler.nested_compile_region
     def forward(self, *args, **kwargs):
         return self.block(*args, **kwargs)
+
+
+if _NESTED is not None:
+    _Region.forward = _NESTED(_Region.forward)
 
 
 def blocks_clone(transformer: torch.nn.Module, wrap) -> torch.nn.Module:
@@ -128,6 +135,9 @@ class Inductor:
         if self.kernel != "sdpa" and not is_dit(case.component):
             raise BackendUnavailable(f"inductor runs {self.kernel} attention in the DiT experts' blocks only, "
                                      f"not in {case.component}")
+        if self.scope == "forward" and _NESTED is None:
+            raise BackendUnavailable(f"--compile-scope forward needs torch.compiler.nested_compile_region (torch >= "
+                                     f"2.8); this is torch {torch.__version__}: use --compile-scope blocks")
         if self.scope == "forward" and case.layout.sequence > 1:
             raise BackendUnavailable("--compile-scope forward would trace diffusers' context-parallel hooks around "
                                      "the blocks; split the tokens with --compile-scope blocks")
