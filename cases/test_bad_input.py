@@ -45,9 +45,11 @@ def cli_error(argv: list[str], capsys) -> str:
 
 
 def run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """A subprocess from the repository root, with HF offline (nothing here downloads)."""
+    """A subprocess from the repository root, with HF offline (nothing here downloads). Under `pytest -n` the
+    worker's PYTEST_XDIST_* variables are left out: the child is a plain session, not a second worker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WAN_BENCH_RUN_ID": "run-bad-input"})
+                          env={**env, "HF_HUB_OFFLINE": "1", "WAN_BENCH_RUN_ID": "run-bad-input"})
 
 
 def pytest_session(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
