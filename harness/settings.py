@@ -311,9 +311,8 @@ def _read_option(name: str, given: dict, choices: tuple[str, ...], backends: tup
     flag, value = LABELLED_OPTIONS[name], given.get(name, choices[0])
     _choice(value, choices, flag)
     if value != choices[0] and not option_readers(name, backends):
-        readers = [b for b in BACKENDS if name in getattr(load(BACKENDS[b]), "labelled_options", ())]
         raise HarnessError(f"{flag} {value}: no backend among --backends {','.join(backends)} reads it; "
-                           f"add one of {', '.join(readers)}")
+                           f"add one of {', '.join(option_readers(name, tuple(BACKENDS)))}")
     return value
 
 
