@@ -78,13 +78,17 @@ def quantized_copy(module: torch.nn.Module, scales: str = "row",
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
         quantize_(clone, config, filter_fn=fp8_linear)
     elif count:
-        from torchao.prototype.quantization.quant_api import Float8StaticActivationFloat8WeightConfig as Static
+        from torchao.prototype.quantization.quant_api import Float8StaticActivationFloat8WeightConfig
 
-        quantize_(clone, Static(step="prepare", granularity=PerTensor(), set_inductor_config=False), filter_fn=fp8_linear)
+        def step(name: str) -> None:
+            config = Float8StaticActivationFloat8WeightConfig(step=name, granularity=PerTensor(), set_inductor_config=False)
+            quantize_(clone, config, filter_fn=fp8_linear)
+
+        step("prepare")
         with torch.inference_mode():
             for inputs in calibration:
                 clone(*inputs)
-        quantize_(clone, Static(step="convert", granularity=PerTensor(), set_inductor_config=False), filter_fn=fp8_linear)
+        step("convert")
     return clone, count
 
 
