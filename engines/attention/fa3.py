@@ -24,8 +24,16 @@ HEAD_DIMS = (64, 96, 128, 192, 256)  # head sizes the build has kernels for; Wan
 INSTALL = f"install fa3-fwd=={VERSION} (requirements-gpu.txt pins it with its hash)"
 
 
+_interface_module = None  # set by the first _interface() call, which available() makes before any compile
+
+
 def _interface():
-    return importlib.import_module("fa3_fwd_interface")
+    """fa3_fwd_interface, imported once. Inside torch.compile the lookup must be a plain global read: Dynamo
+    cannot trace importlib, and a graph break there is an error inside a nested compile region."""
+    global _interface_module
+    if _interface_module is None:
+        _interface_module = importlib.import_module("fa3_fwd_interface")
+    return _interface_module
 
 
 def available(fp8: bool) -> tuple[bool, str]:
