@@ -76,7 +76,7 @@ OPTIONS = (
     Option("--fp8-scales", "torch-fp8's activation scales: row (one per row from each call's amax, torchao's "
                            "dynamic scaling) or static (one per tensor, calibrated once on the denoising loop's "
                            "inputs, as TensorRT's fp8 engines take them)", "row"),
-    Option("--compile-scope", "what torch.compile covers in a DiT expert (inductor, torch-fp8): blocks (each block "
+    Option("--compile-scope", "what torch.compile covers in a DiT expert (inductor): blocks (each block "
                               "on its own; the embeddings and output head stay eager) or forward (the whole forward, "
                               "blocks as nested regions compiled once)", "blocks"),
     Option("--parallel", "the GPUs of one video, for the parallel cases: cfg2 (the two CFG branches on two ranks), "
