@@ -7,6 +7,7 @@ for its kind of work (thresholds.toml [floors]). The rows land in the run's perf
 beside them in the run folder (kernels-*.md): what to fuse or replace next.
 """
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_block_profile(stack, shape, block, session):
     session.record("perf", dataclasses.replace(case, variant="forward"), variant, forward)
     kernel_ms = 0.0
     profile = region_times(lambda: runner(*inputs), rounds)
-    session.attach(f"kernels-{case.id}-{backend}-{kernel}{''.join('-' + v for v in options.values())}.md",
+    session.attach(f"kernels-{case.id}-{re.sub(r'[][+]+', '-', variant).strip('-')}.md",
                    profile.markdown(f"{variant}, {case.id}"))
     for region, times in profile.regions.items():
         result = summarize(f"{variant} {region}", times, "cuda", flops=flops.get(region),

@@ -72,8 +72,8 @@ class BackendOptions:
     weight_streaming: bool = False  # TensorRT: stream weights that do not fit the GPU's memory
     cuda_graph: bool = False  # replay static-shape forwards as one CUDA graph
     fp8_scales: str = FP8_SCALES[0]  # torch-fp8's activation scales; the first choice is the default
-    compile_scope: str = COMPILE_SCOPES[0]  # what torch.compile covers in a DiT expert (inductor, torch-fp8)
-    engine_weights: str = "stripped"  # ENGINE_WEIGHTS: what a DiT expert's TensorRT plan holds
+    compile_scope: str = COMPILE_SCOPES[0]  # what torch.compile covers in a DiT expert (inductor)
+    engine_weights: str = ENGINE_WEIGHTS[0]  # what a DiT expert's TensorRT plan holds
     # TensorRT: the compute capability an engine is built for, "major.minor"; "" is this GPU's own, or with
     # no GPU a default per precision (engines/tensorrt.py AOT_TARGETS)
     compute_capability: str = ""

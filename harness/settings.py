@@ -15,8 +15,7 @@ from typing import Callable
 import torch
 
 from harness.backends import (ATTENTION_KERNELS, BACKENDS, COMPILE_SCOPES, ENGINE_WEIGHTS, FP8_SCALES, LABELLED_OPTIONS,
-                              BackendOptions, check_backend,
-                              check_compute_capability, load)
+                              BackendOptions, check_backend, check_compute_capability, load)
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
@@ -75,16 +74,16 @@ OPTIONS = (
                           "backend's own (stock SDPA; cudnn-fp8 for torch-fp8); eager torch always keeps SDPA"),
     Option("--fp8-scales", "torch-fp8's activation scales: row (one per row from each call's amax, torchao's "
                            "dynamic scaling) or static (one per tensor, calibrated once on the denoising loop's "
-                           "inputs, as TensorRT's fp8 engines take them)", "row"),
+                           "inputs, as TensorRT's fp8 engines take them)", FP8_SCALES[0]),
     Option("--compile-scope", "what torch.compile covers in a DiT expert (inductor): blocks (each block "
                               "on its own; the embeddings and output head stay eager) or forward (the whole forward, "
-                              "blocks as nested regions compiled once)", "blocks"),
+                              "blocks as nested regions compiled once)", COMPILE_SCOPES[0]),
     Option("--parallel", "the GPUs of one video, for the parallel cases: cfg2 (the two CFG branches on two ranks), "
                          "ulysses<N>, ring<N> (each forward's tokens over N ranks), or a product such as "
                          "cfg2,ulysses2; none = one GPU", "none"),
     Option("--engine-weights", "what a DiT expert's TensorRT plan holds: stripped (no weights: refitted from the "
                                "cached ONNX at load, or bound as graph inputs where the builder has no CUDA device), "
-                               "full, or inputs (graph inputs even where it could refit)", "stripped"),
+                               "full, or inputs (graph inputs even where it could refit)", ENGINE_WEIGHTS[0]),
 )
 
 
@@ -163,7 +162,7 @@ def settings_from(values: dict) -> Settings:
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3),
                                        fp8_scales=_read_option("fp8_scales", given, FP8_SCALES, backends),
                                        compile_scope=_read_option("compile_scope", given, COMPILE_SCOPES, backends),
-                                       engine_weights=_choice(given.get("engine_weights", "stripped"), ENGINE_WEIGHTS,
+                                       engine_weights=_choice(given.get("engine_weights", ENGINE_WEIGHTS[0]), ENGINE_WEIGHTS,
                                                               "--engine-weights"),
                                        compute_capability=check_compute_capability(given.get("compute_capability", ""))))
 
