@@ -16,7 +16,10 @@ import torch
 from harness.compare import thresholds
 
 REGIONS = ("attention", "gemm", "rest")
-_ATTENTION = re.compile(r"flash|fmha|attention|sdpa|cudnn|_attend|_flash_fwd|mha", re.I)
+_ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_attend|_flash_fwd|mha", re.I)
+# cuDNN's convolutions (the patch embedding) and their layout transforms: embedding work outside the block's
+# FLOP count. Their names carry "cudnn" and "implicit_gemm", so without this they would pass for attention or GEMMs.
+_CONVOLUTION = re.compile(r"fprop_implicit_gemm|nhwcToNchw|nchwToNhwc|convolution|conv[23]d", re.I)
 _GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|scaled_mm|matmul|triton_tem|sm90_|wgmma|_mm_", re.I)
 
 
@@ -31,6 +34,8 @@ def region_of(kernel: str) -> str:
         return "rest"
     if _ATTENTION.search(kernel):
         return "attention"
+    if _CONVOLUTION.search(kernel):
+        return "rest"
     return "gemm" if _GEMM.search(kernel) else "rest"
 
 
