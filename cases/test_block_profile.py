@@ -14,6 +14,7 @@ import torch
 
 from harness.backends import ATTENTION_KERNELS
 from harness.case import Case
+from harness.clocks import ClockSampler
 from harness.components import proxy_expert
 from harness.profile import floor_tflops, region_times
 from harness.shapes import block_flops_by_region
@@ -57,13 +58,17 @@ def test_block_profile(stack, shape, block, session):
         runner(*inputs)
     rounds = session.settings.perf_rounds
     flops = block_flops_by_region(shape.tokens)
-    forward = summarize(variant, [timed_call(runner, *inputs, device="cuda")[1] for _ in range(rounds)], "cuda",
-                        flops=sum(flops.values()))
+    # The clock beside the rates: the same kernel runs slower in a stack that holds the card at its power limit.
+    with ClockSampler() as clocks:
+        forward = summarize(variant, [timed_call(runner, *inputs, device="cuda")[1] for _ in range(rounds)],
+                            "cuda", flops=sum(flops.values()))
+        profile = region_times(lambda: runner(*inputs), rounds)
     session.record("perf", dataclasses.replace(case, variant="forward"), variant, forward)
+    if clocks.result:
+        session.record("perf", dataclasses.replace(case, variant="clock"), variant, clocks.result)
     kernel_ms = 0.0
-    profile = region_times(lambda: runner(*inputs), rounds)
     session.attach(f"kernels-{case.id}-{re.sub(r'[][+]+', '-', variant).strip('-')}.md",
-                   profile.markdown(f"{variant}, {case.id}"))
+                   profile.markdown(f"{variant}, {case.id}") + f"\n{clocks.describe()}\n")
     for region, times in profile.regions.items():
         result = summarize(f"{variant} {region}", times, "cuda", flops=flops.get(region),
                            floor_tflops=floor_tflops(region, ATTENTION_KERNELS[kernel] if region == "attention" else precision))

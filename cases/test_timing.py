@@ -104,3 +104,56 @@ def test_profile_ranks_kernels_and_sorts_them_into_regions():
     assert profile.top(2) == [("attention", "flash_fwd_kernel", 3.0), ("gemm", "sm90_xmma_gemm_e4m3", 2.0)]
     table = profile.markdown("block", count=3)
     assert "Kernel time per call: 6.00 ms" in table and "| rest | `triton_per_fused_gelu_0` | 1.000 | 16.7% |" in table
+
+
+@pytest.mark.unit
+def test_clocks_summarize_nvml_samples():
+    from harness.clocks import Clocks, reason_names
+
+    assert reason_names(0x4 | 0x40) == ["power cap", "hardware thermal"] and reason_names(0) == []
+    clocks = Clocks.from_samples([(1980, 700_000, 0), (1755, 690_000, 0x4), (1830, 695_000, 0x4)])
+    assert (clocks.sm_mhz, clocks.power_w, clocks.samples, clocks.reasons) == (1830.0, 695.0, 3, ("power cap",))
+    assert clocks.metrics() == {"sm_clock_mhz": 1830.0, "power_w": 695.0} and clocks.checks() == {}
+    assert "SM clock 1830 MHz, power 695 W (medians of 3 NVML samples); clock limits seen: power cap" == clocks.describe()
+    with pytest.raises(ValueError):
+        Clocks.from_samples([])
+
+
+@pytest.mark.unit
+def test_clock_sampler_reads_while_work_runs_and_says_why_when_it_cannot(monkeypatch):
+    import harness.clocks as clocks_module
+
+    if not torch.cuda.is_available():  # the real path on a machine without a GPU: no error, a reason
+        with clocks_module.ClockSampler() as clocks:
+            pass
+        assert clocks.result is None and clocks.describe() == "SM clock not sampled: no CUDA device"
+
+    class Card:  # stands in for the driver library: the sampler's own thread and bookkeeping are under test
+        def __init__(self, device):
+            self.reads = iter([(1000, 1, 0x1)] + [(1900, 650_000, 0x4)] * 1000)
+
+        def sample(self):
+            return next(self.reads)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(clocks_module, "_Nvml", Card)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with clocks_module.ClockSampler(period_s=0.001) as clocks:
+        time.sleep(0.05)
+    # The idle probe before the work is not counted.
+    assert clocks.result.sm_mhz == 1900 and clocks.result.reasons == ("power cap",) and clocks.result.samples >= 1
+    with clocks_module.ClockSampler(period_s=60) as clocks:  # work shorter than one period: read at its end
+        pass
+    assert clocks.result.samples == 1 and clocks.result.sm_mhz == 1900
+
+    class Broken(Card):
+        def __init__(self, device):
+            raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(clocks_module, "_Nvml", Broken)
+    with clocks_module.ClockSampler() as clocks:
+        pass
+    assert clocks.result is None and "libnvidia-ml.so.1" in clocks.describe()
