@@ -20,7 +20,7 @@ NVML_CLOCK_SM = 1
 REASONS = {0x1: "idle", 0x2: "application clocks", 0x4: "power cap", 0x8: "hardware slowdown",
            0x10: "sync boost", 0x20: "software thermal", 0x40: "hardware thermal", 0x80: "power brake",
            0x100: "display clock"}
-PERIOD_S = 0.02  # NVML refreshes its clock reading about every 20 ms at most
+PERIOD_S = 0.02  # cheap to read, and finer than NVML's own power averaging (1/6 s to 1 s by card)
 
 
 def reason_names(mask: int) -> list[str]:
@@ -71,14 +71,19 @@ class _Nvml:
     def __init__(self, device: int):
         self.lib = ctypes.CDLL("libnvidia-ml.so.1")
         self._check(self.lib.nvmlInit_v2(), "nvmlInit_v2")
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-        self.handle = ctypes.c_void_p()
-        self._check(self.lib.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(self.handle)),
-                    f"nvmlDeviceGetHandleByUUID({uuid})")
-        # Renamed from "throttle" to "event" reasons in newer drivers; both names point at the same call.
-        self._reasons = (getattr(self.lib, "nvmlDeviceGetCurrentClocksEventReasons", None)
-                         or self.lib.nvmlDeviceGetCurrentClocksThrottleReasons)
+        try:
+            # torch's device index is not NVML's where CUDA_VISIBLE_DEVICES reorders; the UUID is the same.
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+            self.handle = ctypes.c_void_p()
+            self._check(self.lib.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(self.handle)),
+                        f"nvmlDeviceGetHandleByUUID({uuid})")
+            # Newer drivers call them clock "event" reasons, older ones "throttle" reasons: the same call.
+            self._reasons = (getattr(self.lib, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                             or self.lib.nvmlDeviceGetCurrentClocksThrottleReasons)
+        except Exception:
+            self.close()
+            raise
 
     @staticmethod
     def _check(rc: int, call: str) -> None:
