@@ -20,22 +20,18 @@ _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_attend|_flash_fwd|mha", re.
 # cuDNN's convolutions (the patch embedding) and their layout transforms: embedding work outside the block's
 # FLOP count. Their names carry "cudnn" and "implicit_gemm", so without this they would pass for attention or GEMMs.
 _CONVOLUTION = re.compile(r"fprop_implicit_gemm|nhwcToNchw|nchwToNhwc|convolution|conv[23]d", re.I)
-_GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|scaled_mm|matmul|triton_tem|sm90_|wgmma|_mm_", re.I)
-
-
 # Inductor's generated pointwise and reduction kernels, named after every op fused into them: a row-wise fp8
 # quantization fused ahead of a matmul is "triton_red_fused__scaled_mm_..._amax_...", bandwidth work of the rest.
 _GENERATED = re.compile(r"^triton_(poi|red|per)_")
+_GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|scaled_mm|matmul|triton_tem|sm90_|wgmma|_mm_", re.I)
 
 
 def region_of(kernel: str) -> str:
     """attention, gemm or rest, by the CUDA kernel's name (attention first: its kernels also contain GEMMs)."""
-    if _GENERATED.search(kernel):
+    if _GENERATED.search(kernel) or _CONVOLUTION.search(kernel):
         return "rest"
     if _ATTENTION.search(kernel):
         return "attention"
-    if _CONVOLUTION.search(kernel):
-        return "rest"
     return "gemm" if _GEMM.search(kernel) else "rest"
 
 
