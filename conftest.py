@@ -15,14 +15,15 @@ workers.pin_worker(os.environ)
 from harness.case import COMPONENTS, Case, is_dit, is_quantized  # noqa: E402
 from harness.errors import BackendUnavailable, HarnessError  # noqa: E402
 from harness.session import Session, check_asked_kernels  # noqa: E402
-from harness.settings import OPTIONS, settings_from  # noqa: E402
+from harness.settings import OPTIONS, check_layers, settings_from  # noqa: E402
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("wan-trt-bench")
     for option in OPTIONS:
-        group.addoption(option.flag, dest=f"wan_{option.dest}", type=option.type, default=option.default_value(),
-                        help=option.help)
+        # No default here: Settings applies the declared ones, and tells what was given from what was not.
+        group.addoption(option.flag, dest=f"wan_{option.dest}", type=option.type, default=None,
+                        help=option.described())
     group.addoption("--scale-layers", dest="wan_scale_layers", type=int, default=None,
                     help="run cases/test_scale.py: export and build an A14B-width expert of this many layers "
                          "(10: 7 GB of bf16 weights, minutes on 2 cores); skipped without it")
@@ -32,6 +33,8 @@ def pytest_configure(config):
     try:
         settings = settings_from({o.dest: config.getoption(f"wan_{o.dest}") for o in OPTIONS})
         check_asked_kernels(settings)
+        if config.getoption("wan_scale_layers") is not None:
+            check_layers(config.getoption("wan_scale_layers"), "--scale-layers")
         # Made here, not in a fixture: under xdist the controller runs no fixtures, yet it owns the run
         # folder (it merges the workers' parts in pytest_sessionfinish). No rows, no folder.
         import torch

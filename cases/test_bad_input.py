@@ -354,14 +354,33 @@ def test_a_spec_starting_with_a_dash_gets_the_shape_error(capsys):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("argv, needle", [
-    (["--steps", "0"], "--steps 0 must be a whole number >= 1"),
-    (["--steps", "-1"], "--steps -1 must be a whole number >= 1"),
+    (["--steps", "0"], "--steps 0 must be a whole number from 1 to 1000"),
+    (["--steps", "-1"], "--steps -1 must be a whole number from 1 to 1000"),
     (["--model-source", "proxy", "--proxy-layers", "0"], "--proxy-layers 0 must be a whole number >= 1"),
     (["--precision", "fp8", "--backend", "torch"], "has no fp8 path (it runs fp32, fp16, bf16); fp8 runs on "
                                                    "--backend torch-fp8"),
+    (["--seed", str(2 ** 64)], "--seed 18446744073709551616 must be from 0 to 2**63 - 1"),
+    (["--shape", "16x16x9,32x32x9"], "--shape '16x16x9,32x32x9': generate takes one shape"),
+    (["--steps", "two"], "argument --steps: invalid int value: 'two'"),
 ])
 def test_generate_refuses_bad_options(argv, needle, capsys, tmp_path):
     assert needle in cli_error(["generate", "--prompt", "x", "--out", str(tmp_path / "v.mp4"), *argv], capsys)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "--prompt", "x", "--out", "clip.avi"], "--out clip.avi: the video is written as H.264 in an mp4"),
+    (["export", "--precision", "fp8", "--component", "vae_decoder"], "--precision fp8 quantizes the DiT experts only"),
+    (["export", "--precision", "fp64"], "--precision: unknown precision 'fp64'"),
+    (["build", "--opt-level", "9"], "--opt-level 9: TensorRT's builder optimization levels are 0 to 5"),
+    (["shapes", "99999x99999x9"], "height 99999 exceeds 2048"),
+    (["shapes", "16x16x1019"], "frames 1019 is not 4k+1: Wan's VAE needs 4k+1 frames; try 1017 or 1021"),
+    (["shapes", "16x16x1022"], "frames 1022 exceeds 1021"),
+    (["shapes", "16x16x9", "--steps", "99999999"], "--steps 99999999 must be a whole number from 1 to 1000"),
+])
+def test_a_command_refuses_what_it_would_ignore_or_choke_on(argv, needle, capsys, tmp_path):
+    cache = ["--cache-dir", str(tmp_path)] if argv[0] in ("export", "build") else []
+    assert needle in cli_error([*argv, *cache], capsys)
 
 
 @pytest.mark.unit
@@ -405,8 +424,9 @@ def test_ort_cpu_refusing_bf16_names_the_op_and_type(tmp_path):
     ("--backends=foo", "--backends: unknown backend 'foo'"),
     ("--candidate=foo", "--candidate: unknown backend 'foo'"),
     ("--precisions=fp4", "--precisions: unknown precision 'fp4'"),
-    ("--proxy-layers=0", "--proxy-layers 0 must be a whole number >= 1"),
-    ("--steps=-1", "--steps -1 must be a whole number >= 1"),
+    ("--model-source=proxy --proxy-layers=0", "--proxy-layers 0 must be a whole number >= 1"),
+    ("--proxy-layers=3", "--proxy-layers is read by --model-source proxy only"),
+    ("--steps=-1", "--steps -1 must be a whole number from 1 to 1000"),
     ("--perf-rounds=0", "--perf-rounds 0 must be a whole number >= 1"),
     ("--shapes=16x528x1", "rope_max_seq_len is 32"),
     ("--engine-weights=none", "--engine-weights 'none': choose one of stripped, full, inputs"),
@@ -416,6 +436,9 @@ def test_ort_cpu_refusing_bf16_names_the_op_and_type(tmp_path):
     ("--backends=torch,onnxruntime --compile-scope=forward",
      "--compile-scope forward: no backend among --backends torch,onnxruntime reads it; add one of inductor"),
     ("--compile-scope=model", "--compile-scope 'model': choose one of blocks, forward"),
+    ("--backends=torch,onnxruntime --precisions=fp8", "--precisions fp8: no backend among --backends"),
+    ("--scale-layers=-3", "--scale-layers -3 must be a whole number >= 1"),
+    ("--model-path=/nowhere", "--model-path is read by --model-source checkpoint only"),
 ])
 def test_a_bad_option_stops_pytest_once(tmp_path, option, needle):
     assert_one_usage_error(pytest_session(tmp_path, "-m", "parity", *option.split()), needle)
@@ -426,9 +449,11 @@ def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                 f"--cache-dir={tmp_path / 'cache'}", *args])
 
 
-def test_bench_passes_steps_0_to_pytest_as_an_error(tmp_path):
-    proc = bench(tmp_path, "--", "--steps", "0")
-    assert proc.returncode == 2 and "--steps 0 must be a whole number >= 1" in proc.stderr, proc.stdout + proc.stderr
+@pytest.mark.parametrize("late", [["--steps", "0"], ["--shapes=32x32x9"]])
+def test_bench_refuses_run_options_after_the_separator(tmp_path, late):
+    # After --, a run option would override the one bench checked, unchecked, and its summary path would be wrong.
+    proc = bench(tmp_path, "--", *late)
+    assert proc.returncode == 2 and f"{late[0]} comes after --" in proc.stderr, proc.stdout + proc.stderr
     assert "passed" not in proc.stdout and "summary" not in proc.stdout and not (tmp_path / "results").exists()
 
 

@@ -1,4 +1,6 @@
 """Options validated once into Settings: the attention choice per backend, the candidate, and what rows record."""
+import re
+
 import pytest
 
 from harness.case import Case
@@ -32,6 +34,8 @@ def test_a_bare_kernel_goes_to_each_backend_of_its_precision():
     ("flash4", "unknown kernel 'flash4'"),
     ("inductor=cudnn-fp8", "inductor takes sdpa, fa3"),
     ("tensorrt=fa3", "tensorrt is not among --backends"),
+    ("inductor=fa3,inductor=sdpa", "gives inductor two kernels, fa3 and sdpa"),
+    ("=sdpa", "names no backend before '='"),
 ])
 def test_impossible_choices_are_one_clear_error(text, needle):
     with pytest.raises(HarnessError, match=needle):
@@ -75,3 +79,45 @@ def test_rows_record_the_attention_kernel_and_the_options_their_backend_reads(tm
     assert "attention=" not in rows["onnxruntime"] and "scope" not in rows["onnxruntime"]
     assert {"fp8 scales": "static", "compile scope": "forward"}.items() <= settings.summary().items()
     assert session.recorded("perf", case, "inductor", Measured).metrics() == {"median_ms": 1.0}
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"backends": "torch,onnxruntime", "precisions": "fp8"}, "--precisions fp8: no backend among --backends "
+                                                              "torch,onnxruntime runs it; add torch-fp8"),
+    ({"backends": "torch,onnxruntime", "perf_precision": "int8"}, "--perf-precision int8: no backend"),
+    ({"backends": "torch,inductor", "candidate": "torch"}, "--candidate torch is the eager baseline"),
+    ({"model_path": "/somewhere"}, "--model-path is read by --model-source checkpoint only"),
+    ({"proxy_layers": 3}, "--proxy-layers is read by --model-source proxy only"),
+    ({"results_dir": " "}, "--results-dir is empty"),
+    ({"cache_dir": ""}, "--cache-dir is empty"),
+    ({"parallel": "ring1"}, "--parallel ring1 splits nothing"),
+    ({"steps": 1001}, "--steps 1001 must be a whole number from 1 to 1000"),
+    ({"opt_level": 6}, "--opt-level 6: TensorRT's builder optimization levels are 0 to 5"),
+])
+def test_an_option_that_would_change_nothing_or_skip_everything_is_refused(values, needle):
+    with pytest.raises(HarnessError, match=re.escape(needle)):
+        settings_from({"device": "cpu", **values})
+
+
+def test_a_file_where_a_folder_goes_is_refused_and_nothing_is_made(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for dest, flag in (("results_dir", "--results-dir"), ("cache_dir", "--cache-dir")):
+        with pytest.raises(HarnessError, match=f"{flag} .*a-file is a file, not a folder"):
+            settings_from({"device": "cpu", dest: str(blocker / "below")})
+    settings = settings_from({"device": "cpu", "results_dir": str(tmp_path / "new" / "runs")})
+    assert settings.results_dir == tmp_path / "new" / "runs" and not (tmp_path / "new").exists()
+
+
+def test_the_environment_supplies_defaults_the_options_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAN_BENCH_CACHE", str(tmp_path / "env-cache"))
+    monkeypatch.setenv("WAN_MODEL_PATH", str(tmp_path / "no-checkpoint"))
+    assert settings_from({"device": "cpu"}).cache_dir == tmp_path / "env-cache"
+    assert settings_from({"device": "cpu", "cache_dir": str(tmp_path / "c")}).cache_dir == tmp_path / "c"
+    assert settings_from({"device": "cpu"}).model_path is None, "a tiny run neither reads nor records the variable"
+    with pytest.raises(HarnessError, match="no-checkpoint does not exist"):
+        settings_from({"device": "cpu", "model_source": "checkpoint"})
+
+
+def test_one_shape_named_twice_runs_once():
+    assert settings_from({"device": "cpu", "shapes": "16x16x9,16x16x9, 16x16x9"}).shapes == (parse_shape("16x16x9"),)

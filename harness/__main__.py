@@ -80,11 +80,16 @@ def cmd_generate(args) -> int:
 
     out = check_video_path(args.out)
     flagged("--backend", check_backend, args.backend)
-    flagged("--precision", check_precision, args.precision)
-    session = Session(_settings(args, backends=args.backend, precisions=args.precision, shapes=args.shape))
+    _check_precision_path(args.backend, flagged("--precision", check_precision, args.precision))
+    if not 0 <= args.seed < 2 ** 63:
+        raise HarnessError(f"--seed {args.seed} must be from 0 to 2**63 - 1 (torch's generator takes a 64-bit seed)")
+    session = Session(_settings(args, backends=args.backend, precisions=args.precision, shapes=_one_shape(args)))
     s = session.settings
     shape, precision = s.shapes[0], s.precisions[0]
-    _check_precision_path(session, args.backend, precision)
+    try:
+        session.backend(args.backend)
+    except BackendUnavailable as exc:
+        raise HarnessError(f"{exc}; pick another --backend") from None
     if s.source != "checkpoint":
         print(f"note: the {session.model(precision).label} model: the video is structured "
               "noise, useful for timing and plumbing, not for looking at")
@@ -101,14 +106,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _check_precision_path(session, backend: str, precision: str) -> None:
+def _check_precision_path(backend: str, precision: str) -> None:
     """A backend without a path for the precision is a user error that names the backends that have one."""
     from harness.backends import load
 
-    try:
-        impl = session.backend(backend)
-    except BackendUnavailable as exc:
-        raise HarnessError(f"{exc}; pick another --backend") from None
+    impl = load(BACKENDS[backend])
     if precision not in impl.precisions:
         others = [name for name, path in BACKENDS.items() if precision in load(path).precisions]
         raise HarnessError(f"--backend {backend} has no {precision} path (it runs {', '.join(impl.precisions)}); "
@@ -122,6 +124,10 @@ def cmd_bench(args) -> int:
     from harness.results import RUN_ID_ENV, new_run_id
 
     settings = _settings(args)  # a bad option fails here, in one line, before pytest starts
+    flags = {o.flag for o in OPTIONS}
+    late = [a for a in args.pytest_args if a.split("=", 1)[0] in flags]
+    if late:
+        raise HarnessError(f"{late[0]} comes after --, where bench cannot check it; give run options before --")
     os.environ.setdefault(RUN_ID_ENV, new_run_id())
     given = [f"{o.flag}={getattr(args, o.dest)}" for o in OPTIONS if getattr(args, o.dest) is not None]
     code = pytest.main(["-m", "parity or quality or perf", "-p", "no:cacheprovider", *given, *args.pytest_args])
@@ -174,9 +180,13 @@ def _export_cases(args, settings) -> list:
     """Cases for `export`/`build`: one per named component (`all` = every component; the experts for fp8/int8)."""
     from harness.case import COMPONENTS, DIT_COMPONENTS, Case, check_component, is_quantized
 
-    every = DIT_COMPONENTS if is_quantized(settings.precisions[0]) else COMPONENTS
+    precision = settings.precisions[0]
+    every = DIT_COMPONENTS if is_quantized(precision) else COMPONENTS
     names = every if args.component == "all" else (check_component(args.component),)
-    return [Case(name, settings.shapes[0], settings.precisions[0], source=settings.source, dynamic=args.dynamic)
+    if any(name not in every for name in names):
+        raise HarnessError(f"--precision {precision} quantizes the DiT experts only; use --component "
+                           f"{', '.join(DIT_COMPONENTS)} or all")
+    return [Case(name, settings.shapes[0], precision, source=settings.source, dynamic=args.dynamic)
             for name in names]
 
 
@@ -184,7 +194,7 @@ def cmd_export(args) -> int:
     """Export components to ONNX (cached), validate each, and print the validation table."""
     from harness.session import Session
 
-    session = Session(_settings(args, precisions=args.precision, shapes=args.shape))
+    session = Session(_settings(args, precisions=_one_precision(args), shapes=_one_shape(args)))
     failed = 0
     for case in _export_cases(args, session.settings):
         graph, check = session.checked_export(case)
@@ -195,11 +205,26 @@ def cmd_export(args) -> int:
     return 1 if failed else 0
 
 
+def _one_shape(args) -> str | None:
+    """--shape of generate, export and build: one shape (a second one would silently go unused)."""
+    if args.shape and "," in args.shape:
+        raise HarnessError(f"--shape {args.shape!r}: {args.command} takes one shape")
+    return args.shape
+
+
+def _one_precision(args) -> str:
+    """export's and build's --precision: one name, its error under its own flag."""
+    from harness.case import check_precision
+    from harness.settings import flagged
+
+    return flagged("--precision", check_precision, args.precision.strip())
+
+
 def cmd_build(args) -> int:
     """Export (cached) and build (cached) a TensorRT engine for each component; print its summary."""
     from harness.session import Session
 
-    session = Session(_settings(args, precisions=args.precision, shapes=args.shape, opt_level=args.opt_level,
+    session = Session(_settings(args, precisions=_one_precision(args), shapes=_one_shape(args), opt_level=args.opt_level,
                                 compute_capability=args.compute_capability))
     for case in _export_cases(args, session.settings):
         try:
@@ -214,9 +239,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *flags: str) -> None:
     """The shared run options (harness.settings.OPTIONS) this command takes; all of them when none are named."""
     chosen: list[Option] = [o for o in OPTIONS if not flags or o.flag in flags]
     for option in chosen:
-        parser.add_argument(option.flag, dest=option.dest, type=option.type, default=None,
-                            help=option.help + (f" (default: {option.default_value()})"
-                                                if option.default_value() is not None else ""))
+        parser.add_argument(option.flag, dest=option.dest, type=option.type, default=None, help=option.described())
 
 
 def _add_regression_commands(sub) -> None:
@@ -267,6 +290,10 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-\d[\dx.]*$")
+
+    def error(self, message: str):
+        """One line, like every other user error, instead of argparse's usage block."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +353,10 @@ def _warning_class(name: str) -> type[Warning]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's one-line error: the code, for callers of main() too
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     quiet_third_party()
     try:

@@ -19,7 +19,7 @@ from harness.backends import (ATTENTION_KERNELS, BACKENDS, COMPILE_SCOPES, ENGIN
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
-from harness.shapes import VideoShape, check_fits, parse_shapes
+from harness.shapes import VideoShape, check_fits, check_steps, parse_shapes
 
 DEFAULT_SHAPES = {"tiny": "16x16x9", "proxy": "480p", "checkpoint": "480p"}
 GPU_BACKENDS = ("torch", "inductor", "torch-fp8", "onnxruntime", "tensorrt", "tensorrt_rtx")
@@ -44,6 +44,11 @@ class Option:
 
     def default_value(self):
         return os.environ.get(self.env, self.default) if self.env else self.default
+
+    def described(self) -> str:
+        """The help line, with the default where there is one."""
+        default = self.default_value()
+        return self.help + (f" (default: {default})" if default is not None else "")
 
 
 OPTIONS = (
@@ -134,32 +139,39 @@ def settings_from(values: dict) -> Settings:
 
     Commands add their own keys: `opt_level` and `compute_capability` (TensorRT builds).
     """
-    given = {k: v for k, v in values.items() if v is not None}
+    explicit = {k: v for k, v in values.items() if v is not None}
+    # Declared defaults, environment variables among them (WAN_MODEL_PATH, WAN_BENCH_CACHE), under what was given.
+    given = {**{o.dest: o.default_value() for o in OPTIONS if o.default_value() not in (None, "")}, **explicit}
     source = _choice(given.get("model_source", "tiny"), SOURCES, "--model-source")
-    path = given.get("model_path")
+    _check_source_options(source, explicit)
+    path = given.get("model_path") if source == "checkpoint" else None
     if source == "checkpoint":
         check_checkpoint_folder(path)
     device = _device(given.get("device"))
     backends = _names(given.get("backends", ",".join(GPU_BACKENDS if device == "cuda" else CPU_BACKENDS)),
                       check_backend, "--backends")
-    precisions = given.get("precisions", ",".join(default_precisions(backends)))
-    cache_dir = Path(given.get("cache_dir", ".cache"))
+    precisions = _names(given.get("precisions", ",".join(default_precisions(backends))), check_precision, "--precisions")
+    perf_precision = flagged("--perf-precision", check_precision,
+                             given.get("perf_precision", "bf16" if device == "cuda" else "fp32"))
+    # Only what was asked for: the defaults leave a precision to the backends that run it.
+    for dest, asked in (("precisions", precisions), ("perf_precision", (perf_precision,))):
+        if dest in explicit:
+            _runnable(asked, backends, "--" + dest.replace("_", "-"))
+    cache_dir = _folder(given.get("cache_dir", ".cache"), "--cache-dir")
     return Settings(
-        source=source, model_path=path, proxy_layers=_proxy_layers(given.get("proxy_layers", 2)),
+        source=source, model_path=path, proxy_layers=check_layers(given.get("proxy_layers", 2)),
         backends=backends, candidate=_candidate(given.get("candidate"), backends),
-        precisions=_names(precisions, check_precision, "--precisions"),
-        shapes=_shapes(given.get("shapes", DEFAULT_SHAPES[source]), source, path),
-        steps=_positive(given.get("steps", 4 if source == "tiny" else 40), "--steps"),
+        precisions=precisions, shapes=_shapes(given.get("shapes", DEFAULT_SHAPES[source]), source, path),
+        steps=check_steps(given.get("steps", 4 if source == "tiny" else 40)),
         speedup_gate=_gate(given.get("speedup_gate", 1.5)),
-        results_dir=Path(given.get("results_dir", "results")), cache_dir=cache_dir, device=device,
-        perf_rounds=_positive(given.get("perf_rounds", 10), "--perf-rounds"),
-        perf_precision=flagged("--perf-precision", check_precision,
-                                given.get("perf_precision", "bf16" if device == "cuda" else "fp32")),
+        results_dir=_folder(given.get("results_dir", "results"), "--results-dir"), cache_dir=cache_dir,
+        device=device, perf_rounds=_positive(given.get("perf_rounds", 10), "--perf-rounds"),
+        perf_precision=perf_precision,
         cfg_batch=_choice(given.get("cfg_batch", 1), (1, 2), "--cfg-batch"),
         parallel=_parallel(given.get("parallel", "none"), given.get("cfg_batch", 1)),
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
-        backend_options=BackendOptions(cache_dir=cache_dir, opt_level=given.get("opt_level", 3),
+        backend_options=BackendOptions(cache_dir=cache_dir, opt_level=_opt_level(given.get("opt_level", 3)),
                                        fp8_scales=_read_option("fp8_scales", given, FP8_SCALES, backends),
                                        compile_scope=_read_option("compile_scope", given, COMPILE_SCOPES, backends),
                                        engine_weights=_choice(given.get("engine_weights", ENGINE_WEIGHTS[0]), ENGINE_WEIGHTS,
@@ -169,7 +181,7 @@ def settings_from(values: dict) -> Settings:
 
 def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]:
     """Parsed shapes that every DiT expert of the source can take (its own positional table decides)."""
-    shapes = tuple(parse_shapes(specs))
+    shapes = tuple(dict.fromkeys(parse_shapes(specs)))  # 480p,480x832x81 is one shape, run once
     if not shapes:
         raise HarnessError(f"--shapes {specs!r} names nothing; give presets (480p, 720p) or HxWxF, comma-separated")
     for name, config in dit_configs(source, path).items():
@@ -190,11 +202,16 @@ def attention_kernels(text: str, backends: tuple[str, ...], asked_only: bool = F
     takes = {b: load(BACKENDS[b]).attention_kernels for b in backends}
     chosen: dict[str, str] = {}
     for item in (i.strip() for i in str(text).split(",") if i.strip()):
-        backend, _, kernel = item.rpartition("=")
+        backend, named, kernel = item.rpartition("=")
         if kernel not in ATTENTION_KERNELS:
             raise HarnessError(f"--attention {item!r}: unknown kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
-        if backend:
+        if named:
+            if not backend.strip():
+                raise HarnessError(f"--attention {item!r} names no backend before '='; write backend={kernel}")
             _check_takes(backend, kernel, takes)
+            if chosen.get(backend, kernel) != kernel:
+                raise HarnessError(f"--attention gives {backend} two kernels, {chosen[backend]} and {kernel}; "
+                                   "name one")
             chosen[backend] = kernel
             continue
         kind = ATTENTION_KERNELS[kernel]
@@ -225,6 +242,8 @@ def parse_layout(text: str) -> Layout:
             raise HarnessError(f"--parallel {text!r} names {axis} twice")
         if axis == "cfg" and degree != 2:
             raise HarnessError(f"--parallel {item}: classifier-free guidance has two branches, so cfg2 is its only split")
+        if degree == 1:
+            raise HarnessError(f"--parallel {item} splits nothing; leave {axis} out (none = one GPU)")
         degrees[axis] = degree
     return Layout(**degrees)
 
@@ -281,6 +300,8 @@ def _candidate(value: str | None, backends: tuple[str, ...]) -> str | None:
     if value is None:
         return "tensorrt" if "tensorrt" in backends else next((b for b in backends if b != "torch"), None)
     flagged("--candidate", check_backend, value)
+    if value == "torch":
+        raise HarnessError("--candidate torch is the eager baseline the speed-up divides by; name another backend")
     if value not in backends:
         raise HarnessError(f"--candidate {value} is not among --backends {','.join(backends)}; add it there")
     return value
@@ -292,10 +313,11 @@ def _positive(value, flag: str) -> int:
     return value
 
 
-def _proxy_layers(value) -> int:
-    layers = _positive(value, "--proxy-layers")
+def check_layers(value, flag: str = "--proxy-layers") -> int:
+    """A count of A14B DiT layers: 1 to the expert's 40."""
+    layers = _positive(value, flag)
     if layers > 40:
-        raise HarnessError(f"--proxy-layers {layers} must be between 1 and 40 (the A14B expert has 40)")
+        raise HarnessError(f"{flag} {layers} must be between 1 and 40 (the A14B expert has 40)")
     return layers
 
 
@@ -312,6 +334,44 @@ def _read_option(name: str, given: dict, choices: tuple[str, ...], backends: tup
     if value != choices[0] and not option_readers(name, backends):
         raise HarnessError(f"{flag} {value}: no backend among --backends {','.join(backends)} reads it; "
                            f"add one of {', '.join(option_readers(name, tuple(BACKENDS)))}")
+    return value
+
+
+def _check_source_options(source: str, explicit: dict) -> None:
+    """An option only another model source reads is a mistake to say out loud, not to ignore: `--model-path X`
+    without `--model-source checkpoint` would otherwise time random weights."""
+    for dest, flag, reader in (("model_path", "--model-path", "checkpoint"), ("proxy_layers", "--proxy-layers", "proxy")):
+        if dest in explicit and source != reader:
+            raise HarnessError(f"{flag} is read by --model-source {reader} only, and this run's source is {source}; "
+                               f"add --model-source {reader} or drop {flag}")
+
+
+def _runnable(precisions: tuple[str, ...], backends: tuple[str, ...], flag: str) -> None:
+    """Each precision is run by some backend among `backends`: one that none runs only skips every case."""
+    for precision in precisions:
+        if not any(precision in load(BACKENDS[b]).precisions for b in backends):
+            others = [b for b, path in BACKENDS.items() if precision in load(path).precisions]
+            raise HarnessError(f"{flag} {precision}: no backend among --backends {','.join(backends)} runs it; "
+                               f"add {' or '.join(others)}")
+
+
+def _folder(value, flag: str) -> Path:
+    """A folder the run writes into, checked now so that a file in its place or a read-only parent fails here in
+    one line, not later in every case. Not made here: a run that records nothing leaves nothing behind."""
+    if not str(value).strip():
+        raise HarnessError(f"{flag} is empty; give a folder")
+    path = Path(value).expanduser()
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise HarnessError(f"{flag} {value}: {existing} is a file, not a folder; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise HarnessError(f"{flag} {value}: {existing} is not writable; give a writable folder")
+    return path
+
+
+def _opt_level(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5:
+        raise HarnessError(f"--opt-level {value!r}: TensorRT's builder optimization levels are 0 to 5")
     return value
 
 

@@ -15,6 +15,8 @@ LATENT_CHANNELS = 16
 # (rope_max_seq_len in its DiT config) bounds a run further: see check_fits.
 MAX_SIDE = 2048
 MAX_FRAMES = 1021
+# The flow-matching scheduler is trained on 1000 timesteps: more steps than that only repeat them.
+MAX_STEPS = 1000
 PRESETS = {"480p": (480, 832, 81), "720p": (720, 1280, 81)}
 
 # A14B expert width (docs/hardware.md), used for the FLOP count of one DiT block.
@@ -56,19 +58,28 @@ def validate(height: int, width: int, frames: int) -> VideoShape:
     step = SPATIAL_COMPRESSION * PATCH[1]
     if min(height, width, frames) <= 0:
         raise HarnessError(f"shape {height}x{width}x{frames}: height, width and frames must be positive")
+    # The bounds first, so that the multiple suggested below is always inside them.
     for name, value in (("height", height), ("width", width)):
+        if value > MAX_SIDE:
+            raise HarnessError(f"{name} {value} exceeds {MAX_SIDE}, the largest side this harness supports")
         if value % step:
             raise HarnessError(f"{name} {value} is not a multiple of {step}: Wan needs H and W "
                                f"divisible by {step} (VAE x8, patch x2); try {value // step * step or step}")
-        if value > MAX_SIDE:
-            raise HarnessError(f"{name} {value} exceeds {MAX_SIDE}, the largest side this harness supports")
-    if (frames - 1) % TEMPORAL_COMPRESSION:
-        k = (frames - 1) // TEMPORAL_COMPRESSION
-        raise HarnessError(f"frames {frames} is not 4k+1: Wan's VAE needs 4k+1 frames; "
-                           f"try {4 * k + 1} or {4 * k + 5}")
     if frames > MAX_FRAMES:
         raise HarnessError(f"frames {frames} exceeds {MAX_FRAMES}, the most this harness supports")
+    if (frames - 1) % TEMPORAL_COMPRESSION:
+        k = (frames - 1) // TEMPORAL_COMPRESSION
+        tries = " or ".join(str(f) for f in (4 * k + 1, 4 * k + 5) if f <= MAX_FRAMES)
+        raise HarnessError(f"frames {frames} is not 4k+1: Wan's VAE needs 4k+1 frames; try {tries}")
     return VideoShape(height, width, frames)
+
+
+def check_steps(steps, flag: str = "--steps") -> int:
+    """A denoising step count: a whole number from 1 to the scheduler's MAX_STEPS training timesteps."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise HarnessError(f"{flag} {steps!r} must be a whole number from 1 to {MAX_STEPS} (the scheduler's "
+                           "training timesteps; the model card uses 40)")
+    return steps
 
 
 def check_fits(shape: VideoShape, dit_config: dict, model: str) -> VideoShape:
@@ -127,8 +138,7 @@ def step_split(steps: int, boundary_ratio: float = 0.875, flow_shift: float = 3.
     """How many of `steps` run the high-noise expert (t >= boundary) and how many the low-noise one."""
     from harness.models import make_scheduler  # the real scheduler decides the timesteps
 
-    if steps <= 0:
-        raise HarnessError(f"steps {steps} must be positive")
+    check_steps(steps)
     scheduler = make_scheduler(flow_shift)
     scheduler.set_timesteps(steps)
     boundary = boundary_ratio * scheduler.config.num_train_timesteps

@@ -25,6 +25,8 @@ def check_video_path(path: str | os.PathLike) -> Path:
         raise HarnessError(f"--out {path} is a folder; give a file name, e.g. --out {path / 'video.mp4'}")
     if any(parent.exists() and not parent.is_dir() for parent in path.parents):
         raise HarnessError(f"--out {path}: a file stands where its folder should be; choose another path")
+    if path.suffix.lower() != ".mp4":
+        raise HarnessError(f"--out {path}: the video is written as H.264 in an mp4 container; name it *.mp4")
     return path
 
 
