@@ -4,7 +4,8 @@ The key is a readable part (a Case id and what was built) plus a hash of everyth
 the artifact, so a new TensorRT version or precision can never be served an old file. Entries are
 built into a temporary folder beside the target and renamed into place, so a crash or a concurrent
 build never leaves a half-written entry under the final name. Each entry's manifest, written last,
-holds the size and sha256 of every file; a hit is served only when the files still match it.
+holds the spec and the size and sha256 of every file; a hit is served only when the manifest is the
+caller's spec and the entry's files are exactly the listed ones, each still matching it.
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ class DiskCache:
               load: Callable[[Path], T]) -> Cached[T]:
         """Load the entry for (readable, spec), building it with `build(folder)` when absent or unusable.
 
-        A hit is served when its files match the manifest and `load(folder)` succeeds; otherwise the entry
-        is evicted and rebuilt.
+        A hit is served when its manifest is for `spec`, its files match the manifest and `load(folder)`
+        succeeds; otherwise the entry is evicted and rebuilt.
         """
         if kind not in self._swept:
             self._swept.add(kind)
@@ -105,13 +106,13 @@ class DiskCache:
         outcome = "miss"
         if target.exists():
             try:
-                value = load(_checked(target))
+                value = load(_checked(target, spec))
                 return self._record(kind, key, "hit", start, Cached(value, target, True, 0.0))
             except Exception as exc:  # any failure to load means the entry is unusable: rebuild it
                 self.evict(target, f"{type(exc).__name__}: {exc}")
                 outcome = "rebuild"
         self._build_into(target, spec, build)
-        value = load(_checked(target))
+        value = load(_checked(target, spec))
         return self._record(kind, key, outcome, start, Cached(value, target, False, 0.0))
 
     def evict(self, entry: Path, reason: str) -> None:
@@ -194,10 +195,16 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _entry_files(folder: Path) -> list[str]:
+    """The files of an entry, less its manifest, by path inside it."""
+    names = (str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return sorted(name for name in names if name != MANIFEST)
+
+
 def _write_manifest(folder: Path, spec: dict) -> None:
     """Record each file's size and sha256 next to the spec: written last, after every file is complete."""
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+             for name in _entry_files(folder)}
     doc = {"format": MANIFEST_FORMAT, "spec": spec, "files": files}
     (folder / MANIFEST).write_text(json.dumps(doc, indent=1, default=str))
 
@@ -213,21 +220,36 @@ def content_digest(folder: Path, skip: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
-def _checked(folder: Path) -> Path:
-    """Raise CorruptEntry when the manifest is missing or any file's size or sha256 differs from it.
+def _checked(folder: Path, spec: dict) -> Path:
+    """Raise CorruptEntry unless the manifest is for `spec` and lists exactly the entry's files, each at its size
+    and sha256.
 
-    Sizes are compared first, so a truncated file is caught without reading any file.
+    The key holds only 16 hex digits of the spec hash, so the spec is compared whole. Every file in the folder must
+    be listed, else a loader could read one nothing checked. Sizes are compared first, so a truncated file is
+    caught without reading any file.
     """
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise CorruptEntry(f"no readable {MANIFEST}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CorruptEntry(f"{MANIFEST} is not format {MANIFEST_FORMAT} (written by an older harness)")
-    files = manifest["files"]
+    if not isinstance(manifest, dict):
+        raise CorruptEntry(f"{MANIFEST} holds a {type(manifest).__name__}, not an object")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CorruptEntry(f"{MANIFEST} is format {manifest.get('format')!r}, not {MANIFEST_FORMAT} "
+                           "(written by another harness version)")
+    if manifest.get("spec") != json.loads(json.dumps(spec, default=str)):  # `spec` as the manifest stores it
+        raise CorruptEntry(f"{MANIFEST} was written for another spec than its key's")
+    files = manifest.get("files")
+    if not (isinstance(files, dict) and all(isinstance(e, dict) and isinstance(e.get("size"), int)
+                                            and isinstance(e.get("sha256"), str) for e in files.values())):
+        raise CorruptEntry(f"{MANIFEST} has no valid file list (name -> size and sha256)")
+    on_disk = _entry_files(folder)
+    if sorted(files) != on_disk:
+        unlisted, absent = sorted(set(on_disk) - set(files)), sorted(set(files) - set(on_disk))
+        raise CorruptEntry(f"{MANIFEST} does not list the entry's files (unlisted: {', '.join(unlisted) or 'none'}; "
+                           f"listed but absent: {', '.join(absent) or 'none'})")
     for name, expected in files.items():
-        path = folder / name
-        actual = path.stat().st_size if path.is_file() else None
+        actual = (folder / name).stat().st_size
         if actual != expected["size"]:
             raise CorruptEntry(f"{name} is {actual} bytes, expected {expected['size']}")
     for name, expected in files.items():
