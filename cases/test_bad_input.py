@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import torch
 from harness.__main__ import main
 from harness.cache import MANIFEST, DiskCache, file_sha256, sweep_temp_folders
 from harness.case import Case
-from harness.errors import BackendUnavailable
+from harness.errors import BackendUnavailable, HarnessError
 from harness.results import Row, RunRecorder
 from harness.settings import settings_from
 from harness.shapes import parse_shape
@@ -342,6 +343,25 @@ def test_a_damaged_manifest_is_never_served(tmp_path, caplog, damage, reason):
     assert cache.outcomes("engines", first.path.name) == ["miss", "rebuild"] and again.value == first.value
     assert reason in caplog.text and "rebuilding" in caplog.text
     assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("blocker", ["", "engines"], ids=["cache-dir", "kind-folder"])
+def test_a_cache_folder_that_is_a_file_is_a_harness_error(tmp_path, blocker):
+    root = tmp_path / "cache"
+    if blocker:
+        root.mkdir()
+    (root / blocker).write_text("not a folder")  # the cache folder itself, or its engines folder
+    with pytest.raises(HarnessError, match=rf"^cannot write the cache folder {re.escape(str(root / 'engines'))} "
+                                           r"\(.*\); pass --cache-dir a writable folder$"):
+        DiskCache(root).fetch("engines", "e", {"v": 1}, write_plan, read_plan)
+
+
+@pytest.mark.unit
+def test_export_into_a_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "cachefile"
+    path.write_text("not a folder")
+    assert str(path) in cli_error(["export", f"--cache-dir={path}", "--component", "text_encoder"], capsys)
 
 
 # --- a damaged checkpoint folder: one line naming the file, before any case ---

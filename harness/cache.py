@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
+from harness.errors import HarnessError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -127,8 +129,7 @@ class DiskCache:
             _discard(entry)
 
     def _build_into(self, target: Path, spec: dict, build: Callable[[Path], None]) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
+        tmp = _temp_folder(target)
         try:
             build(tmp)
             _write_manifest(tmp, spec)
@@ -159,6 +160,16 @@ def _host() -> str:
 def _temp_prefix(name: str) -> str:
     """`.<name>.tmp-<host>-<pid>.`: the sweep can tell whether the writer still runs."""
     return f".{name}.tmp-{_host()}-{os.getpid()}."
+
+
+def _temp_folder(target: Path) -> Path:
+    """A new temp folder beside `target`, its parents made as needed; a HarnessError where the cache cannot hold one."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
+    except OSError as exc:  # --cache-dir (or a folder in it) is a file, read-only, or cannot be made
+        raise HarnessError(f"cannot write the cache folder {target.parent} ({exc.strerror}); "
+                           "pass --cache-dir a writable folder") from None
 
 
 def sweep_temp_folders(folder: Path) -> list[Path]:
@@ -290,7 +301,7 @@ def file_sha256(path: Path) -> str:
 
 def _discard(target: Path) -> None:
     """Move a bad entry aside first (atomic), then delete it, so no reader sees it half-deleted."""
-    trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
+    trash = _temp_folder(target)
     os.rename(target, trash / "entry")
     shutil.rmtree(trash, ignore_errors=True)
 
