@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -362,6 +363,16 @@ def test_export_into_a_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     path = tmp_path / "cachefile"
     path.write_text("not a folder")
     assert str(path) in cli_error(["export", f"--cache-dir={path}", "--component", "text_encoder"], capsys)
+
+
+@pytest.mark.unit
+def test_an_entry_folder_gets_the_umask_mode_not_mkdtemps(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        entry = DiskCache(tmp_path).fetch("engines", "e", {"v": 1}, write_plan, read_plan).path
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o755
 
 
 # --- a damaged checkpoint folder: one line naming the file, before any case ---

@@ -133,6 +133,7 @@ class DiskCache:
         try:
             build(tmp)
             _write_manifest(tmp, spec)
+            os.chmod(tmp, _mode(0o777))  # mkdtemp's 0700 would lock the other users of a shared cache out
             try:
                 os.rename(tmp, target)
             except OSError:  # another process renamed its build into place first: keep theirs
@@ -306,11 +307,12 @@ def _discard(target: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _file_mode() -> int:
-    """What open() would give a new file: 0o666 less the umask (read without changing it for good)."""
+def _mode(bits: int) -> int:
+    """What open() (0o666) or mkdir() (0o777) would give a new file or folder: `bits` less the umask (read
+    without changing it for good)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return bits & ~umask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -324,7 +326,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            os.fchmod(f.fileno(), _file_mode())
+            os.fchmod(f.fileno(), _mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
