@@ -375,6 +375,16 @@ def test_an_entry_folder_gets_the_umask_mode_not_mkdtemps(tmp_path):
     assert stat.S_IMODE(entry.stat().st_mode) == 0o755
 
 
+@pytest.mark.unit
+def test_discarding_an_entry_another_process_moved_first_is_quiet(tmp_path):
+    """Two processes that find one entry bad both evict it; the second may get past evict's exists() check
+    just before the first moves the entry away."""
+    from harness.cache import _discard
+
+    _discard(tmp_path / "engines" / "gone")
+    assert list((tmp_path / "engines").iterdir()) == []
+
+
 # --- a damaged checkpoint folder: one line naming the file, before any case ---
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ caller's spec and the entry's files are exactly the listed ones, each still matc
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -303,7 +304,8 @@ def file_sha256(path: Path) -> str:
 def _discard(target: Path) -> None:
     """Move a bad entry aside first (atomic), then delete it, so no reader sees it half-deleted."""
     trash = _temp_folder(target)
-    os.rename(target, trash / "entry")
+    with contextlib.suppress(FileNotFoundError):  # another process found it bad too, and moved it first
+        os.rename(target, trash / "entry")
     shutil.rmtree(trash, ignore_errors=True)
 
 
