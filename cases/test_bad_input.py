@@ -11,7 +11,10 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -24,7 +27,7 @@ import torch
 from harness.__main__ import main
 from harness.cache import MANIFEST, DiskCache, file_sha256, sweep_temp_folders
 from harness.case import Case
-from harness.errors import BackendUnavailable
+from harness.errors import BackendUnavailable, HarnessError
 from harness.results import Row, RunRecorder
 from harness.settings import settings_from
 from harness.shapes import parse_shape
@@ -166,6 +169,53 @@ def test_same_size_garbage_in_an_engine_plan_is_rebuilt(text_encoder, tmp_path, 
     assert again.path.read_bytes() != garbage and again.layers == engine.layers
 
 
+def list_no_files(entry: Path) -> None:
+    """The manifest kept but its file list emptied, and 1000 random bytes for the entry's main file."""
+    manifest = json.loads((entry / MANIFEST).read_text())
+    (entry / MANIFEST).write_text(json.dumps({**manifest, "files": {}}))
+    main_file = max(entry.iterdir(), key=lambda p: p.stat().st_size)
+    main_file.write_bytes(os.urandom(1000))
+
+
+@pytest.mark.export
+def test_an_entry_whose_manifest_lists_no_files_is_rebuilt(text_encoder, tmp_path, caplog):
+    from engines.tensorrt import PLAN_FILE, TensorRTRTXBuilder
+
+    case, cache = Case("text_encoder", SHAPE), DiskCache(tmp_path)
+    builder = TensorRTRTXBuilder(cache=cache)
+    graph, engine = builder.build(text_encoder["fp32"], case)
+    list_no_files(graph.path.parent)
+    list_no_files(engine.path.parent)
+    with caplog.at_level(logging.WARNING, logger="harness.cache"):
+        again_graph, again = builder.build(text_encoder["fp32"], case)
+    assert cache.outcomes("onnx", graph.key) == ["miss", "rebuild"] and not again_graph.hit
+    assert cache.outcomes("engines", engine.key) == ["miss", "rebuild"] and not again.hit
+    assert f"unlisted: {PLAN_FILE}" in caplog.text and "unlisted: export.json, model.onnx" in caplog.text
+    assert again.size_bytes == engine.size_bytes and again.layers == engine.layers
+
+
+@pytest.mark.export
+def test_a_fetch_while_a_graph_is_validated_is_a_hit(tmp_path, monkeypatch):
+    """Validation writes its shape-inferred graph outside the entry: a file added inside would make a fetch by
+    another process meanwhile see an unlisted file and rebuild the entry."""
+    import onnx
+
+    from harness.session import Session
+
+    session, case = Session(settings_from({"cache_dir": str(tmp_path)})), Case("text_encoder", SHAPE)
+    meanwhile = []
+    infer = onnx.shape_inference.infer_shapes_path
+
+    def infer_and_fetch(*args, **kwargs):
+        infer(*args, **kwargs)
+        meanwhile.append(session.export(case, DiskCache(tmp_path)))
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", infer_and_fetch)
+    graph, check = session.checked_export(case)
+    assert check.shape_inference == "ok" and [g.hit for g in meanwhile] == [True], str(check)
+    assert sorted(p.name for p in graph.path.parent.iterdir()) == ["export.json", MANIFEST, "model.onnx"]
+
+
 @pytest.mark.export
 def test_a_cached_graph_failing_validation_is_exported_once_more(tmp_path, caplog):
     """An entry whose manifest matches its (bad) bytes, as a buggy writer could leave: the hash cannot see
@@ -245,6 +295,96 @@ def test_a_live_writers_folder_is_kept_and_an_old_unknown_one_swept(tmp_path):
     assert live.is_dir() and recent.is_dir()
 
 
+def write_plan(folder: Path) -> None:
+    (folder / "engine.plan").write_bytes(b"plan" * 250)
+    (folder / "network.json").write_text('{"layers": 3}')
+
+
+def read_plan(folder: Path) -> tuple[bytes, dict]:
+    return (folder / "engine.plan").read_bytes(), json.loads((folder / "network.json").read_text())
+
+
+def edit_manifest(change):
+    """A damage that replaces the manifest with `change(manifest)`."""
+    def damage(entry: Path) -> None:
+        (entry / MANIFEST).write_text(json.dumps(change(json.loads((entry / MANIFEST).read_text()))))
+    return damage
+
+
+def replace_with_a_file(entry: Path) -> None:
+    shutil.rmtree(entry)
+    entry.write_text("not an entry")
+
+
+DAMAGES = {
+    "lists-no-files": (edit_manifest(lambda m: {**m, "files": {}}), "unlisted: engine.plan, network.json"),
+    "lists-an-absent-file": (edit_manifest(lambda m: {**m, "files": {**m["files"], "../x": {"size": 1, "sha256": ""}}}),
+                             "listed but absent: ../x"),
+    "other-spec": (edit_manifest(lambda m: {**m, "spec": {}}), "written for another spec"),
+    "a-list": (edit_manifest(lambda m: [m]), "holds a list, not an object"),
+    "a-string": (edit_manifest(lambda m: "manifest"), "holds a str, not an object"),
+    "null": (edit_manifest(lambda m: None), "holds a NoneType, not an object"),
+    "future-format": (edit_manifest(lambda m: {**m, "format": 99}), "is format 99, not 2"),
+    "files-a-list": (edit_manifest(lambda m: {**m, "files": list(m["files"])}), "no valid file list"),
+    "size-a-string": (edit_manifest(lambda m: {**m, "files": {k: {**v, "size": str(v["size"])}
+                                                             for k, v in m["files"].items()}}), "no valid file list"),
+    "an-unlisted-file": (lambda entry: (entry / "layers.txt").write_text("forged"), "unlisted: layers.txt"),
+    "a-file-for-the-folder": (replace_with_a_file, "no readable manifest.json"),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("damage, reason", DAMAGES.values(), ids=DAMAGES.keys())
+def test_a_damaged_manifest_is_never_served(tmp_path, caplog, damage, reason):
+    cache = DiskCache(tmp_path)
+    first = cache.fetch("engines", "e", {"v": 1}, write_plan, read_plan)
+    damage(first.path)
+    with caplog.at_level(logging.WARNING, logger="harness.cache"):
+        again = cache.fetch("engines", "e", {"v": 1}, write_plan, read_plan)
+    assert cache.outcomes("engines", first.path.name) == ["miss", "rebuild"] and again.value == first.value
+    assert reason in caplog.text and "rebuilding" in caplog.text
+    assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("blocker", ["", "engines"], ids=["cache-dir", "kind-folder"])
+def test_a_cache_folder_that_is_a_file_is_a_harness_error(tmp_path, blocker):
+    root = tmp_path / "cache"
+    if blocker:
+        root.mkdir()
+    (root / blocker).write_text("not a folder")  # the cache folder itself, or its engines folder
+    with pytest.raises(HarnessError, match=rf"^cannot write the cache folder {re.escape(str(root / 'engines'))} "
+                                           r"\(.*\); pass --cache-dir a writable folder$"):
+        DiskCache(root).fetch("engines", "e", {"v": 1}, write_plan, read_plan)
+
+
+@pytest.mark.unit
+def test_export_into_a_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "cachefile"
+    path.write_text("not a folder")
+    assert str(path) in cli_error(["export", f"--cache-dir={path}", "--component", "text_encoder"], capsys)
+
+
+@pytest.mark.unit
+def test_an_entry_folder_gets_the_umask_mode_not_mkdtemps(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        entry = DiskCache(tmp_path).fetch("engines", "e", {"v": 1}, write_plan, read_plan).path
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o755
+
+
+@pytest.mark.unit
+def test_discarding_an_entry_another_process_moved_first_is_quiet(tmp_path):
+    """Two processes that find one entry bad both evict it; the second may get past evict's exists() check
+    just before the first moves the entry away."""
+    from harness.cache import _discard
+
+    _discard(tmp_path / "engines" / "gone")
+    assert list((tmp_path / "engines").iterdir()) == []
+
+
 # --- a damaged checkpoint folder: one line naming the file, before any case ---
 
 @pytest.fixture(scope="module")
@@ -260,8 +400,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture
 def damaged_checkpoint(tiny_checkpoint, tmp_path):
     """A copy of the tiny checkpoint with one file cut in half; returns (folder, the file's relative path)."""
-    import shutil
-
     def cut(relative: str) -> Path:
         folder = tmp_path / "checkpoint"
         shutil.copytree(tiny_checkpoint, folder)

@@ -4,10 +4,12 @@ The key is a readable part (a Case id and what was built) plus a hash of everyth
 the artifact, so a new TensorRT version or precision can never be served an old file. Entries are
 built into a temporary folder beside the target and renamed into place, so a crash or a concurrent
 build never leaves a half-written entry under the final name. Each entry's manifest, written last,
-holds the size and sha256 of every file; a hit is served only when the files still match it.
+holds the spec and the size and sha256 of every file; a hit is served only when the manifest is the
+caller's spec and the entry's files are exactly the listed ones, each still matching it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
+
+from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +97,8 @@ class DiskCache:
               load: Callable[[Path], T]) -> Cached[T]:
         """Load the entry for (readable, spec), building it with `build(folder)` when absent or unusable.
 
-        A hit is served when its files match the manifest and `load(folder)` succeeds; otherwise the entry
-        is evicted and rebuilt.
+        A hit is served when its manifest is for `spec`, its files match the manifest and `load(folder)`
+        succeeds; otherwise the entry is evicted and rebuilt.
         """
         if kind not in self._swept:
             self._swept.add(kind)
@@ -105,13 +109,13 @@ class DiskCache:
         outcome = "miss"
         if target.exists():
             try:
-                value = load(_checked(target))
+                value = load(_checked(target, spec))
                 return self._record(kind, key, "hit", start, Cached(value, target, True, 0.0))
             except Exception as exc:  # any failure to load means the entry is unusable: rebuild it
                 self.evict(target, f"{type(exc).__name__}: {exc}")
                 outcome = "rebuild"
         self._build_into(target, spec, build)
-        value = load(_checked(target))
+        value = load(_checked(target, spec))
         return self._record(kind, key, outcome, start, Cached(value, target, False, 0.0))
 
     def evict(self, entry: Path, reason: str) -> None:
@@ -126,11 +130,11 @@ class DiskCache:
             _discard(entry)
 
     def _build_into(self, target: Path, spec: dict, build: Callable[[Path], None]) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
+        tmp = _temp_folder(target)
         try:
             build(tmp)
             _write_manifest(tmp, spec)
+            os.chmod(tmp, _mode(0o777))  # mkdtemp's 0700 would lock the other users of a shared cache out
             try:
                 os.rename(tmp, target)
             except OSError:  # another process renamed its build into place first: keep theirs
@@ -158,6 +162,16 @@ def _host() -> str:
 def _temp_prefix(name: str) -> str:
     """`.<name>.tmp-<host>-<pid>.`: the sweep can tell whether the writer still runs."""
     return f".{name}.tmp-{_host()}-{os.getpid()}."
+
+
+def _temp_folder(target: Path) -> Path:
+    """A new temp folder beside `target`, its parents made as needed; a HarnessError where the cache cannot hold one."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
+    except OSError as exc:  # --cache-dir (or a folder in it) is a file, read-only, or cannot be made
+        raise HarnessError(f"cannot write the cache folder {target.parent} ({exc.strerror}); "
+                           "pass --cache-dir a writable folder") from None
 
 
 def sweep_temp_folders(folder: Path) -> list[Path]:
@@ -194,10 +208,16 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _entry_files(folder: Path) -> list[str]:
+    """The files of an entry, less its manifest, by path inside it."""
+    names = (str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return sorted(name for name in names if name != MANIFEST)
+
+
 def _write_manifest(folder: Path, spec: dict) -> None:
     """Record each file's size and sha256 next to the spec: written last, after every file is complete."""
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+             for name in _entry_files(folder)}
     doc = {"format": MANIFEST_FORMAT, "spec": spec, "files": files}
     (folder / MANIFEST).write_text(json.dumps(doc, indent=1, default=str))
 
@@ -213,21 +233,36 @@ def content_digest(folder: Path, skip: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
-def _checked(folder: Path) -> Path:
-    """Raise CorruptEntry when the manifest is missing or any file's size or sha256 differs from it.
+def _checked(folder: Path, spec: dict) -> Path:
+    """Raise CorruptEntry unless the manifest is for `spec` and lists exactly the entry's files, each at its size
+    and sha256.
 
-    Sizes are compared first, so a truncated file is caught without reading any file.
+    The key holds only 16 hex digits of the spec hash, so the spec is compared whole. Every file in the folder must
+    be listed, else a loader could read one nothing checked. Sizes are compared first, so a truncated file is
+    caught without reading any file.
     """
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise CorruptEntry(f"no readable {MANIFEST}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CorruptEntry(f"{MANIFEST} is not format {MANIFEST_FORMAT} (written by an older harness)")
-    files = manifest["files"]
+    if not isinstance(manifest, dict):
+        raise CorruptEntry(f"{MANIFEST} holds a {type(manifest).__name__}, not an object")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CorruptEntry(f"{MANIFEST} is format {manifest.get('format')!r}, not {MANIFEST_FORMAT} "
+                           "(written by another harness version)")
+    if manifest.get("spec") != json.loads(json.dumps(spec, default=str)):  # `spec` as the manifest stores it
+        raise CorruptEntry(f"{MANIFEST} was written for another spec than its key's")
+    files = manifest.get("files")
+    if not (isinstance(files, dict) and all(isinstance(e, dict) and isinstance(e.get("size"), int)
+                                            and isinstance(e.get("sha256"), str) for e in files.values())):
+        raise CorruptEntry(f"{MANIFEST} has no valid file list (name -> size and sha256)")
+    on_disk = _entry_files(folder)
+    if sorted(files) != on_disk:
+        unlisted, absent = sorted(set(on_disk) - set(files)), sorted(set(files) - set(on_disk))
+        raise CorruptEntry(f"{MANIFEST} does not list the entry's files (unlisted: {', '.join(unlisted) or 'none'}; "
+                           f"listed but absent: {', '.join(absent) or 'none'})")
     for name, expected in files.items():
-        path = folder / name
-        actual = path.stat().st_size if path.is_file() else None
+        actual = (folder / name).stat().st_size
         if actual != expected["size"]:
             raise CorruptEntry(f"{name} is {actual} bytes, expected {expected['size']}")
     for name, expected in files.items():
@@ -268,16 +303,18 @@ def file_sha256(path: Path) -> str:
 
 def _discard(target: Path) -> None:
     """Move a bad entry aside first (atomic), then delete it, so no reader sees it half-deleted."""
-    trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), dir=target.parent))
-    os.rename(target, trash / "entry")
+    trash = _temp_folder(target)
+    with contextlib.suppress(FileNotFoundError):  # another process found it bad too, and moved it first
+        os.rename(target, trash / "entry")
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _file_mode() -> int:
-    """What open() would give a new file: 0o666 less the umask (read without changing it for good)."""
+def _mode(bits: int) -> int:
+    """What open() (0o666) or mkdir() (0o777) would give a new file or folder: `bits` less the umask (read
+    without changing it for good)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return bits & ~umask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -291,7 +328,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            os.fchmod(f.fileno(), _file_mode())
+            os.fchmod(f.fileno(), _mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

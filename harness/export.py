@@ -9,6 +9,7 @@ import collections
 import contextlib
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -332,9 +333,10 @@ def validate_graph(graph: ExportedGraph, load_runner, component: Component, refe
 
     result = GraphCheck(graph.case)
     result.checker = _try(lambda: onnx.checker.check_model(str(graph.path), full_check=False))
-    result.shape_inference = _try(lambda: onnx.shape_inference.infer_shapes_path(
-        str(graph.path), str(graph.path.with_suffix(".inferred.onnx"))))
-    graph.path.with_suffix(".inferred.onnx").unlink(missing_ok=True)
+    # The inferred graph goes outside the entry: a file added there would make the entry fail its manifest check.
+    with tempfile.TemporaryDirectory() as scratch:
+        result.shape_inference = _try(lambda: onnx.shape_inference.infer_shapes_path(
+            str(graph.path), str(Path(scratch) / GRAPH_FILE)))
     try:
         runner = load_runner(graph.path)
     except BackendUnavailable as exc:
