@@ -1,4 +1,8 @@
 """The three model sources: tiny is deterministic and fast, proxy has A14B width, checkpoint errors help."""
+import os
+import shutil
+import time
+
 import pytest
 import torch
 
@@ -125,3 +129,19 @@ def test_tiny_build_and_two_step_pipeline(benchmark):
 
     frames = benchmark.pedantic(build_and_generate, rounds=3, iterations=1, warmup_rounds=1)
     assert frames.shape == (1, 9, 16, 16, 3)
+
+
+@pytest.mark.unit
+def test_a_checkpoint_fingerprint_changes_with_content_that_keeps_name_size_and_mtime(tmp_path):
+    weights = tmp_path / "a" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"\0" * 64)
+    before = models._checkpoint_fingerprint(weights.parent)
+    stat = weights.stat()
+    time.sleep(0.01)
+    weights.write_bytes(b"\1" * 64)  # new weights of the same size, the old mtime put back as `cp -p` would
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert models._checkpoint_fingerprint(weights.parent) != before
+    twin = tmp_path / "b" / "transformer"
+    shutil.copytree(weights.parent, twin, copy_function=shutil.copy2)  # another folder, same names, sizes, mtimes
+    assert models._checkpoint_fingerprint(twin) != models._checkpoint_fingerprint(weights.parent)

@@ -333,9 +333,17 @@ def dit_configs(source: str, path: str | os.PathLike | None = None) -> dict[str,
 
 
 def _checkpoint_fingerprint(folder: Path) -> str:
-    """Config plus names, sizes and mtimes of weight files: hashing 57 GB of weights would take minutes."""
-    entries = sorted((str(p.relative_to(folder)), p.stat().st_size, int(p.stat().st_mtime))
-                     for p in folder.rglob("*") if p.is_file())
+    """Where each file of a component lives and when its content last changed, without reading 57 GB of weights.
+
+    The resolved path and inode tell two checkpoints with the same file names and sizes apart. The change time
+    in nanoseconds catches a rewrite, even one that restores the old modification time (`cp -p`, `rsync -a`, a tar
+    extract, `touch -r`): the kernel sets ctime on every write and nothing but the clock can set it back. A
+    checkpoint moved or copied elsewhere is exported again, which costs time, never correctness.
+    """
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        entries.append((str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
