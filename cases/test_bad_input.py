@@ -620,3 +620,22 @@ def test_export_labels_cases_and_table_with_the_checkpoint_and_shape(tiny_checkp
     table = (tmp_path / "results" / "run-bad-input" / "export-cpu.md").read_text()
     assert table.startswith("# ONNX export and TensorRT-RTX build (checkpoint source, 32x48x5)")
     assert "| text_encoder | fp32 | static |" in table and "| text_encoder | fp32 | dynamic |" in table
+
+
+@pytest.mark.perf
+def test_a_nan_expert_gets_no_speed_up(tiny_checkpoint, tmp_path):
+    """Timing a model that computes NaN would report a speed-up of garbage: the perf case fails instead."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan-checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["proj_out.weight"] = torch.full_like(tensors["proj_out.weight"], math.nan)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    proc = pytest_session(tmp_path, "-m", "perf", "--model-source=checkpoint", f"--model-path={folder}",
+                          "--shapes=16x16x9", "--backends=torch,onnxruntime", "--precisions=fp32", "--perf-rounds=1",
+                          "-k", "test_speed and transformer and not transformer_2")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED and "1 failed" in output, output[-3000:]
+    assert "non-finite values; no time is recorded" in output, output[-3000:]

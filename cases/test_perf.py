@@ -7,6 +7,7 @@ with CUDA events on the GPU; harness.timing.judge_speedup compares those medians
 import math
 
 import pytest
+import torch
 
 from harness.backends import BACKENDS, load
 from harness.case import Case, eager_precision, is_dit, is_quantized
@@ -50,6 +51,19 @@ def workload(session, stage, backend, precision, shape):
     return session.cfg_step(backend, precision, shape), 2 * forward_flops(model.transformer.config, shape.tokens)
 
 
+def nonfinite(output) -> int:
+    """NaN and Inf values in what one timed call returned: a tensor, a tuple of them, a diffusers output (`sample`)
+    or a finished video (`frames`). A backend that computes garbage fast has no speed-up to report."""
+    if isinstance(output, torch.Tensor):
+        return int((~torch.isfinite(output)).sum())
+    if isinstance(output, (tuple, list)):
+        return sum(nonfinite(o) for o in output)
+    for name in ("frames", "sample"):
+        if isinstance(getattr(output, name, None), torch.Tensor):
+            return nonfinite(getattr(output, name))
+    raise TypeError(f"cannot look for non-finite values in a {type(output).__name__}")
+
+
 def stage_case(stage: str, shape, precision: str, session, candidate: str) -> Case:
     """The case a perf row is recorded under; a CFG step's batch (1, or 2 with --cfg-batch 2) is in its id."""
     batch = session.cfg_batch(candidate) if stage == "cfg_step" else 1
@@ -78,7 +92,10 @@ def test_speed(stage, shape, candidate, session, benchmark):
     cand_fn, flops = workload(session, stage, candidate, precision, shape)
     base_fn, _ = workload(session, stage, "torch", base_precision, shape)
     for _ in range(WARMUP):  # compile, autotune and allocator warm-up stay out of the numbers
-        base_fn(), cand_fn()
+        outputs = base_fn(), cand_fn()
+    bad = {side: n for side, n in zip((f"torch {base_precision}", f"{candidate} {precision}"), map(nonfinite, outputs)) if n}
+    assert not bad, f"{stage} at {shape.id}: " + ", ".join(f"{side} returns {n:,} non-finite values" for side, n in bad.items()) + (
+        "; no time is recorded for a result that is not a number")
     base_rounds = RoundRecorder("torch", base_fn, device=s.device, flops=flops)
     cand_rounds = RoundRecorder(candidate, cand_fn, device=s.device, flops=flops)
     benchmark.pedantic(cand_rounds, setup=base_rounds, rounds=s.perf_rounds, iterations=1)
@@ -109,6 +126,6 @@ def test_speedup_gate(shape, session):
     case = stage_case("cfg_step", shape, perf_precision(s.candidate, s), session, s.candidate)
     result = session.recorded("perf", case, s.candidate, SpeedupResult)
     if result is None:
-        pytest.skip(f"no cfg_step timing of {s.candidate} at {shape.id} in this session (its perf case was "
-                    f"skipped or deselected; see the skip reasons above)")
+        pytest.skip(f"no cfg_step timing of {s.candidate} at {shape.id} in this session (its perf case failed, was "
+                    f"skipped or was deselected; see above)")
     assert result, result.message()
