@@ -200,9 +200,10 @@ def test_summary_fails_a_pass_its_value_contradicts(tmp_path):
     rec.add("quality", row("lpips_max", 0.5, threshold=0.1, passed=True))  # over its ceiling
     rec.add("quality", row("psnr_mean", 30.0, threshold=24.0, passed=True))  # consistent: stays a pass
     rec.add("parity", row("loop_rel_l2", math.inf, threshold=1e-2, passed=True))  # no rule here, but not finite
+    rec.add("export", row("ort_rel_l2", 1e-6, threshold=math.inf, passed=True))  # a bound no judge sets
     verdicts = summary_verdicts(short_summary(rec.path))
-    assert verdicts == {"speedup tensorrt_rtx": "FAIL", "speedup": "FAIL", "rel_l2": "FAIL",
-                        "cosine": "FAIL", "lpips_max": "FAIL", "psnr_mean": "pass", "loop_rel_l2": "FAIL"}, verdicts
+    assert verdicts == {"speedup tensorrt_rtx": "FAIL", "speedup": "FAIL", "rel_l2": "FAIL", "cosine": "FAIL",
+                        "lpips_max": "FAIL", "psnr_mean": "pass", "loop_rel_l2": "FAIL", "ort_rel_l2": "FAIL"}, verdicts
 
 
 def test_summary_shows_a_blank_speedup_as_not_measured(tmp_path):

@@ -414,10 +414,12 @@ def short_summary(run: Path) -> str:
 
 
 def _row_verdict(row: Row, rules: "Rules") -> bool | None:
-    """The row's own verdict (None: not judged), unless its value contradicts a pass: NaN or Inf, or off the passing
-    side of its threshold. A blank value is "not measured" and leaves a verdict that rests on other checks (an
-    export whose ORT parity was skipped), but not one that rests on the value alone (a speed-up, a parity error)."""
-    if row.passed and ((row.value is not None and not math.isfinite(row.value)) or _meets(row, rules) is False):
+    """The row's own verdict (None: not judged), unless its numbers contradict a pass: a NaN or Inf value or
+    threshold (no judge sets an infinite bound), or a value off the passing side of its threshold. A blank value is
+    "not measured" and leaves a verdict that rests on other checks (an export whose ORT parity was skipped), but
+    not one that rests on the value alone (a speed-up, a parity error)."""
+    numbers = [n for n in (row.value, row.threshold) if n is not None]
+    if row.passed and (not all(math.isfinite(n) for n in numbers) or _meets(row, rules) is False):
         return False
     return row.passed
 
