@@ -115,6 +115,59 @@ def test_a_baseline_without_iqr_ms_names_the_field(accepted, tmp_path, capsys):
     assert f'entries["{PERF_CASE}|tensorrt|median_ms"].iqr_ms' in line and "is missing" in line
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("tolerance", ["nan", "inf", "1e9", "-1"])
+def test_compare_refuses_a_perf_tolerance_that_hides_a_regression(accepted, tmp_path, capsys, tolerance):
+    current = perf_run(tmp_path, "run-slow", 1000.0, 1.0)
+    line = cli_error(["compare", "--baseline", str(accepted), "--current", str(current),
+                      f"--perf-tolerance={tolerance}"], capsys)
+    assert "--perf-tolerance" in line and "must be a finite number >= 0 and < 10" in line
+
+
+@pytest.mark.unit
+def test_a_nan_row_repeating_a_key_is_refused_not_hidden(accepted, tmp_path, capsys):
+    current = perf_run(tmp_path, "run-dup", 100.0, 1.0)
+    RunRecorder(tmp_path, "run-dup").add("perf", Row(PERF_CASE, "cfg_step", "tensorrt", "bf16", "480p", 32760,
+                                                     "median_ms", math.nan, None, None, H100, "torch=2.14.1"))
+    for argv in (["compare", "--baseline", str(accepted), "--current", str(current)],
+                 ["baseline", "save", "--from", str(current), "--name", "dup", "--dir", str(tmp_path)]):
+        line = cli_error(argv, capsys)
+        assert f"perf.csv holds {PERF_CASE}|tensorrt|median_ms more than once" in line
+
+
+def read_run_commands(run: str, accepted: Path, tmp_path: Path) -> list[list[str]]:
+    return [["summary", run], ["compare", "--baseline", str(accepted), "--current", run],
+            ["baseline", "save", "--from", run, "--name", "x", "--dir", str(tmp_path / "saved")]]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("damage, needle", [
+    (lambda run: [p.unlink() for p in run.iterdir()], "no result tables in"),
+    (lambda run: (run / "perf.csv").write_bytes(b"\xff\xfe\x00\x01garbage\n"), "perf.csv: not UTF-8 text"),
+    (lambda run: (run / "perf.csv").write_text(""), "perf.csv: the file is empty"),
+], ids=["no-tables", "not-utf8", "empty-table"])
+def test_a_damaged_run_folder_is_one_line_for_every_command(accepted, tmp_path, capsys, damage, needle):
+    run = perf_run(tmp_path, "run-damaged", 100.0, 1.0)
+    damage(run)
+    for argv in read_run_commands(str(run), accepted, tmp_path):
+        assert needle in cli_error(argv, capsys), argv
+    assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.unit
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(accepted, tmp_path, capsys):
+    for argv in read_run_commands("", accepted, tmp_path) + [["compare", "--baseline", "", "--current", "x"]]:
+        assert "is an empty path" in cli_error(argv, capsys), argv
+
+
+@pytest.mark.unit
+def test_baseline_save_into_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    line = cli_error(["baseline", "save", "--from", str(perf_run(tmp_path, "run-ok", 100.0, 1.0)), "--name", "x",
+                      "--dir", str(tmp_path / "a-file")], capsys)
+    assert f"cannot write baseline {tmp_path / 'a-file' / 'x.json'}" in line
+
+
 # --- the cache: damaged entries are rebuilt, killed writers' folders swept ---
 
 @pytest.fixture(scope="module")

@@ -123,9 +123,11 @@ def test_nan_error_regresses(baseline, tmp_path):
 
 
 def test_nan_median_or_iqr_in_the_run_regresses(baseline, tmp_path):
-    for changes in ({"tensorrt__median_ms": math.nan}, {"tensorrt__iqr_ms": math.nan, "tensorrt__median_ms": 1000.0},
-                    {"tensorrt__iqr_ms": math.inf}):
-        verdicts, code = verdicts_against(baseline, tmp_path, with_changes(**changes))
+    for i, changes in enumerate(({"tensorrt__median_ms": math.nan},
+                                 {"tensorrt__iqr_ms": math.nan, "tensorrt__median_ms": 1000.0},
+                                 {"tensorrt__iqr_ms": math.inf})):
+        # A run folder each: appended into one, the later runs' rows repeat the first's keys.
+        verdicts, code = verdicts_against(baseline, tmp_path / str(i), with_changes(**changes))
         assert verdicts[f"{DIT}|tensorrt|median_ms"] == "regressed" and code == 1, changes
 
 
@@ -247,7 +249,9 @@ def test_identical_frames_psnr_inf_round_trips(tmp_path):
     (lambda d: d.update(schema="v0"), "'schema'"),
     (lambda d: d.pop("machine"), "'machine.device'"),
     (lambda d: d["entries"][f"{DIT}|tensorrt|rel_l2"].update(value="abc"), f'entries["{DIT}|tensorrt|rel_l2"].value'),
-    (lambda d: d["entries"][f"{DIT}|tensorrt|median_ms"].update(iqr_ms=-1), "median_ms\"].iqr_ms"),
+    (lambda d: d["entries"][f"{DIT}|tensorrt|median_ms"].update(iqr_ms=-1), "median_ms\"]' holds iqr_ms -1"),
+    (lambda d: d["entries"][f"{DIT}|tensorrt|median_ms"].update(value=0), "median_ms\"]' holds median_ms 0"),
+    (lambda d: d["entries"][f"{DIT}|tensorrt|median_ms"].update(value=-3), "median_ms\"]' holds median_ms -3"),
     (lambda d: d["entries"][f"{DIT}|tensorrt|rel_l2"].update(vaule=1), "rel_l2\"].vaule"),
     (lambda d: d["entries"][f"{DIT}|tensorrt|rel_l2"].update(table="speed"), "rel_l2\"].table"),
     (lambda d: d["entries"].update({"no-pipes": {"table": "parity", "value": 1}}), 'entries["no-pipes"]'),
@@ -264,6 +268,76 @@ def test_corrupt_baseline_json_is_a_clear_error(baseline):
     baseline.write_text(baseline.read_text()[:-40])
     with pytest.raises(HarnessError, match=r"not valid JSON \(.*: line \d+, column \d+\)"):
         load_baseline(baseline)
+
+
+def test_a_baseline_that_is_not_utf8_is_a_clear_error(baseline):
+    baseline.write_bytes(b"\xff\xfe\x00\x01garbage\n")
+    with pytest.raises(HarnessError, match=rf"{re.escape(str(baseline))} is not UTF-8 text"):
+        load_baseline(baseline)
+
+
+@pytest.mark.parametrize("tolerance", [math.nan, math.inf, 1e9, 10.0, -1.0])
+def test_a_perf_tolerance_that_would_hide_any_regression_is_refused(baseline, tmp_path, tolerance):
+    slow = write_run(tmp_path, "run-slow", with_changes(tensorrt__median_ms=5000.0))
+    with pytest.raises(HarnessError, match=r"--perf-tolerance \S+ must be a finite number >= 0 and < 10 \(1000%\)"):
+        compare_run(baseline, slow, perf_tolerance=tolerance)
+    assert compare_run(baseline, slow, perf_tolerance=9.9)[1] == 1  # 50x slower is past a 990% tolerance
+
+
+@pytest.mark.parametrize("old, new", [("perf_tolerance = 0.05", "perf_tolerance = nan"), ("rtol = 0.5", "rtol = inf"),
+                                      ("atol = 1e-5  # outputs", "atol = -1.0  # outputs")])
+def test_thresholds_tolerances_are_checked_like_the_option(tmp_path, old, new):
+    from harness.regression import THRESHOLDS
+
+    path = tmp_path / "thresholds.toml"
+    path.write_text(THRESHOLDS.read_text().replace(old, new, 1))
+    with pytest.raises(HarnessError, match=re.escape(str(path))):
+        load_rules(path)
+
+
+def test_eager_timed_beside_two_candidates_is_judged_by_its_worse_timing(baseline, tmp_path):
+    """Each candidate re-times eager torch beside itself, so a run holds torch's perf rows once per candidate: the
+    worse timing is judged, so a NaN or a slowdown cannot hide behind a good first one."""
+    key, rules = f"{DIT}|torch|median_ms", load_rules()
+    for second, verdict in ((math.nan, "regressed"), (300.0, "regressed"), (149.0, "ok")):
+        run = write_run(tmp_path, f"run-{second}", ACCEPTED)
+        write_run(tmp_path, f"run-{second}", {("perf", DIT, "torch", "median_ms"): second,
+                                              ("perf", DIT, "torch", "iqr_ms"): 1.0})
+        verdicts = compare(load_baseline(baseline, rules), run_entries(run, rules)[0], rules)
+        (judged,) = [v for v in verdicts if v.key == key]
+        assert judged.verdict == verdict, (second, judged)
+    with pytest.raises(HarnessError, match=rf"{re.escape(key)} \(median_ms nan\): a NaN or Inf is never"):
+        save_baseline(tmp_path / "run-nan", "nan", tmp_path)
+
+
+def test_a_repeated_gateable_key_is_refused(tmp_path):
+    numbers = {**ACCEPTED, ("export", DIT, "tensorrt", "build_s"): 10.0}  # built twice (other engine options)
+    run = write_run(tmp_path, "run-twice", numbers)
+    write_run(tmp_path, "run-twice", {("export", DIT, "tensorrt", "build_s"): 12.0})
+    assert run_entries(run, load_rules())[0]  # the export table holds no gateable metric: its repeats are no harm
+    write_run(tmp_path, "run-twice", {("parity", DIT, "tensorrt", "rel_l2"): math.nan})
+    with pytest.raises(HarnessError, match=rf"parity\.csv holds {DIT}\|tensorrt\|rel_l2 more than once"):
+        run_entries(run, load_rules())
+
+
+def test_comparing_nothing_is_an_error_that_says_why(baseline, tmp_path):
+    run = tmp_path / "run-accepted"
+    with pytest.raises(HarnessError, match=r"nothing to compare: .* holds parity, perf, quality, --tables asks for "
+                                           r"export, and run .* has gateable numbers in none of those"):
+        compare_run(baseline, run, tables=("export",))
+    perf_only = save_baseline(run, "perf", tmp_path, tables=("perf",))
+    with pytest.raises(HarnessError, match=r"holds perf, --tables asks for parity, .* gateable numbers in parity"):
+        compare_run(perf_only, run, tables=("parity",))
+
+
+def test_baseline_save_into_a_file_or_an_unwritable_folder_is_one_line(tmp_path):
+    run = write_run(tmp_path, "run-accepted", ACCEPTED)
+    (tmp_path / "a-file").write_text("")
+    for folder in (tmp_path / "a-file", Path("/proc/no-such-folder")):
+        with pytest.raises(HarnessError, match=rf"cannot write baseline {re.escape(str(folder))}/x\.json: .*--dir"):
+            save_baseline(run, "x", folder)
+    with pytest.raises(HarnessError, match="'.hidden': start with a letter or digit"):
+        save_baseline(run, ".hidden", tmp_path)
 
 
 def test_cli_exit_codes(baseline, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import stat
 
 import pytest
@@ -138,3 +139,90 @@ def test_corrupt_csv_names_file_and_line(tmp_path):
     path.write_text(path.read_text().replace(",1.0,", ",one,"))
     with pytest.raises(HarnessError, match=r"parity\.csv:2: unreadable row"):
         load_tables(rec.path)
+
+
+def test_a_folder_without_tables_is_refused(tmp_path):
+    with pytest.raises(HarnessError, match=r"no result tables in .* \(is it a run folder\?\)"):
+        load_run(tmp_path)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda data: b"", "the file is empty"),
+    (lambda data: data.splitlines(keepends=True)[0], "a header and no rows"),
+    (lambda data: b"hello world\n", "the first line is not the header"),
+    (lambda data: b"\xff\xfe\x00\x01garbage\n", "not UTF-8 text"),
+    (lambda data: data + b'a,"' + b"x" * 200_000 + b'"\r\n', "field larger than field limit"),
+    (lambda data: data[:-8], "cut short while written"),  # inside the last row's last column
+    (lambda data: data[:data.rindex(b',"cpu')] + b"\r\n", "10 fields where the header has 12"),
+], ids=["empty", "header-only", "no-header", "not-utf8", "huge-field", "cut-in-last-column", "cut-to-fewer-fields"])
+def test_a_damaged_table_is_named_in_one_line(tmp_path, damage, needle):
+    rec = recorded_run(tmp_path)
+    path = rec.path / "perf.csv"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(HarnessError) as error:
+        load_run(rec.path)
+    message = str(error.value)
+    assert message.startswith(str(path)) and needle in message and "\n" not in message, message
+
+
+def test_a_table_that_is_a_folder_is_named(tmp_path):
+    rec = recorded_run(tmp_path)
+    (rec.path / "perf.csv").unlink()
+    (rec.path / "perf.csv").mkdir()
+    with pytest.raises(HarnessError, match=r"cannot read .*perf\.csv: Is a directory"):
+        load_run(rec.path)
+
+
+@pytest.mark.parametrize("metric, value, needle", [("median_ms", -5.0, "median_ms -5 (a time is > 0)"),
+                                                   ("median_ms", 0.0, "median_ms 0 (a time is > 0)"),
+                                                   ("iqr_ms", -1.0, "iqr_ms -1 (a spread is >= 0)")])
+def test_a_time_no_timing_gives_is_refused(tmp_path, metric, value, needle):
+    rec = RunRecorder(tmp_path, "run-time")
+    rec.add("perf", row(metric, value))
+    with pytest.raises(HarnessError, match=re.escape(f"perf.csv:2: holds {needle}")):
+        load_run(rec.path)
+    nan = RunRecorder(tmp_path, "run-nan")  # a broken timing is recorded as NaN: loaded, for the gates to fail
+    nan.add("perf", row(metric, math.nan))
+    assert math.isnan(load_run(nan.path)[0].value)
+
+
+def summary_verdicts(text: str) -> dict[str, str]:
+    """metric (or candidate, in the speed-up table) -> the verdict cell of its summary line."""
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    return {c[2] if len(c) == 6 else f"speedup {c[1]}": c[-1] for c in cells if c[-1] != "verdict"}  # not headers
+
+
+def test_summary_fails_a_pass_its_value_contradicts(tmp_path):
+    rec = RunRecorder(tmp_path, "run-s")
+    rec.add("perf", row("speedup", math.nan, threshold=1.5, passed=True))
+    rec.add("parity", row("rel_l2", math.nan, threshold=1e-2, passed=True))
+    rec.add("parity", row("cosine", 0.5, threshold=0.99, passed=True))  # under its floor
+    rec.add("quality", row("lpips_max", 0.5, threshold=0.1, passed=True))  # over its ceiling
+    rec.add("quality", row("psnr_mean", 30.0, threshold=24.0, passed=True))  # consistent: stays a pass
+    rec.add("parity", row("loop_rel_l2", math.inf, threshold=1e-2, passed=True))  # no rule here, but not finite
+    rec.add("export", row("ort_rel_l2", 1e-6, threshold=math.inf, passed=True))  # a bound no judge sets
+    verdicts = summary_verdicts(short_summary(rec.path))
+    assert verdicts == {"speedup tensorrt_rtx": "FAIL", "speedup": "FAIL", "rel_l2": "FAIL", "cosine": "FAIL",
+                        "lpips_max": "FAIL", "psnr_mean": "pass", "loop_rel_l2": "FAIL", "ort_rel_l2": "FAIL"}, verdicts
+
+
+def test_summary_shows_a_blank_speedup_as_not_measured(tmp_path):
+    rec = RunRecorder(tmp_path, "run-blank")
+    rec.add("perf", row("speedup", None, threshold=1.5, passed=None))
+    rec.add("perf", row("speedup", None, backend="onnxruntime", threshold=1.5, passed=True))
+    rec.add("export", row("ort_rel_l2", None, passed=True))  # checker and shape inference passed, ORT parity skipped
+    text = short_summary(rec.path)
+    assert "| n/a " in text and summary_verdicts(text)["speedup tensorrt_rtx"] == "not gated"
+    assert summary_verdicts(text)["speedup onnxruntime"] == "FAIL"  # the gate's pass rests on the value alone
+    assert summary_verdicts(text)["ort_rel_l2"] == "pass"
+
+
+def test_summary_pairs_each_speedup_with_its_own_eager_time(tmp_path):
+    rec = RunRecorder(tmp_path, "run-two")
+    for backend, eager, candidate in (("onnxruntime", 100.0, 10.0), ("inductor", 50.0, 25.0)):
+        rec.add("perf", row("median_ms", eager, backend="torch"))
+        rec.add("perf", row("median_ms", candidate, backend=backend))
+        rec.add("perf", row("speedup", eager / candidate, backend=backend))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in short_summary(rec.path).splitlines()]
+    eager = {c[1]: c[2] for c in cells if len(c) == 7 and c[2][0].isdigit()}  # the speed-up table's rows
+    assert eager == {"onnxruntime": "100", "inductor": "50"}, eager

@@ -143,7 +143,7 @@ def cmd_summary(args) -> int:
     """The short table of a run folder: speed-ups with their gate verdicts, then parity and quality verdicts."""
     from harness.results import short_summary
 
-    print(short_summary(args.run))
+    print(short_summary(_path("the run folder", args.run)))
     return 0
 
 
@@ -151,7 +151,7 @@ def cmd_baseline_save(args) -> int:
     """Store a run's parity, quality and perf numbers as an accepted baseline (baselines/<name>.json)."""
     from harness.regression import save_baseline
 
-    path = save_baseline(args.run, args.name, args.dir, _tables(args.tables))
+    path = save_baseline(_path("--from", args.run), args.name, _path("--dir", args.dir), _tables(args.tables))
     print(f"baseline written: {path}")
     return 0
 
@@ -160,10 +160,17 @@ def cmd_compare(args) -> int:
     """Compare a run against a baseline: a verdict per case and metric; exit 1 on a regression."""
     from harness.regression import compare_run
 
-    report, code = compare_run(args.baseline, args.current, args.perf_tolerance, args.allow_missing,
-                               args.cross_machine, _tables(args.tables))
+    report, code = compare_run(_path("--baseline", args.baseline), _path("--current", args.current),
+                               args.perf_tolerance, args.allow_missing, args.cross_machine, _tables(args.tables))
     print(report, end="")
     return code
+
+
+def _path(name: str, text: str) -> Path:
+    """A path argument, kept as text until here: Path("") is ".", which would quietly read the current folder."""
+    if not text:
+        raise HarnessError(f"{name} is an empty path; name the folder or file")
+    return Path(text)
 
 
 def _tables(text: str) -> tuple[str, ...]:
@@ -246,16 +253,16 @@ def _add_regression_commands(sub) -> None:
     tables = dict(default="parity,quality,perf", help="comma-separated tables to include (default: %(default)s)")
     p = sub.add_parser("baseline", help="accepted numbers for regression gating")
     save = p.add_subparsers(dest="action", required=True).add_parser("save", help=cmd_baseline_save.__doc__)
-    save.add_argument("--from", dest="run", type=Path, required=True, help="a run folder, results/<run-id>")
+    save.add_argument("--from", dest="run", required=True, help="a run folder, results/<run-id>")
     save.add_argument("--name", required=True, help="baseline name: writes <dir>/<name>.json")
-    save.add_argument("--dir", type=Path, default=Path("baselines"), help="baselines folder (default: %(default)s)")
+    save.add_argument("--dir", default="baselines", help="baselines folder (default: %(default)s)")
     save.add_argument("--tables", **tables)
     save.set_defaults(func=cmd_baseline_save)
     p = sub.add_parser("compare", help=cmd_compare.__doc__)
-    p.add_argument("--baseline", type=Path, required=True, help="baselines/<name>.json")
-    p.add_argument("--current", type=Path, required=True, help="a run folder, results/<run-id>")
+    p.add_argument("--baseline", required=True, help="baselines/<name>.json")
+    p.add_argument("--current", required=True, help="a run folder, results/<run-id>")
     p.add_argument("--perf-tolerance", type=float, default=None,
-                   help="share a median may slow before it counts (default: thresholds.toml, 0.05)")
+                   help="share a median may slow before it counts, >= 0 and < 10 (default: thresholds.toml, 0.05)")
     p.add_argument("--allow-missing", action="store_true", help="a baseline case absent from the run is no failure")
     p.add_argument("--cross-machine", action="store_true",
                    help="compare even when the GPU or TensorRT version differs from the baseline's")
@@ -324,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments, e.g. -- -k transformer -x")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("summary", help=cmd_summary.__doc__, description=cmd_summary.__doc__)
-    p.add_argument("run", type=Path, help="a run folder, results/<run-id>")
+    p.add_argument("run", help="a run folder, results/<run-id>")
     p.set_defaults(func=cmd_summary)
     _add_regression_commands(sub)
     _add_export_commands(sub)

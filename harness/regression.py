@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import math
 import re
 import tomllib
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.results import TABLES, Row, atomic_write_text, load_tables
+from harness.results import TABLES, Row, atomic_write_text, impossible, run_tables
 
 SCHEMA = "wan-trt-bench/baseline/1"
 ABOUT = ("Accepted numbers of one run, written by `python -m harness baseline save` and read by "
@@ -28,7 +27,7 @@ THRESHOLDS = Path(__file__).with_name("thresholds.toml")
 PERF_METRIC, SPREAD_METRIC = "median_ms", "iqr_ms"
 MACHINE_KEYS = ("device", "tensorrt", "tensorrt_rtx", "torch")
 VERDICTS = ("ok", "regressed", "improved", "new", "missing")
-log = logging.getLogger(__name__)
+MAX_SHARE = 10.0  # a relative tolerance of 1000% (a median eleven times slower) or more would hide any regression
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,11 @@ class Rule:
         if self.best is not None:
             return abs(self.best - value)
         return value if self.better == "lower" else -value
+
+    def meets(self, value: float, threshold: float) -> bool:
+        """Whether `value` is on the passing side of a threshold on this metric: at most it where lower is
+        better, at least it where higher is; a NaN never is."""
+        return value <= threshold if self.better == "lower" else value >= threshold
 
 
 @dataclass(frozen=True)
@@ -89,46 +93,81 @@ class Verdict:
 
 
 def load_rules(path: Path = THRESHOLDS) -> Rules:
-    """The [regression] section of the thresholds file."""
+    """The [regression] section of the thresholds file, its tolerances checked as --perf-tolerance is."""
     try:
         section = tomllib.loads(Path(path).read_text(encoding="utf-8"))["regression"]
         metrics = {name: Rule(**spec) for name, spec in section["metrics"].items()}
-        return Rules(float(section["perf_tolerance"]), metrics)
-    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        rules = Rules(float(section["perf_tolerance"]), metrics)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise HarnessError(f"{path}: no usable [regression] section ({type(exc).__name__}: {exc}); "
                            "restore it from git") from None
+    check_share(f"{path} [regression] perf_tolerance", rules.perf_tolerance)
+    for name, rule in metrics.items():
+        where = f"{path} [regression.metrics.{name}]"
+        check_share(f"{where} rtol", rule.rtol)
+        if rule.better not in ("lower", "higher") or not (_is_number(rule.atol) and 0 <= rule.atol < math.inf):
+            raise HarnessError(f"{where}: better must be 'lower' or 'higher' and atol a finite number >= 0; "
+                               "restore it from git")
+    return rules
+
+
+def check_share(name: str, value: float) -> float:
+    """A relative tolerance: finite, >= 0 and below MAX_SHARE. NaN, inf, a huge or a negative share would make
+    every comparison ok."""
+    if not (_is_number(value) and 0 <= value < MAX_SHARE):  # NaN compares false
+        raise HarnessError(f"{name} {value!r} must be a finite number >= 0 and < {MAX_SHARE:g} ({MAX_SHARE:.0%}): "
+                           "a share, 0.05 for 5%")
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # --- from a run folder to entries ---
 
 def run_entries(run: Path, rules: Rules, tables: tuple[str, ...] = TABLES) -> tuple[dict[str, Entry], dict]:
     """The gateable numbers of a run folder, and the machine that measured them."""
-    found = load_tables(run)
-    if not found:
-        raise HarnessError(f"{run} holds no result tables ({', '.join(f'{t}.csv' for t in TABLES)}); "
-                           "pass the folder a pytest run wrote")
+    found = run_tables(run)
     rows = [(t, r) for t in tables for r in found.get(t, [])]
     return _entries(rows, rules, run), machine_from_rows([r for _, r in rows] or [r for v in found.values() for r in v])
 
 
 def _entries(rows: list[tuple[str, Row]], rules: Rules, run: Path) -> dict[str, Entry]:
-    spreads = {(r.case, r.backend): r.value for _, r in rows if r.metric == SPREAD_METRIC}
+    """One entry per gateable key. A median carries the spread recorded right after it (a timing writes median_ms,
+    then iqr_ms). A key may repeat only for eager torch's perf rows: each candidate re-times eager beside itself
+    (cases/test_perf.py), and the slower timing is kept, so a NaN cannot hide behind a good repeat. Any other
+    repeat was appended or edited in by hand (the export table does repeat, but it holds no gateable metric)."""
     entries: dict[str, Entry] = {}
-    for table, r in rows:
+    for i, (table, r) in enumerate(rows):
         if r.value is None or (r.metric != PERF_METRIC and rules.for_metric(r.metric) is None):
             continue  # not measured, or no rule: nothing to gate (tflops, export times...)
         key = entry_key(r.case, r.backend, r.metric)
-        if key in entries:
-            log.warning("%s appears more than once in the run; keeping the first value", key)
-            continue
-        iqr = None
-        if r.metric == PERF_METRIC:
-            iqr = spreads.get((r.case, r.backend))
-            if iqr is None:  # a median without its spread cannot be judged against noise
-                raise HarnessError(f"{run}: {key} has no {SPREAD_METRIC} row beside it; every perf case writes "
-                                   f"both, so rerun the case to rebuild its rows")
-        entries[key] = Entry(table, r.value, iqr)
+        if key in entries and not (table == "perf" and r.backend == "torch"):
+            raise HarnessError(f"{Path(run) / f'{table}.csv'} holds {key} more than once; a table has one row per "
+                               "case, backend and metric: rerun the cases into a new run folder")
+        iqr = _spread_after(rows, i) if r.metric == PERF_METRIC else None
+        if r.metric == PERF_METRIC and iqr is None:  # a median without its spread cannot be judged against noise
+            raise HarnessError(f"{run}: {key} has no {SPREAD_METRIC} row after it; every perf case writes "
+                               f"both, so rerun the case to rebuild its rows")
+        entry = Entry(table, r.value, iqr)
+        entries[key] = _slower(entries[key], entry) if key in entries else entry
     return entries
+
+
+def _spread_after(rows: list[tuple[str, Row]], i: int) -> float | None:
+    """The iqr_ms of the median at rows[i]: the first of its case and backend after it (None: there is none)."""
+    median = rows[i][1]
+    return next((r.value for _, r in rows[i + 1:]
+                 if (r.case, r.backend, r.metric) == (median.case, median.backend, SPREAD_METRIC)), None)
+
+
+def _slower(a: Entry, b: Entry) -> Entry:
+    """Of two timings of one key, the one to judge: one with a NaN or Inf, else the slower median."""
+    def badness(e: Entry) -> tuple[bool, float]:
+        return not (math.isfinite(e.value) and math.isfinite(e.iqr_ms)), e.value
+
+    return b if badness(b) > badness(a) else a
 
 
 def entry_key(case: str, backend: str, metric: str) -> str:
@@ -155,7 +194,8 @@ def save_baseline(run: Path, name: str, folder: Path = Path("baselines"), tables
                   rules: Rules | None = None) -> Path:
     """Store a run's gateable numbers as baselines/<name>.json (atomic, sorted, one entry per line)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise HarnessError(f"baseline name {name!r}: use letters, digits, '.', '_' and '-' only")
+        raise HarnessError(f"baseline name {name!r}: start with a letter or digit, then use letters, digits, "
+                           "'.', '_' and '-' only")
     rules = rules or load_rules()
     entries, machine = run_entries(Path(run), rules, tables)
     problems = {key: _unacceptable(key, entry, rules) for key, entry in entries.items()}
@@ -165,9 +205,12 @@ def save_baseline(run: Path, name: str, folder: Path = Path("baselines"), tables
                            "fix the case and rerun before saving a baseline")
     if not entries:
         raise HarnessError(f"{run} has no gateable numbers in tables {', '.join(tables)}")
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    atomic_write_text(path, dumps_baseline(Baseline(name, Path(run).name, machine, entries)))
+    try:
+        atomic_write_text(path, dumps_baseline(Baseline(name, Path(run).name, machine, entries)))
+    except OSError as exc:
+        raise HarnessError(f"cannot write baseline {path}: {exc.filename or path}: {exc.strerror}; pass --dir a "
+                           "folder you can write") from None
     return path
 
 
@@ -189,12 +232,14 @@ def _entry_json(entry: Entry) -> dict:
 
 
 def _unacceptable(key: str, entry: Entry, rules: Rules) -> str:
-    """Why an entry cannot be an accepted number ('' when it can): a NaN or Inf median or IQR, or a metric
-    whose error is not finite (PSNR of identical frames is inf, but its rule caps it to a finite error)."""
+    """Why an entry cannot be an accepted number ('' when it can), for saving and loading alike: a median or IQR
+    that is NaN or Inf or that no timing gives (a time <= 0, a spread < 0), or a metric whose error is not
+    finite (PSNR of identical frames is inf, but its rule caps it to a finite error)."""
     metric = key.rsplit("|", 1)[1]
     if metric == PERF_METRIC:
-        return next((f"{name} {value}" for name, value in ((PERF_METRIC, entry.value), (SPREAD_METRIC, entry.iqr_ms))
-                     if not math.isfinite(value)), "")
+        problems = (impossible(name, value) or ("" if math.isfinite(value) else f"{name} {value}")
+                    for name, value in ((PERF_METRIC, entry.value), (SPREAD_METRIC, entry.iqr_ms)))
+        return next(filter(None, problems), "")
     return "" if math.isfinite(rules.for_metric(metric).error(entry.value)) else f"{metric} {entry.value}"
 
 
@@ -208,6 +253,9 @@ def load_baseline(path: Path, rules: Rules | None = None) -> Baseline:
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"{path} is not UTF-8 text (byte {exc.start}); restore it from git or save it "
+                           "again") from None
     except OSError as exc:
         raise HarnessError(f"cannot read baseline {path}: {exc.strerror}; save one with "
                            "`python -m harness baseline save --from results/<run-id> --name <name>`") from None
@@ -258,8 +306,6 @@ def _check_entry(key: str, doc, path: Path, rules: Rules) -> Entry:
         raise _field_error(path, _entry_field(key, "iqr_ms"), "is missing; every median_ms entry carries its spread")
     else:
         entry = Entry(doc["table"], value, _number(doc["iqr_ms"], path, _entry_field(key, "iqr_ms")))
-        if entry.iqr_ms < 0:
-            raise _field_error(path, _entry_field(key, "iqr_ms"), f"is {entry.iqr_ms}, a spread must be >= 0")
     problem = _unacceptable(key, entry, rules)
     if problem:
         raise _field_error(path, _entry_field(key), f"holds {problem}, which no rule can compare against")
@@ -306,7 +352,7 @@ def _comparable(key: str, value):
 def compare(baseline: Baseline, current: dict[str, Entry], rules: Rules,
             perf_tolerance: float | None = None) -> list[Verdict]:
     """A verdict per entry of either side, sorted by key."""
-    tolerance = rules.perf_tolerance if perf_tolerance is None else perf_tolerance
+    tolerance = rules.perf_tolerance if perf_tolerance is None else check_share("--perf-tolerance", perf_tolerance)
     verdicts = []
     for key in sorted(set(baseline.entries) | set(current)):
         base, cur = baseline.entries.get(key), current.get(key)
@@ -330,7 +376,7 @@ def _judge_perf(key: str, base: Entry, cur: Entry, tolerance: float) -> Verdict:
     noise = base.iqr_ms + cur.iqr_ms
     if not all(math.isfinite(v) for v in (cur.value, cur.iqr_ms)):
         return Verdict(key, base.value, cur.value, f"not finite (median {cur.value}, IQR {cur.iqr_ms})", "regressed")
-    change = f"{delta / base.value:+.1%} (IQRs {noise:.3g} ms)" if base.value else f"{delta:+.3g} ms"
+    change = f"{delta / base.value:+.1%} (IQRs {noise:.3g} ms)"  # a baseline median is > 0 (_unacceptable)
     if abs(delta) > tolerance * base.value and abs(delta) > noise:
         return Verdict(key, base.value, cur.value, change, "regressed" if delta > 0 else "improved")
     return Verdict(key, base.value, cur.value, change, "ok")
@@ -393,6 +439,12 @@ def compare_run(baseline_path: Path, run: Path, perf_tolerance: float | None = N
     notes = check_machines(baseline.machine, machine, cross_machine)
     kept = Baseline(baseline.name, baseline.source_run, baseline.machine,
                     {k: e for k, e in baseline.entries.items() if e.table in tables})
+    if not kept.entries.keys() & current.keys():  # else "0 ok, 0 regressed" would exit 0 having judged nothing
+        held = ", ".join(sorted({e.table for e in baseline.entries.values()}))
+        measured = ", ".join(sorted({e.table for e in current.values()})) or "none of those"
+        raise HarnessError(f"nothing to compare: baseline {baseline_path} holds {held}, --tables asks for "
+                           f"{', '.join(tables)}, and run {run} has gateable numbers in {measured}; no key is in both: "
+                           "pass --tables naming a table both hold, or a baseline of the same cases")
     verdicts = compare(kept, current, rules, perf_tolerance)
     header = f"baseline {baseline_path} (run {baseline.source_run}) vs {run}\n"
     return header + "".join(n + "\n" for n in notes) + "\n" + render(verdicts), exit_code(verdicts, allow_missing)

@@ -11,7 +11,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -21,6 +20,7 @@ from harness.errors import HarnessError
 
 if TYPE_CHECKING:
     from harness.case import Case
+    from harness.regression import Rules
 
 TABLES = ("export", "parity", "quality", "perf")
 PARTS = "parts"  # xdist workers write parts/<worker>/<table>.csv; the controller merges them
@@ -181,22 +181,65 @@ def _parse_bool(text: str) -> bool | None:
     return {"True": True, "False": False, "": None}[text]
 
 
+def impossible(metric: str, value: float | None) -> str:
+    """Why no measurement gives `metric` this value ('' when one can): a time (`*_ms`) is > 0, a spread
+    (`*iqr_ms`) >= 0. NaN and inf stay possible: a broken case records them, and no gate passes them."""
+    if value is None or math.isnan(value) or not metric.endswith("_ms"):
+        return ""
+    if metric.endswith("iqr_ms"):
+        return "" if value >= 0 else f"{metric} {value:g} (a spread is >= 0)"
+    return "" if value > 0 else f"{metric} {value:g} (a time is > 0)"
+
+
+def _damaged(where: str, problem: str) -> HarnessError:
+    return HarnessError(f"{where}: {problem}; rerun the cases to rebuild the table")
+
+
 def _parse_row(record: dict, where: str) -> Row:
     try:
-        return Row(case=record["case"], component=record["component"], backend=record["backend"],
-                   precision=record["precision"], shape=record["shape"], tokens=int(record["tokens"]),
-                   metric=record["metric"], value=_parse_float(record["value"]),
-                   threshold=_parse_float(record["threshold"]),
-                   passed=_parse_bool(record["passed"]), device=record["device"], versions=record["versions"])
-    except (KeyError, ValueError, TypeError) as exc:
-        raise HarnessError(f"{where}: unreadable row ({type(exc).__name__}: {exc}); the CSV must have the "
-                           f"columns {', '.join(Row.columns())}; rerun the cases to rebuild it") from None
+        row = Row(case=record["case"], component=record["component"], backend=record["backend"],
+                  precision=record["precision"], shape=record["shape"], tokens=int(record["tokens"]),
+                  metric=record["metric"], value=_parse_float(record["value"]),
+                  threshold=_parse_float(record["threshold"]),
+                  passed=_parse_bool(record["passed"]), device=record["device"], versions=record["versions"])
+    except (KeyError, ValueError) as exc:
+        raise _damaged(where, f"unreadable row ({type(exc).__name__}: {exc})") from None
+    problem = impossible(row.metric, row.value)
+    if problem:
+        raise _damaged(where, f"holds {problem}")
+    return row
 
 
-def _read_csv(path: Path) -> Iterator[Row]:
-    with path.open(newline="", encoding="utf-8") as f:
-        for line, record in enumerate(csv.DictReader(f), start=2):
-            yield _parse_row(record, f"{path}:{line}")
+def _read_csv(path: Path) -> list[Row]:
+    """The rows of one table file, as RunRecorder writes it: the header, then one terminated line per row.
+
+    Read whole (tables are small) so that a file cut short in its last row is caught by its missing line end.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise HarnessError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise _damaged(str(path), f"not UTF-8 text (byte {exc.start})") from None
+    if not text:
+        raise _damaged(str(path), "the file is empty")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    columns, rows = Row.columns(), []
+    try:
+        if next(reader) != columns:
+            raise _damaged(str(path), f"the first line is not the header {','.join(columns)}")
+        for record in filter(None, reader):  # blank lines are skipped, as csv.DictReader did
+            where = f"{path}:{reader.line_num}"
+            if len(record) != len(columns):
+                raise _damaged(where, f"{len(record)} fields where the header has {len(columns)}")
+            rows.append(_parse_row(dict(zip(columns, record)), where))
+    except csv.Error as exc:
+        raise _damaged(f"{path}:{reader.line_num}", str(exc)) from None
+    if not text.endswith("\n"):
+        raise _damaged(f"{path}:{reader.line_num}", "the file ends inside this line, cut short while written")
+    if not rows:  # RunRecorder writes the header with the first row, so a table never holds none
+        raise _damaged(str(path), "a header and no rows")
+    return rows
 
 
 def load_tables(path: Path) -> dict[str, list[Row]]:
@@ -204,12 +247,21 @@ def load_tables(path: Path) -> dict[str, list[Row]]:
     path = Path(path)
     if not path.is_dir():
         raise HarnessError(f"{path} is not a run folder; pass results/<run-id> as written by pytest")
-    return {t: list(_read_csv(path / f"{t}.csv")) for t in TABLES if (path / f"{t}.csv").is_file()}
+    return {t: _read_csv(path / f"{t}.csv") for t in TABLES if (path / f"{t}.csv").exists()}
+
+
+def run_tables(path: Path) -> dict[str, list[Row]]:
+    """The tables of a finished run folder, for the commands that read one: at least one must be there."""
+    tables = load_tables(path)
+    if not tables:
+        raise HarnessError(f"no result tables in {path} (is it a run folder?); pass results/<run-id>, a folder "
+                           f"holding {' / '.join(f'{t}.csv' for t in TABLES)}")
+    return tables
 
 
 def load_run(path: Path) -> list[Row]:
-    """All rows of a run folder, typed (ints, floats, None for empty cells)."""
-    return [row for rows in load_tables(path).values() for row in rows]
+    """All rows of a finished run folder (run_tables), typed (ints, floats, None for empty cells)."""
+    return [row for rows in run_tables(path).values() for row in rows]
 
 
 def merge_parts(run_path: Path) -> list[Path]:
@@ -234,7 +286,7 @@ def _worker_order(path: Path) -> tuple[int, int, str]:
 
 
 def _merge_table(target: Path, sources: list[Path]) -> Path:
-    rows = list(_read_csv(target)) if target.is_file() else []
+    rows = _read_csv(target) if target.is_file() else []
     for source in sources:
         rows.extend(_read_csv(source))
     lines = _CsvText()
@@ -338,19 +390,52 @@ def short_summary(run: Path) -> str:
     """Speed-ups with the gate verdict each row carries, then the candidates' parity and quality verdicts."""
     from tabulate import tabulate
 
+    from harness.regression import load_rules
+
+    rules = load_rules()
     rows = load_run(run)
-    median = {(r.case, r.backend): r.value for r in rows if r.metric == "median_ms"}
-    speed = [[r.case, r.backend, _ms(median.get((r.case, "torch"))), _ms(median.get((r.case, r.backend))),
-              f"{r.value:.3f}x", "" if r.threshold is None else f">= {r.threshold:g}x",
-              {True: "pass", False: "FAIL", None: "not gated"}[r.passed]]
-             for r in rows if r.metric == "speedup"]
+    median, speed = {}, []
+    for r in rows:  # in recorded order: a speed-up follows the eager and candidate times it divides
+        if r.metric == "median_ms":
+            median[(r.case, r.backend)] = r.value
+        elif r.metric == "speedup":
+            speed.append([r.case, r.backend, _ms(median.get((r.case, "torch"))), _ms(median.get((r.case, r.backend))),
+                          "n/a" if r.value is None else f"{r.value:.3f}x",
+                          "" if r.threshold is None else f">= {r.threshold:g}x",
+                          {True: "pass", False: "FAIL", None: "not gated"}[_row_verdict(r, rules)]])
     checks = [[r.case, r.backend, r.metric, f"{r.value:.4g}" if r.value is not None else "n/a",
-               "" if r.threshold is None else f"{r.threshold:.3g}", {True: "pass", False: "FAIL", None: ""}[r.passed]]
+               "" if r.threshold is None else f"{r.threshold:.3g}",
+               {True: "pass", False: "FAIL"}[_row_verdict(r, rules)]]
               for r in rows if r.backend != "torch" and r.passed is not None]
     note = CPU_NOTE + "\n\n" if on_cpu([r for r in rows if r.metric == "speedup"]) else ""
     return (note + tabulate(speed, ["case", "candidate", "eager ms", "candidate ms", "speed-up", "gate", "verdict"],
                             tablefmt="github") + "\n\n"
             + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github"))
+
+
+def _row_verdict(row: Row, rules: "Rules") -> bool | None:
+    """The row's own verdict (None: not judged), unless its numbers contradict a pass: a NaN or Inf value or
+    threshold (no judge sets an infinite bound), or a value off the passing side of its threshold. A blank value is
+    "not measured" and leaves a verdict that rests on other checks (an export whose ORT parity was skipped), but
+    not one that rests on the value alone (a speed-up, a parity error)."""
+    numbers = [n for n in (row.value, row.threshold) if n is not None]
+    if row.passed and (not all(math.isfinite(n) for n in numbers) or _meets(row, rules) is False):
+        return False
+    return row.passed
+
+
+def _meets(row: Row, rules: "Rules") -> bool | None:
+    """Whether the value is on the passing side of its threshold, by the rule that judged it where this module
+    can know it: the speed-up gate's, or the direction of the metric's regression rule. None: no threshold, or no
+    rule known here (loop_rel_l2, export metrics)."""
+    from harness.timing import meets_gate
+
+    rule = rules.for_metric(row.metric)
+    if row.threshold is None or (row.metric != "speedup" and rule is None):
+        return None
+    if row.value is None:
+        return False
+    return meets_gate(row.value, row.threshold) if row.metric == "speedup" else rule.meets(row.value, row.threshold)
 
 
 def _ms(value: float | None) -> str:

@@ -162,8 +162,13 @@ def judge_speedup(baseline: TimingResult, candidate: TimingResult, gate: float |
     q1, q3 = (float(v) for v in np.percentile(ratios, [25, 75]))
     speedup = baseline.median_ms / candidate.median_ms if candidate.median_ms > 0 else float("nan")
     gated = gate is not None and _is_cuda(candidate.device) and _is_cuda(baseline.device)
-    passed = (bool(np.isfinite(speedup)) and speedup >= gate) if gated else None
+    passed = meets_gate(speedup, gate) if gated else None
     return SpeedupResult(baseline, candidate, speedup, q1, q3, gate, passed)
+
+
+def meets_gate(speedup: float, gate: float) -> bool:
+    """The gate's rule: a speed-up of at least `gate`; a NaN or Inf never passes."""
+    return bool(np.isfinite(speedup)) and speedup >= gate
 
 
 def time_alternating(baseline: Callable[[], Any], candidate: Callable[[], Any], *,
