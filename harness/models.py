@@ -478,7 +478,8 @@ def _checkpoint_fingerprint(folder: Path) -> str:
 def _checkpoint_model(path, device: str, dtype: torch.dtype) -> WanModel:
     root = check_checkpoint_folder(path)
     index = _read_json(root / "model_index.json")
-    parts = {sub: _load_component(root, sub, *index[sub], dtype) for sub in SUBFOLDERS}
+    with _quiet_libraries():
+        parts = {sub: _load_component(root, sub, *index[sub], dtype) for sub in SUBFOLDERS}
     if parts["tokenizer"].pad_token is None:
         raise HarnessError(f"{root / 'tokenizer'} has no padding token (pad_token in tokenizer_config.json); "
                            "copy the tokenizer folder again")
@@ -487,6 +488,27 @@ def _checkpoint_model(path, device: str, dtype: torch.dtype) -> WanModel:
     return WanModel(source="checkpoint", label=f"checkpoint {root.name}", **parts,
                     fingerprints={s: _checkpoint_fingerprint(root / s) for s in SUBFOLDERS},
                     boundary_ratio=index["boundary_ratio"])
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """No loading reports or progress bars from diffusers and transformers: what they would warn about (tensors
+    missing, newly initialised) _load_component raises as one line instead."""
+    from transformers.utils import logging as transformers_logging
+
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    levels = [logger.level for logger in loggers]
+    bars = transformers_logging.is_progress_bar_enabled()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _load_component(root: Path, sub: str, library: str, cls_name: str, dtype: torch.dtype):
