@@ -343,10 +343,11 @@ def _check_pipeline_index(index_path: Path) -> None:
         raise HarnessError(f"{index_path.parent} is a single-expert checkpoint (no transformer_2, or "
                            "expand_timesteps); this harness needs the two-expert A14B layout (Wan2.2-T2V-A14B): "
                            "single-expert Wan2.1 and Wan2.2-TI2V-5B checkpoints are not supported")
-    for sub, cls in LOADED_CLASSES.items():
-        if not _is_entry(index.get(sub)) or index[sub][1] != cls:
-            raise HarnessError(f"{index_path} gives {sub} as {index.get(sub)!r}; a Wan2.2-T2V-A14B checkpoint's "
-                               f"{sub} is a {cls}")
+    for sub in SUBFOLDERS:
+        expected = LOADED_CLASSES.get(sub)
+        if not _is_entry(index.get(sub)) or index[sub][1] != (expected or index[sub][1]):
+            raise HarnessError(f"{index_path} gives {sub} as {index.get(sub)!r}; a Wan2.2-T2V-A14B checkpoint names "
+                               f"each component as [library, class]{f', here class {expected}' if expected else ''}")
     ratio = index.get("boundary_ratio")
     if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
         raise HarnessError(f"{index_path} has boundary_ratio {ratio!r}; it must be a number strictly between 0 "
