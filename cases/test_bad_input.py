@@ -479,6 +479,116 @@ def test_a_truncated_checkpoint_stops_pytest_once(damaged_checkpoint, tmp_path):
     assert_one_usage_error(proc, "model_index.json is unreadable")
 
 
+def _edit_json(relative: str, **changes):
+    """An edit that sets (None: drops) keys of one of the folder's JSON files."""
+    def edit(folder: Path) -> None:
+        doc = json.loads((folder / relative).read_text())
+        doc.update(changes)
+        (folder / relative).write_text(json.dumps({k: v for k, v in doc.items() if v is not DROP}))
+    return edit
+
+
+def _edit_tensors(relative: str, edit_state):
+    def edit(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(folder / relative)
+        edit_state(state)
+        save_file(state, folder / relative, metadata={"format": "pt"})
+    return edit
+
+
+def _replace(relative: str, make):
+    """An edit that removes a file or folder and lets `make` put something else at its path."""
+    def edit(folder: Path) -> None:
+        target = folder / relative
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        make(target)
+    return edit
+
+
+DROP = object()
+DIT_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+DIT_INDEX = "transformer/diffusion_pytorch_model.safetensors.index.json"
+WRONG_CHECKPOINTS = {
+    "other pipeline": (_edit_json("model_index.json", _class_name="WanImageToVideoPipeline"),
+                       "names the pipeline 'WanImageToVideoPipeline'"),
+    "expand_timesteps": (_edit_json("model_index.json", expand_timesteps=True), "single-expert checkpoint"),
+    "no transformer_2 entry": (_edit_json("model_index.json", transformer_2=DROP), "single-expert checkpoint"),
+    "transformer_2 null": (_edit_json("model_index.json", transformer_2=[None, None]), "single-expert checkpoint"),
+    "no tokenizer entry": (_edit_json("model_index.json", tokenizer=DROP), "gives tokenizer as None"),
+    "vae of another class": (_edit_json("model_index.json", vae=["diffusers", "AutoencoderKL"]),
+                             "gives vae as ['diffusers', 'AutoencoderKL']"),
+    "boundary_ratio null": (_edit_json("model_index.json", boundary_ratio=None), "boundary_ratio None"),
+    "boundary_ratio 0": (_edit_json("model_index.json", boundary_ratio=0), "boundary_ratio 0;"),
+    "boundary_ratio 1.5": (_edit_json("model_index.json", boundary_ratio=1.5), "boundary_ratio 1.5"),
+    "boundary_ratio nan": (_edit_json("model_index.json", boundary_ratio=float("nan")), "boundary_ratio nan"),
+    "boundary_ratio text": (_edit_json("model_index.json", boundary_ratio="0.875"), "boundary_ratio '0.875'"),
+    "vae z_dim": (_edit_json("vae/config.json", z_dim=48), "in_channels is 16 but the vae's z_dim is 48"),
+    "experts' heads": (_edit_json("transformer_2/config.json", num_attention_heads=4, attention_head_dim=6),
+                       "transformer num_attention_heads is 2 but transformer_2 num_attention_heads is 4"),
+    "text width": (_edit_json("text_encoder/config.json", d_model=64), "text_dim is 32 but the text encoder's d_model is 64"),
+    "vocabulary": (_edit_json("text_encoder/config.json", vocab_size=100), "text encoder's vocab_size is 100"),
+    "patch_size int": (_edit_json("transformer/config.json", patch_size=7), "has patch_size 7"),
+    "patch_size zero": (_edit_json("transformer/config.json", patch_size=[1, 0, 2]), "has patch_size [1, 0, 2]"),
+    "rope null": (_edit_json("transformer/config.json", rope_max_seq_len=None), "rope_max_seq_len None"),
+    "no scheduler config": (_replace("scheduler/scheduler_config.json", lambda p: None),
+                            "scheduler_config.json does not exist"),
+    "no tokenizer_config": (_replace("tokenizer/tokenizer_config.json", lambda p: None),
+                            "tokenizer_config.json does not exist"),
+    "tokenizer.json {}": (_replace("tokenizer/tokenizer.json", lambda p: p.write_text("{}")),
+                          "tokenizer.json has no model vocabulary"),
+    "tokenizer a file": (_replace("tokenizer", lambda p: p.write_text("x")), "tokenizer is not a folder"),
+    "no text weights": (_replace("text_encoder/model.safetensors", lambda p: None),
+                        "text_encoder holds none of model.safetensors"),
+    "weights a folder": (_replace(DIT_WEIGHTS, Path.mkdir), "safetensors is a folder, not a file"),
+    "dangling weights": (_replace(DIT_WEIGHTS, lambda p: p.symlink_to(p.parent / "gone")),
+                         "safetensors is a dangling symlink"),
+    "index as list": (_replace(DIT_INDEX, lambda p: p.write_text('{"weight_map": []}')),
+                      "index.json has no weight_map"),
+    "index without map": (_replace(DIT_INDEX, lambda p: p.write_text("{}")), "index.json has no weight_map"),
+    "int32 weight": (_edit_tensors(DIT_WEIGHTS, lambda s: s.update(w=s.pop("blocks.0.attn1.to_q.weight").int())),
+                     "holds non-floating tensors where weights belong: w (I32)"),
+    # found only when the weights are loaded
+    "tensor shape": (_edit_tensors(DIT_WEIGHTS, lambda s: s.update({"blocks.0.attn1.to_q.weight": torch.zeros(24, 23)})),
+                     "checkpoint transformer does not load"),
+    "more layers": (_edit_json("transformer/config.json", num_layers=3), "missing keys blocks.2."),
+    "DiT tensor": (_edit_tensors(DIT_WEIGHTS, lambda s: s.pop("blocks.0.attn1.to_q.weight")),
+                   "missing keys blocks.0.attn1.to_q.weight (1 in all)"),
+    "text tensor": (_edit_tensors("text_encoder/model.safetensors",
+                                  lambda s: s.pop("encoder.block.1.layer.1.DenseReluDense.wi_0.weight")),
+                    "text_encoder's weights do not match its config.json: missing keys "
+                    "encoder.block.1.layer.1.DenseReluDense.wi_0.weight"),
+}
+
+
+@pytest.fixture
+def wrong_checkpoint(tiny_checkpoint, tmp_path):
+    """A copy of the tiny checkpoint that one edit makes wrong."""
+    def make(edit) -> Path:
+        folder = tmp_path / "checkpoint"
+        shutil.copytree(tiny_checkpoint, folder)
+        edit(folder)
+        return folder
+
+    return make
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("edit, needle", WRONG_CHECKPOINTS.values(), ids=WRONG_CHECKPOINTS)
+def test_a_wrong_checkpoint_is_one_line(wrong_checkpoint, capsys, tmp_path, edit, needle):
+    folder = wrong_checkpoint(edit)
+    line = cli_error(["generate", "--prompt", "x", "--model-source", "checkpoint", "--model-path", str(folder),
+                      "--shape", "16x16x9", "--steps", "1", "--out", str(tmp_path / "v.mp4")], capsys)
+    assert needle in line
+
+
+def test_a_single_expert_checkpoint_stops_pytest_once(wrong_checkpoint, tmp_path):
+    folder = wrong_checkpoint(_edit_json("model_index.json", transformer_2=[None, None]))
+    proc = pytest_session(tmp_path, "-m", "parity", "--model-source=checkpoint", f"--model-path={folder}")
+    assert_one_usage_error(proc, "needs the two-expert A14B layout (Wan2.2-T2V-A14B)")
+
+
 # --- shapes: the loaded model's positional table decides ---
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,16 @@ def test_missing_checkpoint_folder_says_what_to_do(tmp_path):
 
 
 @pytest.mark.unit
+def test_a_checkpoint_path_that_is_no_folder_says_what_it_is(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(HarnessError, match="is a file, not a folder"):
+        load_model("checkpoint", path=tmp_path / "file")
+    with pytest.raises(HarnessError, match="is a symlink loop"):
+        load_model("checkpoint", path=tmp_path / "loop")
+
+
+@pytest.mark.unit
 def test_incomplete_checkpoint_lists_the_missing_parts(tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     for sub in SUBFOLDERS[:3]:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -21,6 +23,19 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("tiny", "proxy", "checkpoint")
 SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "transformer_2", "vae", "scheduler")
+# The files each checkpoint component needs besides its weights (config.json where not listed).
+REQUIRED_FILES = {"scheduler": ("scheduler_config.json",), "tokenizer": ("tokenizer.json", "tokenizer_config.json")}
+# The weighted components' classes, and the names from_pretrained looks for their weights under.
+LOADED_CLASSES = {"text_encoder": "UMT5EncoderModel", "transformer": "WanTransformer3DModel",
+                  "transformer_2": "WanTransformer3DModel", "vae": "AutoencoderKLWan"}
+WEIGHT_STEMS = {"text_encoder": "model", "transformer": "diffusion_pytorch_model",
+                "transformer_2": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+# DiT config fields the shape check and the loader read as sizes, and those the two experts must share: the same
+# latents, prompt embeddings and head split go through both.
+DIT_SIZES = ("in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "text_dim", "freq_dim",
+             "ffn_dim", "num_layers", "rope_max_seq_len")
+EXPERTS_AGREE_ON = ("patch_size", "in_channels", "out_channels", "num_attention_heads", "attention_head_dim",
+                    "text_dim")
 # Bumped whenever the random-init recipe changes, so cached exports of old weights are not reused.
 INIT_RECIPE = "seeded-normal-v1"
 # Seeds of the random sources' experts: they differ, as the real high- and low-noise experts do.
@@ -258,32 +273,146 @@ def load_expert(layers: int = 40, *, device: str = "cuda", dtype: torch.dtype = 
 
 
 def check_checkpoint_folder(path: str | os.PathLike | None) -> Path:
-    """Raise HarnessError naming what is missing or damaged in a diffusers Wan folder, without loading weights.
+    """Raise HarnessError naming what is missing, damaged or mismatched in a diffusers Wan folder, without loading
+    weights.
 
-    Every JSON file is parsed and every safetensors header read, so a file cut short by a failed copy is
-    named here, before any case runs, rather than failing each case inside from_pretrained.
+    Every JSON file is parsed, every safetensors header read and the components' dimensions compared, so a file
+    cut short by a failed copy or a folder of another model is named here, before any case runs, rather than
+    failing each case inside from_pretrained.
     """
     if not path:
         raise HarnessError("model source 'checkpoint' needs --model-path or WAN_MODEL_PATH pointing at a "
                            "local diffusers Wan2.2-T2V-A14B folder")
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise HarnessError(f"checkpoint folder {root} does not exist; point --model-path at a local "
+        raise HarnessError(f"checkpoint folder {root} {_not_there(root)}; point --model-path at a local "
                            f"diffusers folder with model_index.json and {', '.join(SUBFOLDERS)}/")
     missing = [s for s in ("model_index.json", *SUBFOLDERS) if not (root / s).exists()]
     if missing:
         raise HarnessError(f"checkpoint folder {root} lacks {', '.join(missing)}; a diffusers Wan2.2 "
                            f"folder holds model_index.json and the subfolders {', '.join(SUBFOLDERS)}/")
-    for json_file in [root / "model_index.json", *sorted(root.glob("*/*.json"))]:
+    _check_pipeline_index(root / "model_index.json")
+    for sub in SUBFOLDERS:
+        if not (root / sub).is_dir():
+            raise HarnessError(f"{root / sub} is not a folder; a diffusers checkpoint keeps each component in a "
+                               "folder of its name: copy the component's folder again")
+        for required in REQUIRED_FILES.get(sub, ("config.json",)):
+            if not (root / sub / required).is_file():
+                raise HarnessError(f"{root / sub / required} {_not_there(root / sub / required)}; the "
+                                   f"checkpoint's {sub} needs it: copy the file again")
+    for json_file in sorted(root.glob("*/*.json")):
         _read_json(json_file)
     for weights in sorted(root.glob("*/*.safetensors")):
         check_safetensors(weights)
-    for index in sorted(root.glob("*/*.safetensors.index.json")):
-        shards = set(_read_json(index).get("weight_map", {}).values())
-        absent = sorted(s for s in shards if not (index.parent / s).is_file())
+    for index in sorted(root.glob("*/*.index.json")):
+        weight_map = _read_json(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(v, str) for v in weight_map.values())):
+            raise HarnessError(f"{index} has no weight_map of tensor names to shard files; the checkpoint is "
+                               "damaged: copy the file again")
+        absent = sorted(s for s in set(weight_map.values()) if not (index.parent / s).is_file())
         if absent:
             raise HarnessError(f"{index} names shards that are not there: {', '.join(absent)}; copy them again")
+    for sub, stem in WEIGHT_STEMS.items():
+        names = [stem + ext for ext in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")]
+        if not any((root / sub / name).is_file() for name in names):
+            raise HarnessError(f"{root / sub} holds none of {', '.join(names)}; copy the component's weights "
+                               "(and the index of sharded ones) again")
+    _check_dimensions(root)
     return root
+
+
+def _not_there(path: Path) -> str:
+    """Why a path that should be a folder (or a file) is not one."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        return "is a dangling symlink" if path.is_symlink() else "does not exist"
+    return "is a file, not a folder" if not path.is_dir() else "is a folder, not a file"
+
+
+def _check_pipeline_index(index_path: Path) -> None:
+    """model_index.json must describe the pipeline this harness runs: a two-expert WanPipeline, text to video."""
+    index = _read_json(index_path)
+    if index.get("_class_name") != "WanPipeline":
+        raise HarnessError(f"{index_path} names the pipeline {index.get('_class_name')!r}; this harness runs "
+                           "Wan2.2-T2V-A14B checkpoints, whose _class_name is WanPipeline")
+    if not _is_entry(index.get("transformer_2")) or index.get("expand_timesteps"):
+        raise HarnessError(f"{index_path.parent} is a single-expert checkpoint (no transformer_2, or "
+                           "expand_timesteps); this harness needs the two-expert A14B layout (Wan2.2-T2V-A14B): "
+                           "single-expert Wan2.1 and Wan2.2-TI2V-5B checkpoints are not supported")
+    for sub in SUBFOLDERS:
+        expected = LOADED_CLASSES.get(sub)
+        if not _is_entry(index.get(sub)) or index[sub][1] != (expected or index[sub][1]):
+            raise HarnessError(f"{index_path} gives {sub} as {index.get(sub)!r}; a Wan2.2-T2V-A14B checkpoint names "
+                               f"each component as [library, class]{f', here class {expected}' if expected else ''}")
+    ratio = index.get("boundary_ratio")
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
+        raise HarnessError(f"{index_path} has boundary_ratio {ratio!r}; it must be a number strictly between 0 "
+                           "and 1 (Wan2.2-T2V-A14B's is 0.875)")
+
+
+def _is_entry(entry) -> bool:
+    """A model_index.json component: [library, class], both named."""
+    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
+
+
+def _check_dimensions(root: Path) -> None:
+    """The sizes that flow from one component into the next must agree, and those the shape check and the loader
+    read must be positive whole numbers: otherwise the first forward fails far from the cause."""
+    experts = dit_configs("checkpoint", root)
+    for name, config in experts.items():
+        for key in DIT_SIZES:
+            if not _positive_int(config[key]):
+                raise HarnessError(f"{root / name / 'config.json'} has {key} {config[key]!r}; it must be a whole "
+                                   "number >= 1")
+        patch = config["patch_size"]
+        if not (isinstance(patch, (list, tuple)) and len(patch) == 3 and all(_positive_int(p) for p in patch)):
+            raise HarnessError(f"{root / name / 'config.json'} has patch_size {patch!r}; it must be 3 whole "
+                               "numbers >= 1 (frames, height, width), as Wan2.2's [1, 2, 2]")
+        config["patch_size"] = tuple(patch)  # JSON gives a list, the defaults a tuple: compare them as equals
+    first, second = experts["transformer"], experts["transformer_2"]
+    for key in EXPERTS_AGREE_ON:
+        _agree(f"transformer {key}", first[key], f"transformer_2 {key}", second[key])
+    vae = _read_json(root / "vae" / "config.json")
+    text = _read_json(root / "text_encoder" / "config.json")
+    for key in ("in_channels", "out_channels"):
+        _agree(f"the experts' {key}", first[key], "the vae's z_dim", vae.get("z_dim"))
+    _agree("the experts' text_dim", first["text_dim"], "the text encoder's d_model", text.get("d_model"))
+    ids = _tokenizer_ids(root / "tokenizer" / "tokenizer.json")
+    if not isinstance(text.get("vocab_size"), int) or max(ids) >= text["vocab_size"]:
+        raise HarnessError(f"the tokenizer's ids reach {max(ids)} but the text encoder's vocab_size is "
+                           f"{text.get('vocab_size')!r}; {root} mixes components of different models: copy "
+                           "tokenizer/ and text_encoder/ from the same checkpoint")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _agree(what: str, value, other: str, other_value) -> None:
+    if value != other_value:
+        raise HarnessError(f"checkpoint components disagree: {what} is {value!r} but {other} is {other_value!r}; "
+                           "the folder mixes components of different models: copy them from one Wan2.2-T2V-A14B "
+                           "checkpoint")
+
+
+def _tokenizer_ids(path: Path) -> list[int]:
+    """Every token id a tokenizer.json can produce: its model's vocabulary and its added tokens."""
+    doc = _read_json(path)
+    vocab = doc.get("model", {}).get("vocab") if isinstance(doc.get("model"), dict) else None
+    added = doc.get("added_tokens")
+    try:
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+        ids += [token["id"] for token in added]
+    except (TypeError, KeyError, AttributeError):
+        ids = []
+    if not ids or not all(isinstance(i, int) for i in ids):
+        raise HarnessError(f"{path} has no model vocabulary and added_tokens list; the checkpoint is damaged: "
+                           "copy the file again")
+    return ids
 
 
 def _read_json(path: Path) -> dict:
@@ -300,6 +429,8 @@ def _read_json(path: Path) -> dict:
 def check_safetensors(path: Path) -> None:
     """A safetensors file is an 8-byte little-endian header length, a JSON header, then the tensor data at the
     offsets the header declares: the file must hold the header and reach the largest declared offset."""
+    if not path.is_file():
+        raise HarnessError(f"{path} {_not_there(path)}; copy the weights file again")
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -309,10 +440,16 @@ def check_safetensors(path: Path) -> None:
                                "it declares; copy the file again")
         try:
             header = json.loads(f.read(length))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            tensors = {k: t for k, t in header.items() if k != "__metadata__"}
+            end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+            # Every Wan weight is floating point; from_pretrained would cast an integer tensor silently.
+            integral = sorted(k for k, t in tensors.items() if not t["dtype"].startswith(("F", "BF")))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise HarnessError(f"{path} has a damaged safetensors header ({type(exc).__name__}: {exc}); "
                                "copy the file again") from None
+    if integral:
+        raise HarnessError(f"{path} holds non-floating tensors where weights belong: {', '.join(integral[:5])} "
+                           f"({header[integral[0]]['dtype']}); the file is not these weights: copy it again")
     if 8 + length + end > size:
         raise HarnessError(f"{path} is cut short: its header declares {8 + length + end:,} bytes, the file holds "
                            f"{size:,}; copy the file again")
@@ -348,17 +485,68 @@ def _checkpoint_fingerprint(folder: Path) -> str:
 
 
 def _checkpoint_model(path, device: str, dtype: torch.dtype) -> WanModel:
-    from diffusers import WanPipeline
-
     root = check_checkpoint_folder(path)
-    pipe = WanPipeline.from_pretrained(root, torch_dtype=dtype, local_files_only=True)
-    pipe.to(device)
-    return WanModel(
-        source="checkpoint", label=f"checkpoint {root.name}", tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder.eval(), transformer=pipe.transformer.eval(),
-        transformer_2=pipe.transformer_2.eval(), vae=pipe.vae.eval(), scheduler=pipe.scheduler,
-        fingerprints={s: _checkpoint_fingerprint(root / s) for s in SUBFOLDERS},
-        boundary_ratio=pipe.config.boundary_ratio or 0.875)
+    index = _read_json(root / "model_index.json")
+    with _quiet_libraries():
+        parts = {sub: _load_component(root, sub, *index[sub], dtype) for sub in SUBFOLDERS}
+    if parts["tokenizer"].pad_token is None:
+        raise HarnessError(f"{root / 'tokenizer'} has no padding token (pad_token in tokenizer_config.json); "
+                           "copy the tokenizer folder again")
+    for sub in LOADED_CLASSES:
+        parts[sub] = parts[sub].to(device).eval()
+    return WanModel(source="checkpoint", label=f"checkpoint {root.name}", **parts,
+                    fingerprints={s: _checkpoint_fingerprint(root / s) for s in SUBFOLDERS},
+                    boundary_ratio=index["boundary_ratio"])
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """No loading reports or progress bars from diffusers and transformers: what they would warn about (tensors
+    missing, newly initialised) _load_component raises as one line instead."""
+    from transformers.utils import logging as transformers_logging
+
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    levels = [logger.level for logger in loggers]
+    bars = transformers_logging.is_progress_bar_enabled()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _load_component(root: Path, sub: str, library: str, cls_name: str, dtype: torch.dtype):
+    """One component by the class model_index.json names; any failure, or a tensor that the weights lack, hold
+    in another shape or hold beyond the model, is one line naming the component: from_pretrained would otherwise
+    leave a missing tensor newly initialised, or on meta, and a case would fail far from the cause."""
+    cls = getattr(importlib.import_module(library), cls_name, None) if library in ("diffusers", "transformers") else None
+    if cls is None:
+        raise HarnessError(f"{root / 'model_index.json'} gives {sub} the class {library}.{cls_name}, which this "
+                           "environment does not have; a Wan2.2-T2V-A14B checkpoint names diffusers and "
+                           "transformers classes")
+    weighted = sub in LOADED_CLASSES
+    options = dict(torch_dtype=dtype, output_loading_info=True) if weighted else {}
+    try:
+        loaded = cls.from_pretrained(root / sub, local_files_only=True, **options)
+    except Exception as exc:  # whatever the library raises on a damaged or mismatched file: one line, no traceback
+        cause = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise HarnessError(f"checkpoint {sub} does not load from {root / sub} ({type(exc).__name__}: {cause}); "
+                           "copy the component again") from None
+    if not weighted:
+        return loaded
+    module, info = loaded
+    for kind in ("missing_keys", "mismatched_keys", "unexpected_keys", "error_msgs"):
+        if info.get(kind):
+            names = sorted(str(k) for k in info[kind])
+            raise HarnessError(f"checkpoint {sub}'s weights do not match its config.json: {kind.replace('_', ' ')} "
+                               f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)} in all); "
+                               "copy the component again")
+    return module
 
 
 def load_model(source: str = "tiny", *, device: str = "cpu", dtype: torch.dtype = torch.float32,
