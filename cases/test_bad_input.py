@@ -583,6 +583,18 @@ def test_a_wrong_checkpoint_is_one_line(wrong_checkpoint, capsys, tmp_path, edit
     assert needle in line
 
 
+@pytest.mark.unit
+def test_a_tensor_the_model_does_not_use_is_a_warning_not_an_error(wrong_checkpoint, caplog):
+    """Nothing is left uninitialised by a spare tensor (checkpoints carry such leftovers), so it loads."""
+    from harness.models import load_model
+
+    folder = wrong_checkpoint(_edit_tensors(DIT_WEIGHTS, lambda s: s.update(spare=torch.zeros(2))))
+    with caplog.at_level(logging.WARNING, logger="harness.models"):
+        model = load_model("checkpoint", path=folder)
+    assert model.transformer.config.num_layers == 2
+    assert "checkpoint transformer holds 1 tensors its model does not use (e.g. spare)" in caplog.text
+
+
 def test_a_single_expert_checkpoint_stops_pytest_once(wrong_checkpoint, tmp_path):
     folder = wrong_checkpoint(_edit_json("model_index.json", transformer_2=[None, None]))
     proc = pytest_session(tmp_path, "-m", "parity", "--model-source=checkpoint", f"--model-path={folder}")

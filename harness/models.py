@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 SOURCES = ("tiny", "proxy", "checkpoint")
 SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "transformer_2", "vae", "scheduler")
 # The files each checkpoint component needs besides its weights (config.json where not listed).
-REQUIRED_FILES = {"scheduler": ("scheduler_config.json",), "tokenizer": ("tokenizer.json", "tokenizer_config.json")}
+REQUIRED_FILES = {"scheduler": ("scheduler_config.json",), "tokenizer": ("tokenizer_config.json",)}
+# A UMT5 tokenizer's vocabulary: the fast tokenizer's file, or the SentencePiece model the slow one reads.
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "spiece.model")
 # The weighted components' classes, and the names from_pretrained looks for their weights under.
 LOADED_CLASSES = {"text_encoder": "UMT5EncoderModel", "transformer": "WanTransformer3DModel",
                   "transformer_2": "WanTransformer3DModel", "vae": "AutoencoderKLWan"}
@@ -300,6 +302,9 @@ def check_checkpoint_folder(path: str | os.PathLike | None) -> Path:
             if not (root / sub / required).is_file():
                 raise HarnessError(f"{root / sub / required} {_not_there(root / sub / required)}; the "
                                    f"checkpoint's {sub} needs it: copy the file again")
+    if not any((root / "tokenizer" / name).is_file() for name in TOKENIZER_VOCABULARIES):
+        raise HarnessError(f"{root / 'tokenizer'} holds neither {' nor '.join(TOKENIZER_VOCABULARIES)}; copy the "
+                           "tokenizer folder again")
     for json_file in sorted(root.glob("*/*.json")):
         _read_json(json_file)
     for weights in sorted(root.glob("*/*.safetensors")):
@@ -381,6 +386,8 @@ def _check_dimensions(root: Path) -> None:
     for key in ("in_channels", "out_channels"):
         _agree(f"the experts' {key}", first[key], "the vae's z_dim", vae.get("z_dim"))
     _agree("the experts' text_dim", first["text_dim"], "the text encoder's d_model", text.get("d_model"))
+    if not (root / "tokenizer" / "tokenizer.json").is_file():
+        return  # a SentencePiece model only: its ids are checked when the tokenizer loads and encodes
     ids = _tokenizer_ids(root / "tokenizer" / "tokenizer.json")
     if not isinstance(text.get("vocab_size"), int) or max(ids) >= text["vocab_size"]:
         raise HarnessError(f"the tokenizer's ids reach {max(ids)} but the text encoder's vocab_size is "
@@ -540,7 +547,10 @@ def _load_component(root: Path, sub: str, library: str, cls_name: str, dtype: to
     if not weighted:
         return loaded
     module, info = loaded
-    for kind in ("missing_keys", "mismatched_keys", "unexpected_keys", "error_msgs"):
+    if info.get("unexpected_keys"):  # tensors the model does not use: nothing is left uninitialised, so say it only
+        log.warning("checkpoint %s holds %d tensors its model does not use (e.g. %s); they are ignored", sub,
+                    len(info["unexpected_keys"]), sorted(map(str, info["unexpected_keys"]))[0])
+    for kind in ("missing_keys", "mismatched_keys", "error_msgs"):
         if info.get(kind):
             names = sorted(str(k) for k in info[kind])
             raise HarnessError(f"checkpoint {sub}'s weights do not match its config.json: {kind.replace('_', ' ')} "
