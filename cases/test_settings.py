@@ -93,6 +93,8 @@ def test_rows_record_the_attention_kernel_and_the_options_their_backend_reads(tm
     ({"parallel": "ring1"}, "--parallel ring1 splits nothing"),
     ({"steps": 1001}, "--steps 1001 must be a whole number from 1 to 1000"),
     ({"opt_level": 6}, "--opt-level 6: TensorRT's builder optimization levels are 0 to 5"),
+    ({"backends": "torch,onnxruntime", "engine_weights": "full"}, "--engine-weights full: no backend among --backends "
+                                                                  "torch,onnxruntime builds a TensorRT engine"),
 ])
 def test_an_option_that_would_change_nothing_or_skip_everything_is_refused(values, needle):
     with pytest.raises(HarnessError, match=re.escape(needle)):

@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from harness.backends import (ATTENTION_KERNELS, BACKENDS, COMPILE_SCOPES, ENGINE_WEIGHTS, FP8_SCALES, LABELLED_OPTIONS,
-                              BackendOptions, check_backend, check_compute_capability, load)
+from harness.backends import (ATTENTION_KERNELS, BACKENDS, COMPILE_SCOPES, ENGINE_BUILDERS, ENGINE_WEIGHTS, FP8_SCALES,
+                              LABELLED_OPTIONS, BackendOptions, check_backend, check_compute_capability, load)
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
@@ -174,8 +174,8 @@ def settings_from(values: dict) -> Settings:
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=_opt_level(given.get("opt_level", 3)),
                                        fp8_scales=_read_option("fp8_scales", given, FP8_SCALES, backends),
                                        compile_scope=_read_option("compile_scope", given, COMPILE_SCOPES, backends),
-                                       engine_weights=_choice(given.get("engine_weights", ENGINE_WEIGHTS[0]), ENGINE_WEIGHTS,
-                                                              "--engine-weights"),
+                                       engine_weights=_engine_weights(given.get("engine_weights", ENGINE_WEIGHTS[0]),
+                                                                      backends),
                                        compute_capability=check_compute_capability(given.get("compute_capability", ""))))
 
 
@@ -367,6 +367,15 @@ def _folder(value, flag: str) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise HarnessError(f"{flag} {value}: {existing} is not writable; give a writable folder")
     return path
+
+
+def _engine_weights(value: str, backends: tuple[str, ...]) -> str:
+    """--engine-weights, and only a non-default one for a run that builds TensorRT engines (else it changes nothing)."""
+    _choice(value, ENGINE_WEIGHTS, "--engine-weights")
+    if value != ENGINE_WEIGHTS[0] and not set(backends) & set(ENGINE_BUILDERS):
+        raise HarnessError(f"--engine-weights {value}: no backend among --backends {','.join(backends)} builds a "
+                           f"TensorRT engine; add {' or '.join(ENGINE_BUILDERS)}")
+    return value
 
 
 def _opt_level(value) -> int:
