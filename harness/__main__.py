@@ -75,15 +75,14 @@ def cmd_generate(args) -> int:
     from harness.video import check_video_path, write_mp4
 
     from harness.backends import check_backend
-    from harness.case import check_precision
     from harness.settings import flagged
 
     out = check_video_path(args.out)
     flagged("--backend", check_backend, args.backend)
-    _check_precision_path(args.backend, flagged("--precision", check_precision, args.precision))
+    _check_precision_path(args.backend, _one_precision(args))
     if not 0 <= args.seed < 2 ** 63:
         raise HarnessError(f"--seed {args.seed} must be from 0 to 2**63 - 1 (torch's generator takes a 64-bit seed)")
-    session = Session(_settings(args, backends=args.backend, precisions=args.precision, shapes=_one_shape(args)))
+    session = Session(_settings(args, backends=args.backend, precisions=_one_precision(args), shapes=_one_shape(args)))
     s = session.settings
     shape, precision = s.shapes[0], s.precisions[0]
     try:
@@ -108,13 +107,12 @@ def cmd_generate(args) -> int:
 
 def _check_precision_path(backend: str, precision: str) -> None:
     """A backend without a path for the precision is a user error that names the backends that have one."""
-    from harness.backends import load
+    from harness.backends import backends_running, load
 
-    impl = load(BACKENDS[backend])
-    if precision not in impl.precisions:
-        others = [name for name, path in BACKENDS.items() if precision in load(path).precisions]
-        raise HarnessError(f"--backend {backend} has no {precision} path (it runs {', '.join(impl.precisions)}); "
-                           f"{precision} runs on --backend {' or '.join(others)}")
+    runs = load(BACKENDS[backend]).precisions
+    if precision not in runs:
+        raise HarnessError(f"--backend {backend} has no {precision} path (it runs {', '.join(runs)}); "
+                           f"{precision} runs on --backend {' or '.join(backends_running(precision))}")
 
 
 def cmd_bench(args) -> int:
@@ -220,7 +218,7 @@ def _one_shape(args) -> str | None:
 
 
 def _one_precision(args) -> str:
-    """export's and build's --precision: one name, its error under its own flag."""
+    """--precision of generate, export and build: one name, its error under its own flag."""
     from harness.case import check_precision
     from harness.settings import flagged
 

@@ -109,6 +109,11 @@ def load(path: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def backends_running(precision: str) -> list[str]:
+    """Every registered backend with a path for `precision`, by name."""
+    return [name for name, path in BACKENDS.items() if precision in load(path).precisions]
+
+
 def make_backend(name: str, options: BackendOptions = BackendOptions()) -> Backend:
     """A backend instance by registry name; unknown names are a user error."""
     return load(BACKENDS[check_backend(name)])(options)

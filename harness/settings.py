@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from harness.backends import (ATTENTION_KERNELS, BACKENDS, COMPILE_SCOPES, ENGINE_BUILDERS, ENGINE_WEIGHTS, FP8_SCALES,
-                              LABELLED_OPTIONS, BackendOptions, check_backend, check_compute_capability, load)
+                              LABELLED_OPTIONS, BackendOptions, backends_running, check_backend, check_compute_capability,
+                              load)
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
@@ -43,7 +44,7 @@ class Option:
         return self.flag.lstrip("-").replace("-", "_")
 
     def default_value(self):
-        return os.environ.get(self.env, self.default) if self.env else self.default
+        return (os.environ.get(self.env) or self.default) if self.env else self.default  # an empty variable is unset
 
     def described(self) -> str:
         """The help line, with the default where there is one."""
@@ -141,8 +142,8 @@ def settings_from(values: dict) -> Settings:
     """
     explicit = {k: v for k, v in values.items() if v is not None}
     # Declared defaults, environment variables among them (WAN_MODEL_PATH, WAN_BENCH_CACHE), under what was given.
-    given = {**{o.dest: o.default_value() for o in OPTIONS if o.default_value() not in (None, "")}, **explicit}
-    source = _choice(given.get("model_source", "tiny"), SOURCES, "--model-source")
+    given = {**{o.dest: o.default_value() for o in OPTIONS if o.default_value() is not None}, **explicit}
+    source = _choice(given["model_source"], SOURCES, "--model-source")
     _check_source_options(source, explicit)
     path = given.get("model_path") if source == "checkpoint" else None
     if source == "checkpoint":
@@ -157,25 +158,24 @@ def settings_from(values: dict) -> Settings:
     for dest, asked in (("precisions", precisions), ("perf_precision", (perf_precision,))):
         if dest in explicit:
             _runnable(asked, backends, "--" + dest.replace("_", "-"))
-    cache_dir = _folder(given.get("cache_dir", ".cache"), "--cache-dir")
+    cache_dir = _folder(given["cache_dir"], "--cache-dir")
     return Settings(
-        source=source, model_path=path, proxy_layers=check_layers(given.get("proxy_layers", 2)),
+        source=source, model_path=path, proxy_layers=check_layers(given["proxy_layers"]),
         backends=backends, candidate=_candidate(given.get("candidate"), backends),
         precisions=precisions, shapes=_shapes(given.get("shapes", DEFAULT_SHAPES[source]), source, path),
         steps=check_steps(given.get("steps", 4 if source == "tiny" else 40)),
-        speedup_gate=_gate(given.get("speedup_gate", 1.5)),
-        results_dir=_folder(given.get("results_dir", "results"), "--results-dir"), cache_dir=cache_dir,
-        device=device, perf_rounds=_positive(given.get("perf_rounds", 10), "--perf-rounds"),
+        speedup_gate=_gate(given["speedup_gate"]),
+        results_dir=_folder(given["results_dir"], "--results-dir"), cache_dir=cache_dir,
+        device=device, perf_rounds=_positive(given["perf_rounds"], "--perf-rounds"),
         perf_precision=perf_precision,
-        cfg_batch=_choice(given.get("cfg_batch", 1), (1, 2), "--cfg-batch"),
-        parallel=_parallel(given.get("parallel", "none"), given.get("cfg_batch", 1)),
+        cfg_batch=_choice(given["cfg_batch"], (1, 2), "--cfg-batch"),
+        parallel=_parallel(given["parallel"], given["cfg_batch"]),
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=_opt_level(given.get("opt_level", 3)),
                                        fp8_scales=_read_option("fp8_scales", given, FP8_SCALES, backends),
                                        compile_scope=_read_option("compile_scope", given, COMPILE_SCOPES, backends),
-                                       engine_weights=_engine_weights(given.get("engine_weights", ENGINE_WEIGHTS[0]),
-                                                                      backends),
+                                       engine_weights=_engine_weights(given["engine_weights"], backends),
                                        compute_capability=check_compute_capability(given.get("compute_capability", ""))))
 
 
@@ -329,7 +329,7 @@ def option_readers(name: str, backends: tuple[str, ...]) -> list[str]:
 def _read_option(name: str, given: dict, choices: tuple[str, ...], backends: tuple[str, ...]) -> str:
     """A LABELLED_OPTIONS value: one of `choices` (the first is the default), and only a non-default value for a
     run with a backend that reads it (a value nothing reads would silently change nothing)."""
-    flag, value = LABELLED_OPTIONS[name], given.get(name, choices[0])
+    flag, value = LABELLED_OPTIONS[name], given[name]
     _choice(value, choices, flag)
     if value != choices[0] and not option_readers(name, backends):
         raise HarnessError(f"{flag} {value}: no backend among --backends {','.join(backends)} reads it; "
@@ -349,8 +349,8 @@ def _check_source_options(source: str, explicit: dict) -> None:
 def _runnable(precisions: tuple[str, ...], backends: tuple[str, ...], flag: str) -> None:
     """Each precision is run by some backend among `backends`: one that none runs only skips every case."""
     for precision in precisions:
-        if not any(precision in load(BACKENDS[b]).precisions for b in backends):
-            others = [b for b, path in BACKENDS.items() if precision in load(path).precisions]
+        others = backends_running(precision)
+        if not set(others) & set(backends):
             raise HarnessError(f"{flag} {precision}: no backend among --backends {','.join(backends)} runs it; "
                                f"add {' or '.join(others)}")
 
