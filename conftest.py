@@ -14,6 +14,8 @@ workers.pin_worker(os.environ)
 
 from harness.case import COMPONENTS, Case, is_dit, is_quantized  # noqa: E402
 from harness.errors import BackendUnavailable, HarnessError  # noqa: E402
+from harness.plan import FAMILIES  # noqa: E402
+from harness.residency import out_of_memory  # noqa: E402
 from harness.session import Session, check_asked_kernels  # noqa: E402
 from harness.settings import OPTIONS, check_layers, settings_from  # noqa: E402
 
@@ -68,6 +70,20 @@ def pytest_runtest_makereport(item, call):
     if call.excinfo is not None and call.excinfo.errisinstance(BackendUnavailable):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: {call.excinfo.value}")
+    elif call.excinfo is not None and out_of_memory(call.excinfo.value):
+        # One line, and the memory the case held is given back, so that the cases after it still run.
+        family = next((f for f in FAMILIES if item.get_closest_marker(f)), None)
+        report.longrepr = item.config.wan_session.out_of_memory(call.excinfo.value, family)
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: only the families that will run are planned
+def pytest_collection_modifyitems(config, items):
+    """A run whose memory plan does not fit the card is refused here, in one line, before any case runs."""
+    families = tuple(f for f in FAMILIES if any(item.get_closest_marker(f) for item in items))
+    try:
+        config.wan_session.plan.check(families)
+    except HarnessError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import torch
 
 from harness.backends import BACKENDS, load
 from harness.case import Case, eager_precision, is_dit, is_quantized
+from harness.plan import perf_precision_of
 from harness.shapes import A14B_LAYERS, forward_flops
 from harness.timing import RoundRecorder, SpeedupResult, judge_speedup
 
@@ -25,16 +26,6 @@ def pytest_generate_tests(metafunc):
     s = metafunc.config.wan_session.settings
     if "candidate" in metafunc.fixturenames:
         metafunc.parametrize("candidate", [b for b in s.backends if b != "torch"])
-
-
-def perf_precision(backend: str, settings) -> str:
-    """--perf-precision, unless the backend runs quantized precisions only (torch-fp8) or --precisions names only
-    quantized ones it runs (`--candidate tensorrt --precisions fp8` times the fp8 engine): then the first of those."""
-    runs = load(BACKENDS[backend]).precisions
-    asked = [p for p in settings.precisions if p in runs]
-    if all(is_quantized(p) for p in runs) or (asked and all(is_quantized(p) for p in settings.precisions)):
-        return (asked or list(runs))[0]
-    return settings.perf_precision
 
 
 def workload(session, stage, backend, precision, shape):
@@ -72,7 +63,7 @@ def stage_case(stage: str, shape, precision: str, session, candidate: str) -> Ca
 
 def extrapolation(result: SpeedupResult, stage: str, session) -> dict:
     """For the proxy source: the eager time per layer, and what 40 layers would take (labelled as such)."""
-    layers = session.model("fp32").transformer.config.num_layers
+    layers = session.settings.proxy_layers  # read, not built: an fp32 model of 20 layers fills an 80 GB card
     forwards = 2 if stage == "cfg_step" else 1
     per_layer = result.baseline.median_ms / layers / forwards
     return {"layers": f"proxy, {layers} of 40 layers", "baseline_per_layer_ms": per_layer,
@@ -85,7 +76,7 @@ def test_speed(stage, shape, candidate, session, benchmark):
     untimed = getattr(load(BACKENDS[candidate]), "untimed", "")
     if untimed:  # a simulation: its numerics stand for an engine's, its timings for nothing
         pytest.skip(untimed)
-    precision = perf_precision(candidate, s)
+    precision = perf_precision_of(candidate, s)
     if is_quantized(precision) and stage in ("vae_decoder", "text_encoder"):
         pytest.skip(f"{candidate} quantizes the DiT experts only; the {stage} stays bf16 eager")
     base_precision = eager_precision(precision)
@@ -123,7 +114,7 @@ def test_speedup_gate(shape, session):
         pytest.skip("the speed-up gate judges CUDA timings only; CPU numbers are recorded, not gated")
     if s.candidate is None:
         pytest.skip("no candidate: --backends names no backend besides torch")
-    case = stage_case("cfg_step", shape, perf_precision(s.candidate, s), session, s.candidate)
+    case = stage_case("cfg_step", shape, perf_precision_of(s.candidate, s), session, s.candidate)
     result = session.recorded("perf", case, s.candidate, SpeedupResult)
     if result is None:
         pytest.skip(f"no cfg_step timing of {s.candidate} at {shape.id} in this session (its perf case failed, was "

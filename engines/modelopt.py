@@ -30,6 +30,7 @@ from harness.cache import Cached, DiskCache
 from harness.case import QUANTIZED, Case, is_dit
 from harness.components import Component
 from harness.errors import BackendUnavailable
+from harness.residency import private_copy
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def calibrate(component: Component, case: Case, cache: DiskCache, scheme: str | 
     def build(folder: Path) -> None:
         import modelopt.torch.opt as mto
 
-        module = copy.deepcopy(component.module)
+        module = private_copy(component.module)
         start = time.perf_counter()
         with _quiet():
             _mtq().quantize(module, cfg, _replay(inputs))
@@ -199,7 +200,7 @@ def restore(component: Component, scales: dict) -> torch.nn.Module:
     import modelopt.torch.opt as mto
 
     with _quiet():
-        module = mto.restore_from_modelopt_state(copy.deepcopy(component.module), scales["modelopt_state"])
+        module = mto.restore_from_modelopt_state(private_copy(component.module), scales["modelopt_state"])
     device = component.device
     for key, value in scales["buffers"].items():
         owner, attr = key.rsplit(".", 1)
@@ -237,6 +238,11 @@ class ModelOpt:
     shards_sequence = False
     # Read by the perf cases: they skip with this reason.
     untimed = "modelopt simulates fp8/int8 in bf16 arithmetic; its timings stand for no engine"
+
+    @staticmethod
+    def held_bytes(module: torch.nn.Module, precision: str) -> int:
+        """Its fake-quantized copy of an expert keeps bf16 weights: the whole expert again (harness.plan)."""
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         self.cache = DiskCache(options.cache_dir)

@@ -470,6 +470,16 @@ class _TensorRTBackend:
     attention_kernels = ()  # TensorRT chooses its own attention kernels from the graph
     shards_sequence = False  # one exported graph holds the whole sequence's attention
 
+    @staticmethod
+    def held_bytes(module: torch.nn.Module, precision: str) -> int:
+        """The engine's weights on the device (a stripped plan is refitted at load): one byte for each fp8/int8
+        GEMM weight, the rest as in the eager module (harness.plan)."""
+        from engines.torch_fp8 import fp8_copy_bytes
+
+        if is_quantized(precision):
+            return fp8_copy_bytes(module)
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
     def __init__(self, options: BackendOptions = BackendOptions()):
         self.builder = self.builder_class(options)
         self.cuda_graph = options.cuda_graph

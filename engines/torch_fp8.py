@@ -7,7 +7,6 @@ the eager bf16 baseline shares the original.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import logging
@@ -24,6 +23,7 @@ from harness.case import Case, is_dit
 from harness.components import Component
 from harness.distributed import sequence_parallel
 from harness.errors import BackendUnavailable, HarnessError
+from harness.residency import private_copy
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,19 @@ def fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
+def fp8_copy_bytes(module: torch.nn.Module) -> int:
+    """The bytes of `module` once its fp8 linears hold one-byte weights (per-row scales are a rounding error)."""
+    total = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return total - sum(m.weight.numel() * (m.weight.element_size() - 1)
+                       for name, m in module.named_modules() if fp8_linear(m, name))
+
+
 def quantized_copy(module: torch.nn.Module, scales: str = "row",
                    calibration: Iterable[tuple[torch.Tensor, ...]] = ()) -> tuple[torch.nn.Module, int]:
-    """A deep copy of `module` whose block linears run fp8 e4m3 matmuls; and how many were quantized.
+    """A copy of `module` whose block linears run fp8 e4m3 matmuls; and how many were quantized. The copy is made
+    with harness.residency.private_copy: a component taking turns on the device is built anew from its recipe
+    while the original waits in host memory, and torchao then swaps each linear's weight for its fp8 one in place,
+    so a 40-layer expert never stands on the card twice.
 
     scales "row": weights and activations per row, each call's activations scaled by their own amax.
     scales "static": one scale per weight and one per activation, the activation's the largest |x| the
@@ -72,7 +82,7 @@ def quantized_copy(module: torch.nn.Module, scales: str = "row",
     """
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    clone = copy.deepcopy(module)
+    clone = private_copy(module)
     count = sum(fp8_linear(m, name) for name, m in clone.named_modules())
     if count and scales == "row":
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
@@ -102,6 +112,11 @@ class TorchFp8:
     attention_kernels = ("cudnn-fp8", "fa3-fp8", "triton-fp8", "fa3", "sdpa")
     shards_sequence = True
     labelled_options = ("fp8_scales",)  # harness.backends.LABELLED_OPTIONS
+
+    @staticmethod
+    def held_bytes(module: torch.nn.Module, precision: str) -> int:
+        """What its fp8 copy of an expert keeps on the device (harness.plan)."""
+        return fp8_copy_bytes(module)
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         if options.attention and options.attention not in self.attention_kernels:

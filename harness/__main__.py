@@ -137,6 +137,17 @@ def cmd_bench(args) -> int:
     return int(code)
 
 
+def cmd_plan(args) -> int:
+    """The memory plan: each case family's largest set on the device at the run's size, and whether it fits the
+    card; no GPU is needed (--gpu-memory names the card). Exits 2 with one line when a family does not fit."""
+    from harness.plan import memory_plan
+
+    plan = memory_plan(_settings(args))
+    print(plan.table())
+    plan.check()
+    return 0
+
+
 def cmd_summary(args) -> int:
     """The short table of a run folder: speed-ups with their gate verdicts, then parity and quality verdicts."""
     from harness.results import short_summary
@@ -328,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments, e.g. -- -k transformer -x")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("plan", help=cmd_plan.__doc__, description=cmd_plan.__doc__)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("summary", help=cmd_summary.__doc__, description=cmd_summary.__doc__)
     p.add_argument("run", help="a run folder, results/<run-id>")
     p.set_defaults(func=cmd_summary)

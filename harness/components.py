@@ -14,6 +14,7 @@ import torch
 
 from harness.case import COMPONENTS, DIT_COMPONENTS, Case, check_component, is_dit
 from harness.models import A14B_TRANSFORMER, WanModel, load_expert, random_fingerprint
+from harness.residency import execution_device
 from harness.shapes import TEXT_TOKENS, VideoShape
 
 # Timesteps on either side of the 875 boundary, so each expert is fed a value it really sees.
@@ -86,7 +87,8 @@ class Component:
 
     @property
     def device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        """Where the module runs: a component taking turns on the device may be waiting in host memory."""
+        return execution_device(self.module) or next(self.module.parameters()).device
 
     @property
     def holds_weights(self) -> bool:
@@ -223,7 +225,7 @@ def capture_loop(model: WanModel, shape: VideoShape, dtype: torch.dtype, prompts
 
     record: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in DIT_COMPONENTS}
     runners = Runners(**{name: _eager(make_component(model, name).module, record.get(name)) for name in COMPONENTS})
-    device = next(model.transformer.parameters()).device
+    device = execution_device(model.transformer) or next(model.transformer.parameters()).device
     for i, prompt in enumerate(prompts):
         generate(model, runners, prompt, shape=shape, steps=CALIBRATION_STEPS, seed=seed + i, dtype=dtype,
                  device=device, decode_video=False)

@@ -12,8 +12,9 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -222,7 +223,7 @@ def _build(cls, config: dict, seed: int, device: str, dtype: torch.dtype):
             module = cls(**config)
     finally:
         torch.set_default_dtype(previous)
-    module = torch.nn.Module.to(module, dtype)  # buffers into dtype; we keep fp32 modules ourselves, below
+    module = torch.nn.Module.to(module, dtype)  # buffers into dtype; the fp32-kept modules after the fill, below
     if torch.device(device).type != "meta":
         params = _materialize(module, device)
         if torch.device(device).type == "cpu":
@@ -231,12 +232,18 @@ def _build(cls, config: dict, seed: int, device: str, dtype: torch.dtype):
                 list(pool.map(lambda item: _fill_in_chunks(*item, seed), params))
         else:
             seeded_init(module, seed)
+    return _loaded_dtypes(module, dtype).eval().requires_grad_(False)
+
+
+def _loaded_dtypes(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` in `dtype` as from_pretrained(torch_dtype=dtype) leaves it: the modules it keeps in fp32 stay fp32."""
+    module = torch.nn.Module.to(module, dtype)  # buffers into dtype too
     keep_fp32 = getattr(module, "_keep_in_fp32_modules", None) or []
-    if dtype != torch.float32:  # mirror from_pretrained(torch_dtype=...), which keeps these in fp32
+    if dtype != torch.float32:
         for name, sub in module.named_modules():
             if any(part in keep_fp32 for part in name.split(".")):
                 sub.to(torch.float32)
-    return module.eval().requires_grad_(False)
+    return module
 
 
 def random_fingerprint(config: dict, seed: int) -> str:
@@ -245,22 +252,72 @@ def random_fingerprint(config: dict, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _random_model(source: str, label: str, dit: dict, vae: dict, umt5: dict,
-                  device: str, dtype: torch.dtype) -> WanModel:
+def _random_parts(source: str, layers: int = 2) -> tuple[str, dict[str, tuple[Callable, dict, int]]]:
+    """A random source's label and, per weighted component, (class, config, seed): what its weights are drawn from."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    parts = {
-        "transformer": (WanTransformer3DModel, dit, EXPERT_SEEDS["transformer"]),
-        "transformer_2": (WanTransformer3DModel, dit, EXPERT_SEEDS["transformer_2"]),
-        "vae": (AutoencoderKLWan, vae, 2),
-    }
+    if source == "tiny":
+        label, dit, vae, umt5 = "tiny (random weights)", TINY_TRANSFORMER, TINY_VAE, TINY_UMT5
+    else:
+        if not 1 <= layers <= A14B_TRANSFORMER["num_layers"]:
+            raise HarnessError(f"--proxy-layers {layers} must be between 1 and 40")
+        # The text encoder takes as many layers as the experts, up to the real UMT5-XXL's 24: at 40 it would be
+        # bigger than the encoder it stands for.
+        label, dit, vae = f"proxy, {layers} of 40 layers", {**A14B_TRANSFORMER, "num_layers": layers}, {}
+        umt5 = {**UMT5_XXL, "num_layers": min(layers, UMT5_XXL["num_layers"])}
+    return label, {"transformer": (WanTransformer3DModel, dit, EXPERT_SEEDS["transformer"]),
+                   "transformer_2": (WanTransformer3DModel, dit, EXPERT_SEEDS["transformer_2"]),
+                   "vae": (AutoencoderKLWan, vae, 2),
+                   "text_encoder": (lambda **c: UMT5EncoderModel(UMT5Config(**c)), umt5, 3)}
+
+
+def _random_model(source: str, layers: int, device: str, dtype: torch.dtype) -> WanModel:
+    label, parts = _random_parts(source, layers)
     built = {name: _build(cls, cfg, seed, device, dtype) for name, (cls, cfg, seed) in parts.items()}
-    built["text_encoder"] = _build(lambda **c: UMT5EncoderModel(UMT5Config(**c)), umt5, 3, device, dtype)
-    fingerprints = {name: random_fingerprint(cfg, seed)
-                    for name, (_, cfg, seed) in {**parts, "text_encoder": (None, umt5, 3)}.items()}
     return WanModel(source=source, label=label, tokenizer=make_tokenizer(), scheduler=make_scheduler(),
-                    fingerprints=fingerprints, **built)
+                    fingerprints={name: random_fingerprint(cfg, seed) for name, (_, cfg, seed) in parts.items()},
+                    **built)
+
+
+def _rebuild(cls, config: dict, seed: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A random component's recipe: the same seeded weights, built on `device`."""
+    return _build(cls, config, seed, str(device), dtype)
+
+
+def skeletons(source: str, dtype: torch.dtype, *, layers: int = 2, path=None) -> dict[str, torch.nn.Module]:
+    """Each weighted component on the meta device (structure, config and dtypes, no weights), built in no time:
+    what the memory plan counts and what a managed model starts from."""
+    if source == "checkpoint":
+        root = Path(path).expanduser()
+        index = _read_json(root / "model_index.json")
+        return {sub: _checkpoint_skeleton(root, sub, index[sub][1], dtype) for sub in LOADED_CLASSES}
+    _, parts = _random_parts(source, layers)
+    return {name: _build(cls, cfg, seed, "meta", dtype) for name, (cls, cfg, seed) in parts.items()}
+
+
+def managed_model(source: str, residency, *, dtype: torch.dtype, layers: int = 2, path=None) -> WanModel:
+    """A WanModel whose weighted components take turns on the device under `residency` (harness.residency): each
+    starts without weights and gets them, from its seed or its checkpoint files, when it first runs."""
+    precision = str(dtype).removeprefix("torch.")
+    if source == "checkpoint":
+        root = check_checkpoint_folder(path)
+        index = _read_json(root / "model_index.json")
+        with _quiet_libraries():
+            small = {sub: _load_component(root, sub, *index[sub], dtype) for sub in ("tokenizer", "scheduler")}
+        parts = {sub: residency.manage(module, f"{sub} {precision}",
+                                       partial(_load_onto, root, sub, tuple(index[sub]), dtype))
+                 for sub, module in skeletons(source, dtype, path=root).items()}
+        return WanModel(source="checkpoint", label=f"checkpoint {root.name}", **small, **parts,
+                        fingerprints={s: _checkpoint_fingerprint(root / s) for s in SUBFOLDERS},
+                        boundary_ratio=index["boundary_ratio"])
+    label, specs = _random_parts(source, layers)
+    parts = {name: residency.manage(_build(cls, cfg, seed, "meta", dtype), f"{name} {precision}",
+                                    partial(_rebuild, cls, cfg, seed, dtype))
+             for name, (cls, cfg, seed) in specs.items()}
+    return WanModel(source=source, label=label, tokenizer=make_tokenizer(), scheduler=make_scheduler(),
+                    fingerprints={name: random_fingerprint(cfg, seed) for name, (_, cfg, seed) in specs.items()},
+                    **parts)
 
 
 def load_expert(layers: int = 40, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
@@ -527,6 +584,27 @@ def _quiet_libraries() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+def _checkpoint_skeleton(root: Path, sub: str, cls_name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A checkpoint component built from its config.json alone, on the meta device, in the dtypes it loads with."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        if sub == "text_encoder":
+            from transformers import UMT5Config, UMT5EncoderModel
+
+            module = UMT5EncoderModel(UMT5Config.from_dict(_read_json(root / sub / "config.json")))
+        else:
+            cls = getattr(importlib.import_module("diffusers"), cls_name)
+            module = cls.from_config(cls.load_config(root / sub))
+    return _loaded_dtypes(module, dtype).eval().requires_grad_(False)
+
+
+def _load_onto(root: Path, sub: str, entry: tuple[str, str], dtype: torch.dtype, device: torch.device):
+    """A checkpoint component's recipe: its weights read from the folder, in `dtype`, onto `device`."""
+    with _quiet_libraries():
+        return _load_component(root, sub, *entry, dtype).to(device).eval()
+
+
 def _load_component(root: Path, sub: str, library: str, cls_name: str, dtype: torch.dtype):
     """One component by the class model_index.json names; any failure, or a tensor that the weights lack, hold
     in another shape or hold beyond the model, is one line naming the component: from_pretrained would otherwise
@@ -560,17 +638,10 @@ def _load_component(root: Path, sub: str, library: str, cls_name: str, dtype: to
 
 
 def load_model(source: str = "tiny", *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               layers: int = 2, text_layers: int | None = None, path=None) -> WanModel:
+               layers: int = 2, path=None) -> WanModel:
     """Build or load a WanModel; random sources are deterministic for a given (source, layers)."""
-    if source == "tiny":
-        return _random_model("tiny", "tiny (random weights)", TINY_TRANSFORMER, TINY_VAE, TINY_UMT5, device, dtype)
-    if source == "proxy":
-        if not 1 <= layers <= A14B_TRANSFORMER["num_layers"]:
-            raise HarnessError(f"--proxy-layers {layers} must be between 1 and 40")
-        text_layers = text_layers or layers
-        dit = {**A14B_TRANSFORMER, "num_layers": layers}
-        return _random_model("proxy", f"proxy, {layers} of 40 layers", dit, {},
-                             {**UMT5_XXL, "num_layers": text_layers}, device, dtype)
+    if source in ("tiny", "proxy"):
+        return _random_model(source, layers, device, dtype)
     if source == "checkpoint":
         return _checkpoint_model(path or os.environ.get("WAN_MODEL_PATH"), device, dtype)
     raise HarnessError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")

@@ -8,6 +8,9 @@ turns that into a skip, the CLI into exit 2).
 from __future__ import annotations
 
 import dataclasses
+import gc
+import traceback
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -21,10 +24,12 @@ from harness.components import Component, make_component, proxy_expert
 from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, GraphCheck, export_case, validate_graph
 from harness.machine import device_name, versions_string
-from harness.models import EXPERT_SEEDS, WanModel, load_model
+from harness.models import EXPERT_SEEDS, WanModel, load_model, managed_model
 from harness.parallel import Job, launch, unsupported
+from harness.plan import GiB, MemoryPlan, memory_plan
 from harness.pipeline import (NEGATIVE_PROMPT, PROMPTS, Generation, Runners, build_runners, cfg_noise, cfg_noise_split,
                               generate, initial_latents)
+from harness.residency import Residency
 from harness.results import Result, RunRecorder, result_rows
 from harness.settings import Settings
 from harness.shapes import VideoShape
@@ -45,15 +50,51 @@ class Session:
         self._parallel: dict[tuple, object] = {}
         self._results: list[tuple[str, str, str, Result]] = []
 
+    # ------------------------------------------------------------------ memory
+
+    @cached_property
+    def plan(self) -> MemoryPlan:
+        """What each case family holds on the device (harness.plan); made on first use, from meta-device builds."""
+        plan = memory_plan(self.settings)
+        if self.settings.device == "cuda" and self.settings.gpu_memory is not None:
+            # Held to the card it plans for: a bigger card then fails where the smaller one would, not later.
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.settings.gpu_memory * GiB / total))
+        return plan
+
+    @cached_property
+    def residency(self) -> Residency | None:
+        """Where the models do not fit the card at once, the components take turns on it (harness.residency)."""
+        return Residency(self.settings.device) if self.plan.offloads else None
+
+    def out_of_memory(self, exc: BaseException, family: str | None) -> str:
+        """One line for a case that ran out of device memory, after freeing what it held so the session goes on."""
+        phase = self.residency.phase if self.residency is not None else "running with every model resident"
+        traceback.clear_frames(exc.__traceback__)  # the frames hold the case's tensors
+        if self.residency is not None:
+            self.residency.release()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        planned = self.plan.peak(family) if family else None
+        plan = (f"planned peak {planned.nbytes / GiB:.1f} GiB ({planned.label})" if planned else "no plan for it")
+        return (f"out of device memory while {phase}; {plan} of {self.plan.usable_bytes / GiB:.1f} GiB usable on "
+                f"{self.plan.card} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]})")
+
     # ------------------------------------------------------------------ models and components
 
     def model(self, precision: str = "fp32", device: str | None = None) -> WanModel:
-        """The source's model in `precision`'s dtype; random sources hold equal weights across dtypes."""
+        """The source's model in `precision`'s dtype; random sources hold equal weights across dtypes. Where the plan
+        says the models do not fit the card at once, its components take turns on the device (harness.residency)."""
         s = self.settings
         key = (PRECISIONS[precision], device or s.device)
         if key not in self._models:
-            self._models[key] = load_model(s.source, device=key[1], dtype=key[0], layers=s.proxy_layers,
-                                           path=s.model_path)
+            if self.residency is not None and key[1] == s.device:
+                self._models[key] = managed_model(s.source, self.residency, dtype=key[0], layers=s.proxy_layers,
+                                                  path=s.model_path)
+            else:
+                self._models[key] = load_model(s.source, device=key[1], dtype=key[0], layers=s.proxy_layers,
+                                               path=s.model_path)
         return self._models[key]
 
     def component(self, case: Case, device: str | None = None) -> Component:
@@ -61,10 +102,12 @@ class Session:
 
     def inputs(self, case: Case, seed: int = 0, loop: bool = False) -> tuple[torch.Tensor, ...]:
         """Seeded example inputs; with `loop`, the `seed`-th call of the expert in the held-out denoising loop
-        (harness.components.loop_inputs), recorded in fp32 and cast, so every precision sees the same values."""
+        (harness.components.loop_inputs), recorded in the bf16 eager loop that fp8 and int8 run beside and cast, so
+        every precision sees the same values. Not the fp32 loop: at full size its eight fp32 forwards of each expert
+        would take minutes for inputs that only need to be realistic."""
         if not loop:
             return self.component(case).inputs(case, seed)
-        reference = case.with_precision("fp32")
+        reference = case.with_precision("bf16")
         calls = self.component(reference).loop_inputs(reference, True)
         if seed >= len(calls):
             raise HarnessError(f"the held-out loop has {len(calls)} calls of {case.component}; seed {seed} is past them")

@@ -87,6 +87,9 @@ OPTIONS = (
     Option("--parallel", "the GPUs of one video, for the parallel cases: cfg2 (the two CFG branches on two ranks), "
                          "ulysses<N>, ring<N> (each forward's tokens over N ranks), or a product such as "
                          "cfg2,ulysses2; none = one GPU", "none"),
+    Option("--gpu-memory", "the card's memory in GiB, as torch reports it (an H100 80GB: 79.1): the memory plan "
+                           "judges the run against it, and on a bigger card the run is held to it (default: the "
+                           "card's own; with --device cpu, host memory)", type=float),
     Option("--engine-weights", "what a DiT expert's TensorRT plan holds: stripped (no weights: refitted from the "
                                "cached ONNX at load, or bound as graph inputs where the builder has no CUDA device), "
                                "full, or inputs (graph inputs even where it could refit)", ENGINE_WEIGHTS[0]),
@@ -115,6 +118,7 @@ class Settings:
     attention: tuple[tuple[str, str], ...] = ()  # (backend, kernel) for every backend that runs a kernel choice
     attention_asked: tuple[str, ...] = ()  # the backends whose kernel --attention named (not a default)
     parallel: Layout = ONE_GPU
+    gpu_memory: float | None = None  # GiB; None: the card's own (host memory with --device cpu)
     backend_options: BackendOptions = field(default_factory=BackendOptions)
 
     def options_for(self, backend: str) -> BackendOptions:
@@ -128,7 +132,7 @@ class Settings:
                 "backends": self.backends, "candidate": self.candidate, "precisions": self.precisions,
                 "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
                 "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
-                "cfg batch": self.cfg_batch,
+                "cfg batch": self.cfg_batch, "gpu memory (GiB)": self.gpu_memory,
                 **{LABELLED_OPTIONS[name].lstrip("-").replace("-", " "): getattr(self.backend_options, name)
                    for name in LABELLED_OPTIONS if option_readers(name, self.backends)},
                 "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
@@ -170,6 +174,7 @@ def settings_from(values: dict) -> Settings:
         perf_precision=perf_precision,
         cfg_batch=_choice(given["cfg_batch"], (1, 2), "--cfg-batch"),
         parallel=_parallel(given["parallel"], given["cfg_batch"]),
+        gpu_memory=_gpu_memory(given.get("gpu_memory"), device),
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=_opt_level(given.get("opt_level", 3)),
@@ -389,3 +394,19 @@ def _gate(value) -> float:
         raise HarnessError(f"--speedup-gate {value!r} must be a finite number > 0")
     return float(value)
 
+
+
+def _gpu_memory(value, device: str) -> float | None:
+    """--gpu-memory in GiB: a finite number above the memory no tensor can use, and on a CUDA machine no more than
+    the card has (a run cannot be held to memory it does not have)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 2:
+        raise HarnessError(f"--gpu-memory {value!r}: give the card's memory in GiB, a number above 2 (e.g. 79.1 for "
+                           "an H100 80GB)")
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
+        if value > total + 0.05:
+            raise HarnessError(f"--gpu-memory {value:g}: this card has {total:.1f} GiB; give at most that, or plan "
+                               "for a bigger card with `python -m harness plan --device cpu --gpu-memory ...`")
+    return float(value)
