@@ -89,7 +89,10 @@ def test_speed(stage, shape, candidate, session, benchmark):
         "; no time is recorded for a result that is not a number")
     base_rounds = RoundRecorder("torch", base_fn, device=s.device, flops=flops)
     cand_rounds = RoundRecorder(candidate, cand_fn, device=s.device, flops=flops)
+    moves = session.residency.moves if session.residency else 0
     benchmark.pedantic(cand_rounds, setup=base_rounds, rounds=s.perf_rounds, iterations=1)
+    assert (session.residency.moves if session.residency else 0) == moves, (
+        f"{stage} at {shape.id}: a component came onto the device during the timed rounds; the times include the move")
     gate = s.speedup_gate if candidate == s.candidate and stage == "cfg_step" else None
     result = judge_speedup(base_rounds.result(), cand_rounds.result(), gate)
     case = stage_case(stage, shape, precision, session, candidate)

@@ -187,11 +187,13 @@ class _Planner:
         held[f"{backend} {component} {precision}"] = self.w.held(backend, component, precision)
 
     def parity(self, shape: VideoShape) -> None:
-        held: dict[str, int] = {}
+        """Per component: the fp32 reference, the eager run, then each candidate, built for the case and let go after
+        it where the components take turns (harness.session.Session.parity)."""
         for component in COMPONENTS:
             for precision in self.s.precisions:
                 if is_quantized(precision) and not is_dit(component):
                     continue
+                held: dict[str, int] = {}
                 for reference in dict.fromkeys(("fp32", eager_precision(precision))):
                     self._phase("parity", shape, f"{component} in {reference}, eager",
                                 [self._weights(component, reference)], held,
@@ -225,6 +227,8 @@ class _Planner:
             if is_quantized(precision):
                 self._loop("perf", shape, eager_precision(precision), held)
             for component in COMPONENTS:
+                if is_quantized(precision) and not is_dit(component):
+                    continue  # the quantized backends time the experts only (cases/test_perf.py)
                 self._hold(held, backend, component, precision)
                 self._phase("perf", shape, f"{component}: eager {eager_precision(precision)} and {backend}",
                             [self._weights(component, precision)], held,
