@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The full-size stages of the fp8 stack on one GPU, each one pytest session through gpu/tier.sh, with the card's
+# memory sampled by nvidia-smi every 0.5 s (its peak counts the CUDA context and the allocator's cache, which
+# torch's own peaks do not). Everything lands in RESULTS/<stage>-<layers>/ and RESULTS/stages.txt.
+# Usage: bash gpu/full-size.sh RESULTS STAGE LAYERS [pytest arguments...]
+#   STAGE: perf (the CFG step and the gate), parity (both experts' forwards), quality (one prompt, 4 steps)
+#   e.g. bash gpu/full-size.sh /tmp/r perf 40
+set -uo pipefail
+out=${1:?results folder}
+stage=${2:?perf, parity or quality}
+layers=${3:?proxy layers}
+shift 3
+case "$stage" in
+  perf) select=(-m perf -k "(test_speed and cfg_step) or test_speedup_gate") ;;
+  parity) select=(-m parity -k "component_parity") ;;
+  quality) select=(-m quality -k "video_quality and prompt0" --steps=4) ;;
+  *) echo "unknown stage $stage: perf, parity or quality" >&2; exit 2 ;;
+esac
+mkdir -p "$out"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # experts of 28.6 GB come and go: no fragments
+run="$stage-$layers"
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$out/memory-$run.csv" &
+sampler=$!
+start=$(date +%s)
+bash gpu/tier.sh "$out" "$run" "${select[@]}" --model-source=proxy --proxy-layers="$layers" --shapes=480p \
+  --backends=torch,torch-fp8 --precisions=fp8 --candidate=torch-fp8 --attention=fa3-fp8 --fp8-scales=static \
+  --perf-rounds=5 "$@"
+code=$?
+kill "$sampler"
+echo "$run: exit ${code}, ${SECONDS}s wall since the script began, $(( $(date +%s) - start ))s this stage," \
+  "card peak $(sort -n "$out/memory-$run.csv" | tail -1) MiB (nvidia-smi)" | tee -a "$out/stages.txt"
+exit "$code"
