@@ -686,6 +686,7 @@ def test_generate_refuses_bad_options(argv, needle, capsys, tmp_path):
     (["export", "--precision", "fp8", "--component", "vae_decoder"], "--precision fp8 quantizes the DiT experts only"),
     (["export", "--precision", "fp64"], "--precision: unknown precision 'fp64'"),
     (["build", "--opt-level", "9"], "--opt-level 9: TensorRT's builder optimization levels are 0 to 5"),
+    (["build", "--precision", "fp8", "--fp8-recipe", "nvidia"], "--fp8-recipe nvidia keeps blocks 0-2"),
     (["shapes", "99999x99999x9"], "height 99999 exceeds 2048"),
     (["shapes", "16x16x1019"], "frames 1019 is not 4k+1: Wan's VAE needs 4k+1 frames; try 1017 or 1021"),
     (["shapes", "16x16x1022"], "frames 1022 exceeds 1021"),
@@ -749,6 +750,11 @@ def test_ort_cpu_refusing_bf16_names_the_op_and_type(tmp_path):
     ("--backends=torch,onnxruntime --compile-scope=forward",
      "--compile-scope forward: no backend among --backends torch,onnxruntime reads it; add one of inductor"),
     ("--compile-scope=model", "--compile-scope 'model': choose one of blocks, forward"),
+    ("--fp8-recipe=middle", "--fp8-recipe 'middle': choose one of all-blocks, nvidia"),
+    ("--backends=torch --fp8-recipe=nvidia", "--fp8-recipe nvidia: no backend among --backends torch reads it; add "
+                                             "one of torch-fp8, modelopt, tensorrt, tensorrt_rtx"),
+    ("--model-source=proxy --proxy-layers=6 --fp8-recipe=nvidia", "an expert of 6 layers would quantize nothing; "
+                                                                  "use --fp8-recipe all-blocks"),
     ("--backends=torch,onnxruntime --precisions=fp8", "--precisions fp8: no backend among --backends"),
     ("--scale-layers=-3", "--scale-layers -3 must be a whole number >= 1"),
     ("--model-path=/nowhere", "--model-path is read by --model-source checkpoint only"),

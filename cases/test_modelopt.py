@@ -27,7 +27,8 @@ from harness.case import DIT_COMPONENTS, QUANTIZED, Case
 from harness.compare import compare, thresholds
 from harness.components import dit_component, make_component
 from harness.errors import BackendUnavailable, HarnessError
-from harness.models import load_model
+from harness.models import TINY_TRANSFORMER, load_expert, load_model, random_fingerprint
+from harness.recipes import block_index
 from harness.pipeline import CALIBRATION_PROMPTS, CALIBRATION_STEPS
 from harness.settings import settings_from
 from harness.shapes import parse_shape
@@ -162,11 +163,13 @@ def rtx(modelopt_ready):
         pytest.skip(reason)
 
 
-def block_linear_flops(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
-    """2 x rows x in x out of every Linear inside the DiT blocks, from one forward: what the engine must run."""
+def block_linear_flops(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], blocks=None) -> int:
+    """2 x rows x in x out of every Linear inside the DiT blocks (those numbered in `blocks`; None: all), from one
+    forward: what the engine must run."""
     flops, hooks = [0], []
     for name, sub in module.named_modules():
-        if isinstance(sub, torch.nn.Linear) and ".blocks." in f".{name}":
+        index = block_index(name)
+        if isinstance(sub, torch.nn.Linear) and index is not None and (blocks is None or index in blocks):
             hooks.append(sub.register_forward_hook(
                 lambda m, args, out: flops.__setitem__(0, flops[0] + 2 * args[0].numel() * m.out_features)))
     with torch.inference_mode():
@@ -201,14 +204,36 @@ def test_quantized_engine_runs_its_block_gemms_quantized(precision, compute_capa
         assert proof.fused_self_attention, f"self-attention is not one fused fp8 MHA kernel: {proof}"
     case = Case("transformer", SHAPE, precision, source=session.settings.source)
     session.record("export", case, "tensorrt_rtx", engine)
-    assert engine.checks() == {"quantized_gemm_share": True}
+    assert proof.target_blocks == proof.quantized_blocks == (0, 1), str(proof)
+    assert engine.checks() == {"quantized_gemm_share": True, "quantized_blocks": True}
+
+
+def test_an_nvidia_recipe_engine_runs_fp8_only_in_the_blocks_it_quantizes(session, rtx):
+    """A tiny-width expert of 8 layers under --fp8-recipe nvidia keeps blocks 0-2 and 5-7 bf16: TensorRT-RTX's own
+    layer log shows fp8 GEMMs in blocks 3-4 only, all of their linear GEMM work in fp8 with fused fp8
+    self-attention, and 16-bit GEMMs in every block kept high. Calibrated on three seeded forwards: the proof is
+    about which kernels run in which precision, which the scale values do not change."""
+    expert = dit_component(load_expert(8, device="cpu", dtype=torch.bfloat16, config=TINY_TRANSFORMER),
+                           random_fingerprint({**TINY_TRANSFORMER, "num_layers": 8}, 0))
+    component = dataclasses.replace(expert, loop_inputs=lambda c, held_out: [expert.inputs(c, seed) for seed in range(3)])
+    case = Case("transformer", SHAPE, "fp8", source="tiny")
+    options = BackendOptions(cache_dir=session.settings.cache_dir, compute_capability="8.9", fp8_recipe="nvidia")
+    _, engine = TensorRTRTXBuilder(options).build(component, case)
+    proof = engine.proof("fp8", block_linear_flops(component.module, component.inputs(case), blocks=(3, 4)))
+    assert proof.quantized_blocks == proof.target_blocks == (3, 4), str(proof)
+    assert proof.share >= min_quantized_share() and proof.fused_self_attention, str(proof)
+    kept = [g for g in engine.gemms() if g.block and block_index(g.block) not in (3, 4)]
+    assert {block_index(g.block) for g in kept} == {0, 1, 2, 5, 6, 7}, "every kept block's GEMMs are in the log"
+    assert all("fp8" not in g.precision for g in kept), [g for g in kept if "fp8" in g.precision]
+    assert engine.checks() == {"quantized_gemm_share": True, "quantized_blocks": True}
+    assert "fp8 GEMMs in blocks 3-4;" in str(engine), str(engine)
 
 
 def test_a_plain_bf16_engine_fails_the_fp8_proof(session, rtx):
     engine, expected = engine_for(session, "bf16", "8.9")
     proof = engine.proof("fp8", expected)
     assert proof.block_gemm_flops == expected and proof.share < min_quantized_share()
-    assert not proof.fused_self_attention, str(proof)
+    assert not proof.fused_self_attention and proof.target_blocks == () and not proof.blocks_as_meant, str(proof)
 
 
 def test_fp8_for_a_gpu_without_fp8_fails_loudly(session, rtx):
@@ -228,6 +253,7 @@ def test_harness_build_makes_an_fp8_engine_for_a_named_target(session, rtx, caps
                  "--shape", SHAPE.id, "--model-source", "tiny", f"--cache-dir={session.settings.cache_dir}"])
     out = capsys.readouterr().out
     assert code == 0 and "target sm89" in out and "100.0% of" in out and "fused_mha fp8" in out, out
+    assert "fp8 GEMMs in blocks 0-1;" in out, out
     assert main(["build", "--precision", "fp8", "--compute-capability", "8.9.1", "--component", "transformer"]) == 2
 
 

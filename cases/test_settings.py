@@ -75,7 +75,7 @@ def test_rows_record_the_attention_kernel_and_the_options_their_backend_reads(tm
         session.record("perf", case, backend, Measured({"median_ms": 1.0}))
     rows = {r.backend: r.versions for r in load_run(tmp_path / "run-x")}
     assert rows["inductor"].endswith(";attention=fa3;compile_scope=forward")
-    assert rows["torch-fp8"].endswith(";attention=cudnn-fp8;fp8_scales=static")
+    assert rows["torch-fp8"].endswith(";attention=cudnn-fp8;fp8_scales=static;fp8_recipe=all-blocks")
     assert "attention=" not in rows["onnxruntime"] and "scope" not in rows["onnxruntime"]
     assert {"fp8 scales": "static", "compile scope": "forward"}.items() <= settings.summary().items()
     assert session.recorded("perf", case, "inductor", Measured).metrics() == {"median_ms": 1.0}
@@ -95,10 +95,31 @@ def test_rows_record_the_attention_kernel_and_the_options_their_backend_reads(tm
     ({"opt_level": 6}, "--opt-level 6: TensorRT's builder optimization levels are 0 to 5"),
     ({"backends": "torch,onnxruntime", "engine_weights": "full"}, "--engine-weights full: no backend among --backends "
                                                                   "torch,onnxruntime builds a TensorRT engine"),
+    ({"backends": "torch,onnxruntime", "fp8_recipe": "nvidia"}, "--fp8-recipe nvidia: no backend among --backends "
+                                                               "torch,onnxruntime reads it; add one of torch-fp8, "
+                                                               "modelopt, tensorrt, tensorrt_rtx"),
+    ({"fp8_recipe": "middle"}, "--fp8-recipe 'middle': choose one of all-blocks, nvidia"),
+    ({"fp8_recipe": "nvidia"}, "--fp8-recipe nvidia keeps blocks 0-2 and the last 3 of each expert in high precision, "
+                               "so an expert of 2 layers would quantize nothing; use --fp8-recipe all-blocks"),
 ])
 def test_an_option_that_would_change_nothing_or_skip_everything_is_refused(values, needle):
     with pytest.raises(HarnessError, match=re.escape(needle)):
         settings_from({"device": "cpu", **values})
+
+
+def test_rows_and_the_summary_name_the_fp8_recipe_of_each_backend_that_quantizes(tmp_path):
+    settings = settings_from({"backends": "torch,torch-fp8,modelopt,tensorrt", "model_source": "proxy",
+                              "proxy_layers": 7, "fp8_recipe": "nvidia", "device": "cpu"})
+    assert settings.backend_options.fp8_recipe == "nvidia" and settings.summary()["fp8 recipe"] == "nvidia"
+    session = Session(settings, RunRecorder(tmp_path, "run-r"))
+    case = Case("transformer", parse_shape("16x16x9"), "fp8", source="proxy")
+    for backend in ("torch", "torch-fp8", "modelopt", "tensorrt"):
+        session.record("parity", case, backend, Measured({"rel_l2": 0.01}))
+    rows = {r.backend: r.versions for r in load_run(tmp_path / "run-r")}
+    assert all(rows[b].endswith("fp8_recipe=nvidia") for b in ("torch-fp8", "modelopt", "tensorrt")), rows
+    assert "fp8_recipe" not in rows["torch"]
+    default = settings_from({"backends": "torch,modelopt", "device": "cpu"})
+    assert default.backend_options.fp8_recipe == "all-blocks" and default.summary()["fp8 recipe"] == "all-blocks"
 
 
 def test_a_file_where_a_folder_goes_is_refused_and_nothing_is_made(tmp_path):

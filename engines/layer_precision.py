@@ -14,6 +14,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from harness.recipes import block_index, block_ranges
+
 LAYERS_HEADER = "Layers:"
 # TensorRT's datatype names -> the harness's precision names
 DTYPES = {"FP8": "fp8", "Int8": "int8", "Half": "fp16", "BFloat16": "bf16", "Float": "fp32", "Int32": "int32",
@@ -127,12 +129,15 @@ def _where(layer: EngineLayer) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class PrecisionProof:
-    """How much of the DiT blocks' GEMM work an engine runs in `target`, and how its self-attention ran."""
+    """How much of the quantized blocks' GEMM work an engine runs in `target`, how their self-attention ran, and
+    which blocks run `target` GEMMs at all: with an --fp8-recipe that keeps blocks high, exactly the others."""
 
     target: str
-    block_gemm_flops: int  # every linear GEMM inside the blocks (or the expected total, where larger)
+    block_gemm_flops: int  # every linear GEMM inside the quantized blocks (or the expected total, where larger)
     target_gemm_flops: int  # those with both operands in `target`
-    self_attention: tuple[str, ...]  # per self-attention layer: "fused_mha fp8", "batched fp16", ...
+    self_attention: tuple[str, ...]  # per self-attention layer of the quantized blocks: "fused_mha fp8", ...
+    target_blocks: tuple[int, ...] = ()  # every block with a GEMM (linear or attention) with an operand in `target`
+    quantized_blocks: tuple[int, ...] = ()  # the blocks meant to run in `target` (the recipe's)
 
     @property
     def share(self) -> float:
@@ -140,22 +145,36 @@ class PrecisionProof:
 
     @property
     def fused_self_attention(self) -> bool:
-        """Self-attention is one fused MHA kernel in `target` in every block."""
+        """Self-attention is one fused MHA kernel in `target` in every quantized block."""
         return bool(self.self_attention) and all(a == f"fused_mha {self.target}" for a in self.self_attention)
 
+    @property
+    def blocks_as_meant(self) -> bool:
+        """`target` GEMMs run in the quantized blocks and in no block kept high."""
+        return self.target_blocks == self.quantized_blocks
+
     def __str__(self) -> str:
-        return (f"{self.share:.1%} of {self.block_gemm_flops:,} block GEMM FLOPs in {self.target}; self-attention: "
+        kept = "" if self.blocks_as_meant else f" (meant: {block_ranges(self.quantized_blocks) or 'none'})"
+        return (f"{self.share:.1%} of {self.block_gemm_flops:,} block GEMM FLOPs in {self.target}; {self.target} "
+                f"GEMMs in blocks {block_ranges(self.target_blocks) or 'none'}{kept}; self-attention: "
                 f"{', '.join(self.self_attention) or 'none seen'}")
 
 
-def precision_proof(rows: list[Gemm], target: str, expected_flops: int = 0) -> PrecisionProof:
-    """The proof over `rows` (gemms()). `expected_flops`, the blocks' linear FLOPs from the module itself, guards
-    against GEMMs the log hides inside other kernels: they count as not `target`."""
-    block = [g for g in rows if g.block and g.kind == "linear"]
-    seen = sum(g.flops for g in block)
-    attention = tuple(f"{g.kind} {g.precision}" for g in rows if g.part == "attn1" and g.kind != "linear")
-    return PrecisionProof(target, max(seen, expected_flops), sum(g.flops for g in block if g.precision == target),
-                          attention)
+def precision_proof(rows: list[Gemm], target: str, expected_flops: int = 0,
+                    quantized_blocks: tuple[int, ...] | None = None) -> PrecisionProof:
+    """The proof over `rows` (gemms()) for the blocks `quantized_blocks` numbers (None: every block in the rows).
+    `expected_flops`, those blocks' linear FLOPs from the module itself, guards against GEMMs the log hides inside
+    other kernels: they count as not `target`."""
+    in_blocks = [g for g in rows if g.block]
+    if quantized_blocks is None:
+        quantized_blocks = tuple(sorted({block_index(g.block) for g in in_blocks}))
+    meant = [g for g in in_blocks if block_index(g.block) in quantized_blocks]
+    linear = [g for g in meant if g.kind == "linear"]
+    attention = tuple(f"{g.kind} {g.precision}" for g in meant if g.part == "attn1" and g.kind != "linear")
+    ran = tuple(sorted({block_index(g.block) for g in in_blocks if target in g.precision.split(" x ")}))
+    return PrecisionProof(target, max(sum(g.flops for g in linear), expected_flops),
+                          sum(g.flops for g in linear if g.precision == target), attention, ran,
+                          tuple(quantized_blocks))
 
 
 def markdown_table(rows: list[Gemm]) -> str:

@@ -22,6 +22,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import Collection
 
 import torch
 
@@ -31,23 +32,13 @@ from harness.case import QUANTIZED, Case, is_dit
 from harness.components import Component
 from harness.errors import BackendUnavailable
 from harness.residency import private_copy
+from harness.recipes import FP8_RECIPES, HIGH_PRECISION_MODULES, expert_layers, quantized_blocks
 
 log = logging.getLogger(__name__)
 
 MODELOPT_VERSION = "0.47.0"
 SCALES_FILE = "scales.pt"
 
-# Kept in high precision (every quantizer under these names stays off):
-#   patch_embedding     the Conv3d that embeds the latents,
-#   condition_embedder  the timestep and text embedders, with the modulation projection (time_proj),
-#   proj_out            the output projection.
-# Measured, fp8 calibrated on the loop, fp32 tiny DiT at 128x128x9, rel L2 of one expert forward on held-out
-# loop inputs against fp32: FP8_DEFAULT_CFG as it is 0.048 (it quantizes the embedders), these three kept high
-# 0.020; quantizing proj_out as well 0.059. On the proxy at A14B width (2 of 40 layers, 480p, H100, calibrated
-# on 3 random-input forwards): 0.049, outside the fp8 band of 0.028, against 0.019 with these kept high, the
-# error of torch-fp8 (0.0195), which keeps the same layers in bf16. Norms and the modulation tables are no
-# matmuls and are never quantized.
-HIGH_PRECISION = ("*patch_embedding*", "*condition_embedder*", "*proj_out*")
 # SmoothQuant's migration strength, the SmoothQuant paper's default: int8 measured 0.011-0.019 rel L2 on the bf16
 # tiny DiT at 128x128x9 (held-out loop calls), where fp8 measured 0.018-0.025.
 SMOOTHQUANT_ALPHA = 0.5
@@ -77,12 +68,20 @@ def modelopt_reason() -> str:
     return ""
 
 
-def _keep_high_precision(cfg: dict) -> dict:
-    cfg["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in HIGH_PRECISION]
+def _keep_high_precision(cfg: dict, recipe: str, layers: int) -> dict:
+    """Every quantizer off outside the blocks `recipe` quantizes (harness.recipes), in an expert of `layers` blocks.
+
+    ModelOpt matches a quantizer's full name with fnmatch; the dot after the index keeps block 1's pattern off
+    blocks 10-19.
+    """
+    quantized = quantized_blocks(recipe, layers)
+    patterns = [f"*{name}*" for name in HIGH_PRECISION_MODULES]
+    patterns += [f"*blocks.{i}.*" for i in range(layers) if i not in quantized]
+    cfg["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in patterns]
     return cfg
 
 
-def _fp8_config() -> dict:
+def _fp8_config(recipe: str, layers: int) -> dict:
     """FP8_DEFAULT_CFG (per-tensor e4m3 weights and inputs, max calibration) with fp8 self-attention.
 
     Self-attention's Q, K, V and softmax output in fp8, as torch-fp8 runs it; it cost the tiny DiT 0.0198 ->
@@ -92,19 +91,59 @@ def _fp8_config() -> dict:
     e4m3 = {"num_bits": (4, 3), "axis": None}
     cfg["quant_cfg"] += [{"quantizer_name": "*attn1.[qkv]_bmm_quantizer", "cfg": dict(e4m3)},
                          {"quantizer_name": "*attn1.softmax_quantizer", "cfg": dict(e4m3)}]
-    return _keep_high_precision(cfg)
+    return _keep_high_precision(cfg, recipe, layers)
 
 
-def _int8_config() -> dict:
+def _int8_config(recipe: str, layers: int) -> dict:
     """INT8_SMOOTHQUANT_CFG: int8 weights per output channel, int8 inputs per tensor after smoothing."""
     cfg = copy.deepcopy(_mtq().INT8_SMOOTHQUANT_CFG)
     cfg["algorithm"] = {"method": "smoothquant", "alpha": SMOOTHQUANT_ALPHA}
-    return _keep_high_precision(cfg)
+    return _keep_high_precision(cfg, recipe, layers)
 
 
-def quant_config(precision: str) -> dict:
-    """The ModelOpt config of `precision` (fp8 or int8), with the high-precision layers switched off."""
-    return {"fp8": _fp8_config, "int8": _int8_config}[precision]()
+def quant_config(precision: str, recipe: str, layers: int) -> dict:
+    """The ModelOpt config of `precision` (fp8 or int8) for an expert of `layers` blocks, with what `recipe` keeps
+    in high precision switched off."""
+    return {"fp8": _fp8_config, "int8": _int8_config}[precision](recipe, layers)
+
+
+def enabled_quantizers(module: torch.nn.Module) -> list[str]:
+    """The names of the quantizers that are on in a ModelOpt-quantized `module`."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return [name for name, sub in module.named_modules() if isinstance(sub, TensorQuantizer) and sub.is_enabled]
+
+
+def planned_quantizers(module: torch.nn.Module, precision: str, recipe: str) -> list[str]:
+    """The quantizers quant_config(precision, recipe) turns on in `module`, decided by ModelOpt's own matching on a
+    copy with its quantizers inserted, without calibrating: on a meta skeleton it costs no weights (a 40-layer
+    expert takes about 2 s)."""
+    _mtq()  # imported quietly first
+    from modelopt.torch.quantization.conversion import replace_quant_module, set_quantizer_by_cfg
+
+    copied = copy.deepcopy(module)
+    with _quiet():
+        replace_quant_module(copied)
+        set_quantizer_by_cfg(copied, quant_config(precision, recipe, expert_layers(module))["quant_cfg"])
+    return enabled_quantizers(copied)
+
+
+@contextlib.contextmanager
+def quantizing_only(module: torch.nn.Module, names: Collection[str]):
+    """Within the block, only the quantizers in `names` of those on in `module` stay on; the others are back on
+    after. With none on, the ModelOpt copy computes what the eager module computes, bit for bit (measured on the
+    tiny DiT in bf16)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    off = [sub for name, sub in module.named_modules()
+           if isinstance(sub, TensorQuantizer) and sub.is_enabled and name not in names]
+    for sub in off:
+        sub.disable()
+    try:
+        yield
+    finally:
+        for sub in off:
+            sub.enable()
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -143,18 +182,20 @@ def _quantizer_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if "_quantizer." in k}
 
 
-def calibrate(component: Component, case: Case, cache: DiskCache, scheme: str | None = None) -> Cached[dict]:
+def calibrate(component: Component, case: Case, cache: DiskCache, scheme: str | None = None,
+              recipe: str = FP8_RECIPES[0]) -> Cached[dict]:
     """The quantizer state of `component` calibrated on the loop's inputs, through the cache.
 
     `scheme` (fp8 or int8) defaults to case.precision; name it to quantize beside the case's own activation
-    precision, e.g. an fp16 expert for an ONNX Runtime check (ORT's CPU provider has no bf16 Conv).
+    precision, e.g. an fp16 expert for an ONNX Runtime check (ORT's CPU provider has no bf16 Conv). `recipe`
+    (--fp8-recipe) names the blocks quantized; its config is in the cache key.
     """
     if component.loop_inputs is None:
         raise BackendUnavailable(f"{component.name} carries no denoising-loop inputs to calibrate on (an expert "
                                  "held without a WanModel); quantize an expert of a whole model")
     scheme = scheme or case.precision
     inputs = component.loop_inputs(case, False)
-    cfg = quant_config(scheme)
+    cfg = quant_config(scheme, recipe, expert_layers(component.module))
 
     def build(folder: Path) -> None:
         import modelopt.torch.opt as mto
@@ -218,13 +259,13 @@ def _fold_smoothing(module: torch.nn.Module) -> None:
             sub.weight.copy_((sub.weight * inverse[None, :]).to(sub.weight.dtype))
 
 
-def quantized_module(component: Component, case: Case, cache: DiskCache,
-                     scheme: str | None = None) -> tuple[torch.nn.Module, str]:
+def quantized_module(component: Component, case: Case, cache: DiskCache, scheme: str | None = None,
+                     recipe: str = FP8_RECIPES[0]) -> tuple[torch.nn.Module, str]:
     """The component's module fake-quantized (see `calibrate`), and the key of the calibration entry it restored."""
     if not is_dit(case.component):
         raise BackendUnavailable(f"ModelOpt quantization covers the DiT experts only, not {case.component} "
                                  "(the text encoder and VAE stay bf16 beside them)")
-    cached = calibrate(component, case, cache, scheme)
+    cached = calibrate(component, case, cache, scheme, recipe)
     return restore(component, cached.value), cached.path.name
 
 
@@ -243,9 +284,11 @@ class ModelOpt:
     def held_bytes(module: torch.nn.Module, precision: str) -> int:
         """Its fake-quantized copy of an expert keeps bf16 weights: the whole expert again (harness.plan)."""
         return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    labelled_options = ("fp8_recipe",)  # harness.backends.LABELLED_OPTIONS
 
     def __init__(self, options: BackendOptions = BackendOptions()):
         self.cache = DiskCache(options.cache_dir)
+        self.recipe = options.fp8_recipe
 
     def available(self) -> tuple[bool, str]:
         """On CUDA ModelOpt JIT-compiles its fake-quant kernels with ninja on first use (64 s measured on an
@@ -256,5 +299,5 @@ class ModelOpt:
     def build(self, component: Component, case: Case) -> Runner:
         from engines.torch_eager import TorchEager
 
-        module, _ = quantized_module(component, case, self.cache)
+        module, _ = quantized_module(component, case, self.cache, recipe=self.recipe)
         return TorchEager().build(dataclasses.replace(component, module=module), case)

@@ -31,6 +31,7 @@ from harness.case import Case
 from harness.components import Component
 from harness.errors import HarnessError
 from harness.export import ExportedGraph, export_case
+from harness.recipes import FP8_RECIPES
 
 # Bumped when the rewrite changes what a graph contains.
 REWRITE = "qdq-standard-v1"
@@ -44,9 +45,10 @@ ZERO_POINT = "fp8_zero_point"  # one scalar initializer: its type is what makes 
 EXTERNAL_DATA_BYTES = 256 << 20
 
 
-def export_quantized(component: Component, case: Case, cache: DiskCache, scheme: str | None = None) -> ExportedGraph:
+def export_quantized(component: Component, case: Case, cache: DiskCache, scheme: str | None = None,
+                     recipe: str = FP8_RECIPES[0]) -> ExportedGraph:
     """The Q/DQ graph of `component` quantized for case.precision (fp8 or int8; or `scheme` beside the case's
-    own activation precision, see engines.modelopt.calibrate), through the ONNX cache.
+    own activation precision, see engines.modelopt.calibrate) under `recipe` (--fp8-recipe), through the ONNX cache.
 
     Its cache key covers the calibration entry it was restored from, the rewrite and ModelOpt's version.
     """
@@ -55,7 +57,7 @@ def export_quantized(component: Component, case: Case, cache: DiskCache, scheme:
     if case.dynamic:
         raise HarnessError(f"{case.id}: fp8/int8 graphs are static; ModelOpt's Q/DQ symbolics exist for the "
                            "TorchScript exporter, which bakes the DiT's RoPE sizes; drop --dynamic")
-    module, calibration = quantized_module(component, case, cache, scheme)
+    module, calibration = quantized_module(component, case, cache, scheme, recipe)
     dtype = next(module.parameters()).dtype
     if dtype not in TRT_DTYPE:
         raise HarnessError(f"{case.id}: Q/DQ graphs are 16-bit (ModelOpt exports fp8 attention for fp16/bf16 "

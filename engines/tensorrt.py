@@ -16,7 +16,7 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -34,6 +34,7 @@ from harness.components import Component
 from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, check_inputs, export_case
 from harness.memory import StageUsage, run_isolated
+from harness.recipes import expert_layers, quantized_blocks
 from harness.weight_inputs import WeightInputs, read_index, weight_bytes_view, weight_inputs
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class EngineBuild:
     precision: str = ""
     layer_info: str = ""  # the builder's detailed layer information; "" where the module logs none
     weight_inputs: frozenset[str] = frozenset()  # the weights an "inputs" plan takes as graph inputs
+    quantized_blocks: tuple[int, ...] | None = None  # the blocks its --fp8-recipe quantizes (None: every block)
 
     def gemms(self) -> list[Gemm]:
         """The engine's GEMM-like layers, from the builder's layer information."""
@@ -141,7 +143,7 @@ class EngineBuild:
     def proof(self, target: str | None = None, expected_flops: int = 0) -> PrecisionProof:
         """How much of the blocks' GEMM work runs in `target` (default: this engine's quantized precision); see
         precision_proof for `expected_flops`."""
-        return precision_proof(self.gemms(), target or self.precision, expected_flops)
+        return precision_proof(self.gemms(), target or self.precision, expected_flops, self.quantized_blocks)
 
     @functools.cached_property
     def quantized_proof(self) -> PrecisionProof | None:
@@ -151,17 +153,23 @@ class EngineBuild:
     def metrics(self) -> dict[str, float]:
         out = {"trt_layers": self.layers, "engine_mb": self.size_bytes / 2 ** 20, "build_s": self.build_s,
                "fetch_s": self.fetch_s, "plan_share": self.size_bytes / self.onnx_bytes}
-        if self.quantized_proof:
-            out.update(quantized_gemm_share=self.quantized_proof.share,
-                       fused_self_attention=float(self.quantized_proof.fused_self_attention))
+        proof = self.quantized_proof
+        if proof:
+            out.update(quantized_gemm_share=proof.share, fused_self_attention=float(proof.fused_self_attention),
+                       quantized_blocks=len(proof.target_blocks))
         return out
 
     def thresholds(self) -> dict:
-        return {"quantized_gemm_share": min_quantized_share()} if self.quantized_proof else {}
+        proof = self.quantized_proof
+        if not proof:
+            return {}
+        return {"quantized_gemm_share": min_quantized_share(), "quantized_blocks": len(proof.quantized_blocks)}
 
     def checks(self) -> dict:
+        """The quantized blocks' GEMM share, and their list: exactly the blocks the recipe quantizes."""
         proof = self.quantized_proof
-        return {"quantized_gemm_share": proof.share >= min_quantized_share()} if proof else {}
+        return {"quantized_gemm_share": proof.share >= min_quantized_share(),
+                "quantized_blocks": proof.blocks_as_meant} if proof else {}
 
     def __str__(self) -> str:
         plugins = f", plugins: {', '.join(self.plugin_layers)}" if self.plugin_layers else ", no plugin layers"
@@ -418,6 +426,7 @@ class _Builder:
         self.options = dict(opt_level=options.opt_level, weight_streaming=options.weight_streaming)
         self.engine_weights = options.engine_weights
         self.compute_capability = options.compute_capability
+        self.recipe = options.fp8_recipe
 
     def can_build(self) -> tuple[bool, str]:
         """TensorRT-RTX builds without a GPU; full TensorRT needs one."""
@@ -438,6 +447,9 @@ class _Builder:
         weights = plan_weights_mode(self.engine_weights, case.component, torch.cuda.is_available())
         engine = build_plan(trt, graph, [case_profile(component, case)], self.cache, weights=weights,
                             compute_capability=target, **self.options)
+        if is_quantized(case.precision):  # what the proof checks the engine's layers against
+            blocks = quantized_blocks(self.recipe, expert_layers(component.module))
+            engine = replace(engine, quantized_blocks=blocks)
         return graph, engine
 
     def _graph(self, component: Component, case: Case) -> ExportedGraph:
@@ -450,7 +462,7 @@ class _Builder:
         reason = modelopt_reason()
         if reason:
             raise BackendUnavailable(f"{case.precision} engines start from ModelOpt's Q/DQ graph: {reason}")
-        return export_quantized(component, case, self.cache)
+        return export_quantized(component, case, self.cache, recipe=self.recipe)
 
 
 class TensorRTBuilder(_Builder):
@@ -469,6 +481,7 @@ class _TensorRTBackend:
     precisions = ("fp32", "fp16", "bf16", *QUANTIZED)  # fp8/int8: the DiT experts, from ModelOpt Q/DQ graphs
     attention_kernels = ()  # TensorRT chooses its own attention kernels from the graph
     shards_sequence = False  # one exported graph holds the whole sequence's attention
+    labelled_options = ("fp8_recipe",)  # harness.backends.LABELLED_OPTIONS: its fp8/int8 engines follow it
 
     @staticmethod
     def held_bytes(module: torch.nn.Module, precision: str) -> int:

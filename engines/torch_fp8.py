@@ -8,9 +8,10 @@ the eager bf16 baseline shares the original.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
-from typing import Iterable
+from typing import Callable, Collection, Iterable
 
 import torch
 
@@ -18,12 +19,13 @@ from engines.attention.kernels import kernel_available
 from engines.attention.processor import check_layout, install
 from engines.cuda_graph import GraphedRunner
 from engines.inductor import Inductor
-from harness.backends import BackendOptions, Runner
+from harness.backends import ATTENTION_KERNELS, BackendOptions, Runner
 from harness.case import Case, is_dit
 from harness.components import Component
 from harness.distributed import sequence_parallel
 from harness.errors import BackendUnavailable, HarnessError
 from harness.residency import private_copy
+from harness.recipes import block_index, expert_layers, quantized_blocks
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +53,14 @@ def _device_reason() -> str:
     return ""
 
 
-def fp8_linear(module: torch.nn.Module, fqn: str) -> bool:
-    """Linears inside the transformer blocks whose dims suit torch._scaled_mm (multiples of 16).
+def fp8_linear(module: torch.nn.Module, fqn: str, blocks: Collection[int] | None = None) -> bool:
+    """Linears inside the transformer blocks (those numbered in `blocks`, the --fp8-recipe's; None: every block)
+    whose dims suit torch._scaled_mm (multiples of 16).
 
     Embedders and the output projection stay bf16, as in the per-block measurement (docs/hardware.md).
     """
-    return (isinstance(module, torch.nn.Linear) and ".blocks." in f".{fqn}"
+    index = block_index(fqn)
+    return (isinstance(module, torch.nn.Linear) and index is not None and (blocks is None or index in blocks)
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
@@ -68,11 +72,12 @@ def fp8_copy_bytes(module: torch.nn.Module) -> int:
 
 
 def quantized_copy(module: torch.nn.Module, scales: str = "row",
-                   calibration: Iterable[tuple[torch.Tensor, ...]] = ()) -> tuple[torch.nn.Module, int]:
-    """A copy of `module` whose block linears run fp8 e4m3 matmuls; and how many were quantized. The copy is made
-    with harness.residency.private_copy: a component taking turns on the device is built anew from its recipe
-    while the original waits in host memory, and torchao then swaps each linear's weight for its fp8 one in place,
-    so a 40-layer expert never stands on the card twice.
+                   calibration: Iterable[tuple[torch.Tensor, ...]] = (),
+                   keep: Callable[[torch.nn.Module, str], bool] = fp8_linear) -> tuple[torch.nn.Module, int]:
+    """A copy of `module` whose linears chosen by `keep` run fp8 e4m3 matmuls; and how many were quantized. The copy
+    is made with harness.residency.private_copy: a component taking turns on the device is built anew from its
+    recipe while the original waits in host memory, and torchao then swaps each linear's weight for its fp8 one in
+    place, so a 40-layer expert never stands on the card twice.
 
     scales "row": weights and activations per row, each call's activations scaled by their own amax.
     scales "static": one scale per weight and one per activation, the activation's the largest |x| the
@@ -83,16 +88,16 @@ def quantized_copy(module: torch.nn.Module, scales: str = "row",
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
     clone = private_copy(module)
-    count = sum(fp8_linear(m, name) for name, m in clone.named_modules())
+    count = sum(keep(m, name) for name, m in clone.named_modules())
     if count and scales == "row":
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-        quantize_(clone, config, filter_fn=fp8_linear)
+        quantize_(clone, config, filter_fn=keep)
     elif count:
         from torchao.prototype.quantization.quant_api import Float8StaticActivationFloat8WeightConfig
 
         def step(name: str) -> None:
             config = Float8StaticActivationFloat8WeightConfig(step=name, granularity=PerTensor(), set_inductor_config=False)
-            quantize_(clone, config, filter_fn=fp8_linear)
+            quantize_(clone, config, filter_fn=keep)
 
         step("prepare")
         with torch.inference_mode():
@@ -111,7 +116,7 @@ class TorchFp8:
     # self-attention in bf16 beside the fp8 GEMMs.
     attention_kernels = ("cudnn-fp8", "fa3-fp8", "triton-fp8", "fa3", "sdpa")
     shards_sequence = True
-    labelled_options = ("fp8_scales",)  # harness.backends.LABELLED_OPTIONS
+    labelled_options = ("fp8_scales", "fp8_recipe")  # harness.backends.LABELLED_OPTIONS
 
     @staticmethod
     def held_bytes(module: torch.nn.Module, precision: str) -> int:
@@ -124,6 +129,7 @@ class TorchFp8:
                                f"not {options.attention!r}")
         self.kernel = options.attention or self.attention_kernels[0]
         self.scales = options.fp8_scales
+        self.recipe = options.fp8_recipe
         # Blocks only: torchao's fp8 weights are tensor subclasses, and torch 2.11's nested compile regions
         # reject them at trace time ("Expected FakeTensor, got PrototypeFloat8Tensor" on an H200), so the
         # whole-forward scope is inductor's alone (docs/hardware.md).
@@ -147,14 +153,19 @@ class TorchFp8:
             raise BackendUnavailable(f"torch-fp8 --fp8-scales static calibrates on the denoising loop's inputs; "
                                      f"{component.name} carries none (an expert held without a WanModel)")
         calibration = component.loop_inputs(case, False) if self.scales == "static" else ()
-        module, count = quantized_copy(component.module, self.scales, calibration)
+        blocks = quantized_blocks(self.recipe, expert_layers(component.module))
+        module, count = quantized_copy(component.module, self.scales, calibration,
+                                       functools.partial(fp8_linear, blocks=blocks))
         if count == 0:  # the tiny DiT (width 24) has no linear fit for fp8 matmuls: it would be plain bf16
             raise BackendUnavailable(f"torch-fp8: no linear in {case.component}'s blocks has dims that are "
                                      f"multiples of 16, so nothing would run in fp8; use the proxy source")
-        log.info("torch-fp8: %d linears of %s quantized to fp8 e4m3, %s scales", count, case.component, self.scales)
+        log.info("torch-fp8: %d linears of %s quantized to fp8 e4m3, %s scales, recipe %s", count, case.component,
+                 self.scales, self.recipe)
         if self.kernel != "sdpa":
-            # Installed before compiling, so Inductor fuses the Q/K/V quantization with RoPE and the norms.
-            install(module.transformer, self.kernel)
+            # Installed before compiling, so Inductor fuses the Q/K/V quantization with RoPE and the norms. An fp8
+            # kernel goes to the recipe's quantized blocks only: the blocks it keeps high keep bf16 attention.
+            fp8_attention = ATTENTION_KERNELS[self.kernel] == "fp8"
+            install(module.transformer, self.kernel, blocks=blocks if fp8_attention else None)
         module = sequence_parallel(module, case, private=True)  # the quantized copy is this backend's own
         runner = self.compiler.build(dataclasses.replace(component, module=module), case)
         return GraphedRunner(runner) if self.cuda_graph else runner

@@ -295,7 +295,8 @@ def _add_export_commands(sub) -> None:
                        help="fp32 | fp16 | bf16, or for the DiT experts fp8 | int8 (default: %(default)s)")
         p.add_argument("--shape", default=None, help="a preset or HxWxF (default: 16x16x9 tiny, 480p otherwise)")
         p.add_argument("--dynamic", action="store_true", help="dynamic batch/latent/text axes (VAE frames stay static)")
-        _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--device", "--cache-dir")
+        _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--device", "--cache-dir",
+                         "--fp8-recipe")
         p.set_defaults(func=func)
 
 
@@ -331,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--out", default="video.mp4", help="(default: %(default)s)")
     _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--steps", "--device", "--cache-dir",
-                     "--attention", "--cfg-batch")
+                     "--attention", "--cfg-batch", "--fp8-recipe")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__ +

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 
 from harness.errors import HarnessError, check_choice
+from harness.recipes import FP8_RECIPES
 
 if TYPE_CHECKING:
     from harness.case import Case
@@ -58,7 +59,7 @@ FP8_SCALES = ("row", "static")
 COMPILE_SCOPES = ("blocks", "forward")
 # Options that only some backends read, with their flag: such a backend declares them in `labelled_options`,
 # its rows name their values, and giving a non-default value to a run with no such backend is an error.
-LABELLED_OPTIONS = {"fp8_scales": "--fp8-scales", "compile_scope": "--compile-scope"}
+LABELLED_OPTIONS = {"fp8_scales": "--fp8-scales", "compile_scope": "--compile-scope", "fp8_recipe": "--fp8-recipe"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class BackendOptions:
     cuda_graph: bool = False  # replay static-shape forwards as one CUDA graph
     fp8_scales: str = FP8_SCALES[0]  # torch-fp8's activation scales; the first choice is the default
     compile_scope: str = COMPILE_SCOPES[0]  # what torch.compile covers in a DiT expert (inductor)
+    fp8_recipe: str = FP8_RECIPES[0]  # which blocks the quantizing backends quantize (harness.recipes)
     engine_weights: str = ENGINE_WEIGHTS[0]  # what a DiT expert's TensorRT plan holds
     # TensorRT: the compute capability an engine is built for, "major.minor"; "" is this GPU's own, or with
     # no GPU a default per precision (engines/tensorrt.py AOT_TARGETS)

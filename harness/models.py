@@ -320,15 +320,17 @@ def managed_model(source: str, residency, *, dtype: torch.dtype, layers: int = 2
                     **parts)
 
 
-def load_expert(layers: int = 40, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """One A14B-width expert alone (the proxy's `transformer` at `layers` depth), for timing-only cases.
+def load_expert(layers: int = 40, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                config: dict = A14B_TRANSFORMER):
+    """One A14B-width expert alone (the proxy's `transformer` at `layers` depth), for timing-only cases; with
+    `config` TINY_TRANSFORMER, a tiny-width one of `layers` layers (deeper than the tiny source's 2).
 
     The full 40-layer expert is 28.6 GB in bf16: it fits an H100 only without the second expert,
     the text encoder and an fp32 reference beside it.
     """
     from diffusers import WanTransformer3DModel
 
-    return _build(WanTransformer3DModel, {**A14B_TRANSFORMER, "num_layers": layers}, seed, device, dtype)
+    return _build(WanTransformer3DModel, {**config, "num_layers": layers}, seed, device, dtype)
 
 
 def check_checkpoint_folder(path: str | os.PathLike | None) -> Path:

@@ -261,9 +261,13 @@ class Session:
     # ------------------------------------------------------------------ export and engines
 
     def export(self, case: Case, cache: DiskCache | None = None) -> ExportedGraph:
-        """The case's graph through the cache; fp8/int8 cases get the Q/DQ graph of the quantized expert."""
-        export = load(QUANTIZED_EXPORT) if is_quantized(case.precision) else export_case
-        return export(self.component(case), case, cache or DiskCache(self.settings.cache_dir))
+        """The case's graph through the cache; fp8/int8 cases get the Q/DQ graph of the expert quantized by the
+        run's --fp8-recipe."""
+        cache = cache or DiskCache(self.settings.cache_dir)
+        if is_quantized(case.precision):
+            recipe = self.settings.backend_options.fp8_recipe
+            return load(QUANTIZED_EXPORT)(self.component(case), case, cache, recipe=recipe)
+        return export_case(self.component(case), case, cache)
 
     def checked_export(self, case: Case, cache: DiskCache | None = None) -> tuple[ExportedGraph, GraphCheck]:
         """Export (cached) and validate; a cached graph that fails validation is evicted and exported once more.

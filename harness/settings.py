@@ -20,6 +20,7 @@ from harness.backends import (ATTENTION_KERNELS, BACKENDS, COMPILE_SCOPES, ENGIN
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
+from harness.recipes import FP8_RECIPES, RECIPES, quantized_blocks
 from harness.shapes import VideoShape, check_fits, check_steps, parse_shapes
 
 DEFAULT_SHAPES = {"tiny": "16x16x9", "proxy": "480p", "checkpoint": "480p"}
@@ -81,6 +82,11 @@ OPTIONS = (
     Option("--fp8-scales", "torch-fp8's activation scales: row (one per row from each call's amax, torchao's "
                            "dynamic scaling) or static (one per tensor, calibrated once on the denoising loop's "
                            "inputs, as TensorRT's fp8 engines take them)", FP8_SCALES[0]),
+    Option("--fp8-recipe", "which DiT blocks fp8 and int8 quantize, in modelopt, the TensorRT engines built from it "
+                           "and torch-fp8 (the embedders and proj_out stay bf16 in every recipe): "
+                           + "; ".join(f"{r.name}: {r.about}" + (f" (needs experts of more than {2 * r.edge} layers, "
+                                                                  "else nothing is left to quantize)" if r.edge else "")
+                                       for r in RECIPES.values()), FP8_RECIPES[0]),
     Option("--compile-scope", "what torch.compile covers in a DiT expert (inductor): blocks (each block "
                               "on its own; the embeddings and output head stay eager) or forward (the whole forward, "
                               "blocks as nested regions compiled once)", COMPILE_SCOPES[0]),
@@ -180,6 +186,7 @@ def settings_from(values: dict) -> Settings:
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=_opt_level(given.get("opt_level", 3)),
                                        fp8_scales=_read_option("fp8_scales", given, FP8_SCALES, backends),
                                        compile_scope=_read_option("compile_scope", given, COMPILE_SCOPES, backends),
+                                       fp8_recipe=_fp8_recipe(given, backends, source, path),
                                        engine_weights=_engine_weights(given["engine_weights"], backends),
                                        compute_capability=check_compute_capability(given.get("compute_capability", ""))))
 
@@ -340,6 +347,14 @@ def _read_option(name: str, given: dict, choices: tuple[str, ...], backends: tup
         raise HarnessError(f"{flag} {value}: no backend among --backends {','.join(backends)} reads it; "
                            f"add one of {', '.join(option_readers(name, tuple(BACKENDS)))}")
     return value
+
+
+def _fp8_recipe(given: dict, backends: tuple[str, ...], source: str, path: str | None) -> str:
+    """--fp8-recipe: read by a backend of the run, and leaving each expert of the source something to quantize."""
+    recipe = _read_option("fp8_recipe", given, FP8_RECIPES, backends)
+    for config in dit_configs(source, path).values():
+        quantized_blocks(recipe, given["proxy_layers"] if source == "proxy" else config["num_layers"])
+    return recipe
 
 
 def _check_source_options(source: str, explicit: dict) -> None:

@@ -6,6 +6,7 @@ block in bf16), where quantizing Q costs more than fp8 saves (notes/fp8-attentio
 from __future__ import annotations
 
 import copy
+from typing import Collection
 
 import torch
 
@@ -83,8 +84,9 @@ def _unsupported(attn, kernel: str) -> str:
     return ""
 
 
-def install(transformer: torch.nn.Module, kernel: str, **options) -> None:
-    """Put `kernel` in every block's self-attention, in place (callers pass their own copy).
+def install(transformer: torch.nn.Module, kernel: str, blocks: Collection[int] | None = None, **options) -> None:
+    """Put `kernel` in the self-attention of the blocks numbered in `blocks` (None: every block), in place (callers
+    pass their own copy).
 
     Raises BackendUnavailable when the kernel cannot run here or a block cannot take it: a kernel that was
     asked for is never quietly replaced by another. `options` go to kernels.attend (smooth_k, smooth_v, pv_fp8).
@@ -92,11 +94,12 @@ def install(transformer: torch.nn.Module, kernel: str, **options) -> None:
     ok, reason = kernel_available(kernel)
     if not ok:
         raise BackendUnavailable(reason)
-    for index, block in enumerate(transformer.blocks):
+    chosen = [(i, b) for i, b in enumerate(transformer.blocks) if blocks is None or i in blocks]
+    for index, block in chosen:
         why = _unsupported(block.attn1, kernel)
         if why:
             raise BackendUnavailable(f"{kernel} attention: blocks.{index}.attn1: {why}")
-    for block in transformer.blocks:
+    for _, block in chosen:
         block.attn1.set_processor(SelfAttnProcessor(kernel, block.attn1.processor, **options))
 
 
