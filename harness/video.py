@@ -124,19 +124,22 @@ def vmaf(candidate, reference, model: str) -> Vmaf:
     # libvmaf's first input is the distorted video, the second the reference.
     graph = ("[0:v]format=yuv444p[candidate];[1:v]format=yuv444p[reference];[candidate][reference]"
              f"libvmaf=model=version={model}:log_fmt=json:log_path=vmaf.json:n_threads={torch.get_num_threads()}")
-    with tempfile.TemporaryDirectory(prefix="vmaf-") as folder:
-        for name, video in frames.items():
-            Path(folder, name).write_bytes(video.tobytes())
-        # Run inside the folder so the log path needs no escaping in the filter graph.
-        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-                               *raw, "-i", "candidate.rgb", *raw, "-i", "reference.rgb", "-lavfi", graph, "-f", "null",
-                               "-"], cwd=folder, capture_output=True, text=True)
-        log = Path(folder, "vmaf.json")
-        if done.returncode != 0 or not log.is_file():
-            said = " ".join(done.stderr.split()[-40:]) or "nothing on stderr"
-            raise RuntimeError(f"ffmpeg's libvmaf gave no score (exit code {done.returncode}): {said}")
-        result = json.loads(log.read_text())
-    scores = tuple(float(f["metrics"]["vmaf"]) for f in result["frames"])
+    try:
+        with tempfile.TemporaryDirectory(prefix="vmaf-") as folder:
+            for name, video in frames.items():
+                Path(folder, name).write_bytes(video.tobytes())
+            # Run inside the folder so the log path needs no escaping in the filter graph.
+            done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
+                                   *raw, "-i", "candidate.rgb", *raw, "-i", "reference.rgb", "-lavfi", graph,
+                                   "-f", "null", "-"], cwd=folder, capture_output=True, text=True)
+            log = Path(folder, "vmaf.json")
+            if done.returncode != 0 or not log.is_file():
+                said = " ".join(done.stderr.split()[-40:]) or "nothing on stderr"
+                raise RuntimeError(f"ffmpeg's libvmaf gave no score (exit code {done.returncode}): {said}")
+            result = json.loads(log.read_text())
+        scores = tuple(float(f["metrics"]["vmaf"]) for f in result["frames"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # no room for the frames, a log of another form
+        raise RuntimeError(f"no VMAF score: {type(exc).__name__}: {exc}") from exc
     if len(scores) != len(frames["reference.rgb"]):
         raise RuntimeError(f"ffmpeg's libvmaf scored {len(scores)} of {len(frames['reference.rgb'])} frames")
     return Vmaf(scores, model, str(result.get("version", "?")))
