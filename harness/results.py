@@ -425,7 +425,7 @@ def short_summary(run: Path) -> str:
     note = CPU_NOTE + "\n\n" if on_cpu([r for r in rows if r.metric == "speedup"]) else ""
     return (note + tabulate(speed, ["case", "candidate", "eager ms", "candidate ms", "speed-up", "gate", "verdict"],
                             tablefmt="github") + "\n\n"
-            + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github")
+            + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github") + "\n"
             + _notes_markdown([r for r in rows if r.backend != "torch" and _skipped(r)]))
 
 
