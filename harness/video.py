@@ -100,10 +100,12 @@ def _libvmaf_missing(exe: str) -> str:
 
 def vmaf_unavailable() -> str:
     """Why the ffmpeg in use cannot compute VMAF ('' when it can)."""
-    import imageio_ffmpeg
-
     try:
+        import imageio_ffmpeg
+
         exe = imageio_ffmpeg.get_ffmpeg_exe()
+    except ImportError as exc:
+        return f"imageio-ffmpeg is not importable ({exc}); install it from requirements.txt"
     except RuntimeError as exc:
         return str(exc)
     return _libvmaf_missing(exe)
