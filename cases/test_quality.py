@@ -1,4 +1,5 @@
-"""Whole-pipeline video quality of each backend against an eager video: PSNR, SSIM, LPIPS.
+"""Whole-pipeline video quality of each backend against an eager video: PSNR, SSIM, VMAF (skipped, with the
+reason in the rows, on frames too small for it), LPIPS.
 
 The reference is the fp32 eager video, except for fp8 and int8: the bf16 eager video (harness.case.quality_reference).
 """

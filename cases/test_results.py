@@ -18,10 +18,10 @@ CASE = "transformer-tiny-16x16x9-bf16-b1"
 
 
 def row(metric: str, value: float | None, backend: str = "tensorrt_rtx", threshold: float | None = None,
-        passed: bool | None = None) -> Row:
+        passed: bool | None = None, note: str = "") -> Row:
     return Row(case=CASE, component="transformer", backend=backend, precision="bf16", shape="16x16x9",
                tokens=16, metric=metric, value=value, threshold=threshold, passed=passed,
-               device="cpu (x86_64, 2 threads)", versions="torch=2.14.1;tensorrt_rtx=1.7.1.116")
+               device="cpu (x86_64, 2 threads)", versions="torch=2.14.1;tensorrt_rtx=1.7.1.116", note=note)
 
 
 def recorded_run(tmp_path) -> RunRecorder:
@@ -34,7 +34,7 @@ def recorded_run(tmp_path) -> RunRecorder:
     rec.add("perf", row("speedup", 1.2, threshold=1.5, passed=None))
     rec.add("perf", row("speedup_q1", 1.1))
     rec.add("perf", row("speedup_q3", 1.5))
-    rec.add("perf", row("tflops", None))
+    rec.add("perf", row("tflops", None, note="skipped: no FLOP count for this graph"))  # last: its note ends the file
     return rec
 
 
@@ -153,7 +153,7 @@ def test_a_folder_without_tables_is_refused(tmp_path):
     (lambda data: b"\xff\xfe\x00\x01garbage\n", "not UTF-8 text"),
     (lambda data: data + b'a,"' + b"x" * 200_000 + b'"\r\n', "field larger than field limit"),
     (lambda data: data[:-8], "cut short while written"),  # inside the last row's last column
-    (lambda data: data[:data.rindex(b',"cpu')] + b"\r\n", "10 fields where the header has 12"),
+    (lambda data: data[:data.rindex(b',"cpu')] + b"\r\n", "10 fields where the header has 13"),
 ], ids=["empty", "header-only", "no-header", "not-utf8", "huge-field", "cut-in-last-column", "cut-to-fewer-fields"])
 def test_a_damaged_table_is_named_in_one_line(tmp_path, damage, needle):
     rec = recorded_run(tmp_path)
@@ -204,6 +204,27 @@ def test_summary_fails_a_pass_its_value_contradicts(tmp_path):
     verdicts = summary_verdicts(short_summary(rec.path))
     assert verdicts == {"speedup tensorrt_rtx": "FAIL", "speedup": "FAIL", "rel_l2": "FAIL", "cosine": "FAIL",
                         "lpips_max": "FAIL", "psnr_mean": "pass", "loop_rel_l2": "FAIL", "ort_rel_l2": "FAIL"}, verdicts
+
+
+def test_a_skipped_metric_shows_its_reason_in_the_tables_and_summaries(tmp_path):
+    rec = RunRecorder(tmp_path, "run-skip")
+    why = "skipped: frames 16x16 are below the 128 px short side VMAF needs"
+    rec.add("quality", row("psnr_mean", 30.0, threshold=24.0, passed=True))
+    for metric in ("vmaf_mean", "vmaf_min"):
+        rec.add("quality", row(metric, None, threshold=78.0, note=why))
+    assert [r.note for r in load_run(rec.path)] == ["", why, why]
+    text = rec.finish().read_text()
+    assert f"- vmaf_mean, vmaf_min: {why}" in text and "| pass " in text  # the skip fails nothing
+    short = short_summary(rec.path)
+    assert summary_verdicts(short)["vmaf_min"] == "skipped" and f"- vmaf_mean, vmaf_min: {why}" in short
+
+
+def test_a_table_written_before_the_note_column_still_loads(tmp_path):
+    rec = RunRecorder(tmp_path, "run-old")
+    rec.add("quality", row("psnr_mean", 30.0, threshold=24.0, passed=True))
+    path = rec.path / "quality.csv"
+    path.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in path.read_text().splitlines()))
+    assert load_run(rec.path) == [row("psnr_mean", 30.0, threshold=24.0, passed=True)]
 
 
 def test_summary_shows_a_blank_speedup_as_not_measured(tmp_path):

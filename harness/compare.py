@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
+from harness.video import vmaf, vmaf_unavailable
 
 THRESHOLDS = Path(__file__).with_name("thresholds.toml")
-QUALITY_METRICS = ("psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "lpips_mean", "lpips_max")
+QUALITY_METRICS = ("psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "lpips_mean", "lpips_max", "vmaf_mean", "vmaf_min")
 
 
 @lru_cache(maxsize=None)
@@ -235,33 +236,48 @@ def judge_parallel_loop(candidate: list[torch.Tensor], single: list[torch.Tensor
 
 @dataclass(frozen=True)
 class QualityResult:
-    """Per-frame PSNR/SSIM (and LPIPS) of a video against a reference, judged against a precision's bands."""
+    """Per-frame PSNR/SSIM/VMAF (and LPIPS) of a video against a reference, judged against a precision's bands.
+
+    `vmaf` is None where VMAF was skipped; `vmaf_note` then says why ("skipped: ..."), else what scored it.
+    """
 
     precision: str
     psnr: tuple[float, ...]
     ssim: tuple[float, ...]
     lpips: tuple[float, ...] | None
     bands: dict[str, float] = field(default_factory=dict)
+    vmaf: tuple[float, ...] | None = None
+    vmaf_note: str = ""
 
-    def metrics(self) -> dict[str, float]:
-        """psnr_mean/min, ssim_mean/min and, with LPIPS, lpips_mean/max: mean and worst frame."""
+    def metrics(self) -> dict[str, float | None]:
+        """psnr_mean/min, ssim_mean/min, vmaf_mean/min and, with LPIPS, lpips_mean/max: mean and worst frame.
+        A skipped VMAF is None (not measured): its rows stay, carrying the reason."""
         out = {"psnr_mean": float(np.mean(self.psnr)), "psnr_min": min(self.psnr),
                "ssim_mean": float(np.mean(self.ssim)), "ssim_min": min(self.ssim)}
         if self.lpips is not None:
             out.update(lpips_mean=float(np.mean(self.lpips)), lpips_max=max(self.lpips))
+        scored = self.vmaf is not None
+        out.update(vmaf_mean=float(np.mean(self.vmaf)) if scored else None, vmaf_min=min(self.vmaf) if scored else None)
         return out
 
     def thresholds(self) -> dict[str, float]:
         return dict(self.bands)
 
-    def checks(self) -> dict[str, bool]:
-        """metric -> within its band (a NaN never is); LPIPS metrics appear only when LPIPS ran."""
-        return {name: (value <= self.bands[name] if name.startswith("lpips") else value >= self.bands[name])
+    def checks(self) -> dict[str, bool | None]:
+        """metric -> within its band (a NaN never is), None where it was not measured (a skipped VMAF);
+        LPIPS metrics appear only when LPIPS ran."""
+        return {name: None if value is None else
+                (value <= self.bands[name] if name.startswith("lpips") else value >= self.bands[name])
                 for name, value in self.metrics().items()}
+
+    def notes(self) -> dict[str, str]:
+        """What the VMAF rows carry beside their numbers: the libvmaf and model versions, or why they are blank."""
+        return {"vmaf_mean": self.vmaf_note, "vmaf_min": self.vmaf_note}
 
     @property
     def passed(self) -> bool:
-        return all(self.checks().values())
+        """Every measured metric within its band: a skipped metric never fails a case."""
+        return all(ok is not False for ok in self.checks().values())
 
     def __bool__(self) -> bool:
         return self.passed
@@ -270,12 +286,17 @@ class QualityResult:
         """One line per verdict: each metric with its band, failing ones marked, and the worst frames."""
         parts = []
         for name, value in self.metrics().items():
+            if value is None:
+                continue  # a skipped VMAF: its reason closes the line
             sign = "<=" if name.startswith("lpips") else ">="
             mark = "" if self.checks()[name] else " FAIL"
             parts.append(f"{name} {value:.4g} (needs {sign} {self.bands[name]:g}){mark}")
         worst = f"worst PSNR at frame {int(np.argmin(self.psnr))}, worst SSIM at frame {int(np.argmin(self.ssim))}"
+        if self.vmaf is not None:
+            worst += f", worst VMAF at frame {int(np.argmin(self.vmaf))}"
         verdict = "passed" if self.passed else "FAILED"
-        return f"quality {verdict} at {self.precision} over {len(self.psnr)} frames: {'; '.join(parts)}; {worst}"
+        return (f"quality {verdict} at {self.precision} over {len(self.psnr)} frames: {'; '.join(parts)}; {worst}; "
+                f"vmaf: {self.vmaf_note}")
 
 
 def _frames_float(frames) -> np.ndarray:
@@ -316,9 +337,31 @@ def lpips_per_frame(model: torch.nn.Module, candidate: np.ndarray, reference: np
     return tuple(float(v) for v in model(prepare(candidate), prepare(reference)).flatten())
 
 
+def vmaf_skip_reason(height: int, width: int) -> str:
+    """Why VMAF is not computed for frames of this size on this machine ('' when it is)."""
+    min_side = thresholds()["quality"]["vmaf_min_side"]
+    if min(height, width) < min_side:
+        return (f"frames {height}x{width} are below the {min_side} px short side VMAF needs to mean anything "
+                "(harness/thresholds.toml [quality] vmaf_min_side)")
+    return vmaf_unavailable()
+
+
+def _vmaf(candidate: np.ndarray, reference: np.ndarray) -> tuple[tuple[float, ...] | None, str]:
+    """Per-frame VMAF and what scored it, or None and "skipped: <why>": a missing score never fails a case."""
+    reason = vmaf_skip_reason(*reference.shape[1:3])
+    if not reason:
+        try:
+            scored = vmaf(candidate, reference, thresholds()["quality"]["vmaf_model"])
+            return scored.scores, str(scored)
+        except RuntimeError as exc:
+            reason = str(exc)
+    return None, f"skipped: {reason}"
+
+
 def video_quality(candidate_frames, reference_frames, precision: str,
                   lpips_model: torch.nn.Module | None = None) -> QualityResult:
-    """Frame-by-frame PSNR and SSIM (scikit-image), plus LPIPS when a model is given, against `precision`'s bands."""
+    """Frame-by-frame PSNR and SSIM (scikit-image) and VMAF (ffmpeg's libvmaf, harness.video), plus LPIPS when a
+    model is given, against `precision`'s bands."""
     cand, ref = _frames_float(candidate_frames), _frames_float(reference_frames)
     if cand.shape != ref.shape:
         raise ValueError(f"videos differ in shape: candidate {cand.shape} vs reference {ref.shape}")
@@ -329,7 +372,7 @@ def video_quality(candidate_frames, reference_frames, precision: str,
     lpips = None if lpips_model is None else lpips_per_frame(lpips_model, cand, ref)
     if lpips is None:
         bands = {k: v for k, v in bands.items() if not k.startswith("lpips")}
-    return QualityResult(precision, psnr, ssim, lpips, bands)
+    return QualityResult(precision, psnr, ssim, lpips, bands, *_vmaf(cand, ref))
 
 
 # ----------------------------------------------------------------------------------------------- LPIPS

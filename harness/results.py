@@ -29,7 +29,7 @@ RUN_ID_ENV = "WAN_BENCH_RUN_ID"  # optional: a run id chosen by the caller (`ben
 
 @dataclass(frozen=True)
 class Row:
-    """case, component, backend, precision, shape, tokens, metric, value, threshold, passed, device, versions."""
+    """case, component, backend, precision, shape, tokens, metric, value, threshold, passed, device, versions, note."""
 
     case: str
     component: str
@@ -43,6 +43,7 @@ class Row:
     passed: bool | None
     device: str
     versions: str
+    note: str = ""  # what the number alone does not say: what measured it (VMAF's model) or why it is blank (a skip)
 
     @classmethod
     def columns(cls) -> list[str]:
@@ -53,7 +54,8 @@ class Row:
 
 
 class Result(Protocol):
-    """What every verdict-carrying object (parity, quality, timing, speed-up, export) gives a results table."""
+    """What every verdict-carrying object (parity, quality, timing, speed-up, export) gives a results table;
+    one may also give notes() -> {metric: note} (a quality result does, for VMAF)."""
 
     def metrics(self) -> dict[str, float | None]: ...
 
@@ -82,12 +84,13 @@ class Measured:
 
 def result_rows(case: "Case", backend: str, result: Result, *, precision: str | None = None, device: str,
                 versions: str) -> list[Row]:
-    """One Row per metric of `result`, each with the threshold and the verdict the result itself carries."""
+    """One Row per metric of `result`, each with the threshold, the verdict and the note the result itself carries."""
     thresholds, checks = result.thresholds(), result.checks()
+    notes = result.notes() if hasattr(result, "notes") else {}
     return [Row(case=case.id, component=case.component, backend=backend, precision=precision or case.precision,
                 shape=case.shape.id, tokens=case.shape.tokens, metric=metric,
                 value=None if value is None else float(value), threshold=thresholds.get(metric),
-                passed=checks.get(metric), device=device, versions=versions)
+                passed=checks.get(metric), device=device, versions=versions, note=notes.get(metric, ""))
             for metric, value in result.metrics().items()]
 
 
@@ -201,7 +204,8 @@ def _parse_row(record: dict, where: str) -> Row:
                   precision=record["precision"], shape=record["shape"], tokens=int(record["tokens"]),
                   metric=record["metric"], value=_parse_float(record["value"]),
                   threshold=_parse_float(record["threshold"]),
-                  passed=_parse_bool(record["passed"]), device=record["device"], versions=record["versions"])
+                  passed=_parse_bool(record["passed"]), device=record["device"], versions=record["versions"],
+                  note=record.get("note", ""))
     except (KeyError, ValueError) as exc:
         raise _damaged(where, f"unreadable row ({type(exc).__name__}: {exc})") from None
     problem = impossible(row.metric, row.value)
@@ -224,10 +228,11 @@ def _read_csv(path: Path) -> list[Row]:
     if not text:
         raise _damaged(str(path), "the file is empty")
     reader = csv.reader(io.StringIO(text, newline=""))
-    columns, rows = Row.columns(), []
+    rows = []
     try:
-        if next(reader) != columns:
-            raise _damaged(str(path), f"the first line is not the header {','.join(columns)}")
+        columns = next(reader)
+        if columns not in (Row.columns(), Row.columns()[:-1]):  # tables written before the note column still load
+            raise _damaged(str(path), f"the first line is not the header {','.join(Row.columns())}")
         for record in filter(None, reader):  # blank lines are skipped, as csv.DictReader did
             where = f"{path}:{reader.line_num}"
             if len(record) != len(columns):
@@ -337,11 +342,21 @@ def tables_markdown(tables: dict[str, list[Row]]) -> str:
         steps = [r for r in rows if STEP_METRIC.fullmatch(r.metric)]
         note = f"{CPU_NOTE}\n\n" if table == "perf" and on_cpu(rows) else ""
         if plain:
-            sections.append(f"## {table}\n\n{note}{tabulate(_pivot(plain), 'keys', tablefmt='github', showindex=False)}\n")
+            sections.append(f"## {table}\n\n{note}{tabulate(_pivot(plain), 'keys', tablefmt='github', showindex=False)}\n"
+                            + _notes_markdown(plain))
         if steps:
             sections.append(f"## {table}: error by denoising step\n\n"
                             f"{tabulate(_step_pivot(steps), 'keys', tablefmt='github', showindex=False)}\n")
     return "\n".join(sections)
+
+
+def _notes_markdown(rows: list[Row]) -> str:
+    """The rows' notes under their table, each once with the metrics that carry it (a skip reason, VMAF's model)."""
+    metrics: dict[str, list[str]] = {}
+    for r in rows:
+        if r.note and r.metric not in metrics.setdefault(r.note, []):
+            metrics[r.note].append(r.metric)
+    return "".join(f"\n- {', '.join(names)}: {note}" for note, names in metrics.items()) + ("\n" if metrics else "")
 
 
 def on_cpu(rows: list[Row]) -> bool:
@@ -405,12 +420,18 @@ def short_summary(run: Path) -> str:
                           {True: "pass", False: "FAIL", None: "not gated"}[_row_verdict(r, rules)]])
     checks = [[r.case, r.backend, r.metric, f"{r.value:.4g}" if r.value is not None else "n/a",
                "" if r.threshold is None else f"{r.threshold:.3g}",
-               {True: "pass", False: "FAIL"}[_row_verdict(r, rules)]]
-              for r in rows if r.backend != "torch" and r.passed is not None]
+               "skipped" if _skipped(r) else {True: "pass", False: "FAIL"}[_row_verdict(r, rules)]]
+              for r in rows if r.backend != "torch" and (r.passed is not None or _skipped(r))]
     note = CPU_NOTE + "\n\n" if on_cpu([r for r in rows if r.metric == "speedup"]) else ""
     return (note + tabulate(speed, ["case", "candidate", "eager ms", "candidate ms", "speed-up", "gate", "verdict"],
                             tablefmt="github") + "\n\n"
-            + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github"))
+            + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github") + "\n"
+            + _notes_markdown([r for r in rows if r.backend != "torch" and _skipped(r)]))
+
+
+def _skipped(row: Row) -> bool:
+    """A metric that was not measured, with the reason in its note (VMAF on frames too small to score)."""
+    return row.value is None and row.passed is None and bool(row.note)
 
 
 def _row_verdict(row: Row, rules: "Rules") -> bool | None:
