@@ -1,5 +1,6 @@
 """The three model sources: tiny is deterministic and fast, proxy has A14B width, checkpoint errors help; the random
-sources hold what a checkpoint loads as."""
+sources hold what a checkpoint loads as; each expert's example timestep lies on its own side of the boundary."""
+import json
 import os
 import shutil
 import time
@@ -8,9 +9,13 @@ import pytest
 import torch
 
 from harness import models
+from harness.case import DIT_COMPONENTS, Case
 from harness.components import DiT
 from harness.errors import HarnessError
 from harness.models import SUBFOLDERS, TINY_TRANSFORMER, TINY_UMT5, TINY_VAE, load_expert, load_model, seeded_init
+from harness.pipeline import expert_for
+from harness.session import Session
+from harness.settings import settings_from
 from harness.shapes import parse_shape
 
 WEIGHTED = ("text_encoder", "transformer", "transformer_2", "vae")
@@ -116,6 +121,30 @@ def test_proxy_skeleton_holds_what_a_checkpoint_loads_as(tiny_checkpoint):
     ours, theirs = _floating(proxy.text_encoder), _floating(loaded)
     assert ours.keys() == theirs.keys()
     assert all(ours[name].dtype == tensor.dtype for name, tensor in theirs.items())
+
+
+@pytest.mark.unit
+def test_each_expert_is_fed_a_timestep_on_its_own_side_of_a_checkpoints_boundary(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    """At boundary_ratio 0.95 the high-noise expert runs at t >= 950 only: its example inputs (what export, engines
+    and parity take) and the CFG step of the perf cases use a timestep the pipeline's switch gives that expert, and so
+    do the low-noise expert's; A14B's 0.875 keeps 937 and 500."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.95}))
+    session = Session(settings_from({"model_source": "checkpoint", "model_path": str(folder), "backends": "torch",
+                                     "shapes": "16x16x9", "cache_dir": str(tmp_path / "cache")}))
+    model, shape = session.model(), session.settings.shapes[0]
+    seen = {name: session.inputs(Case(name, shape, source="checkpoint"))[1].tolist() for name in DIT_COMPONENTS}
+    assert seen == {"transformer": [975], "transformer_2": [542]}
+    assert all(expert_for(model, t[0])[0] == name for name, t in seen.items())
+    steps = []
+    monkeypatch.setattr("harness.session.cfg_noise", lambda runner, latents, timestep, *rest: steps.append(timestep))
+    session.cfg_step("torch", "fp32", shape)()
+    assert expert_for(model, steps[0])[0] == "transformer" and int(steps[0]) == 975
+    tiny = load_model("tiny")
+    assert [tiny.expert_timestep(name) for name in DIT_COMPONENTS] == [937, 500]
 
 
 @pytest.mark.unit

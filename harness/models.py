@@ -71,6 +71,19 @@ TOKENIZER_CORPUS = (
 )
 
 
+# Wan2.2-T2V-A14B's model_index.json: the high-noise expert runs while t >= 0.875 x the scheduler's 1000 timesteps.
+A14B_BOUNDARY_RATIO = 0.875
+
+
+def expert_timestep(name: str, boundary_ratio: float = A14B_BOUNDARY_RATIO, train_timesteps: int = 1000) -> int:
+    """The timestep of expert `name`'s example inputs: one it really runs at, on its own side of the boundary
+    (boundary_ratio x train_timesteps; harness.pipeline.expert_for). The high-noise expert gets the middle of
+    [boundary, train_timesteps], the low-noise one 4/7 of the boundary, both rounded down: 937 and 500 at A14B's 875
+    (the values every recorded number was taken at), 975 and 542 at 950."""
+    boundary = boundary_ratio * train_timesteps
+    return int((boundary + train_timesteps) / 2) if name == "transformer" else int(boundary * 4 / 7)
+
+
 @dataclass
 class WanModel:
     """Everything a Wan2.2 T2V run needs, with the pipeline settings of the A14B model card."""
@@ -84,7 +97,7 @@ class WanModel:
     vae: torch.nn.Module
     scheduler: object
     fingerprints: dict[str, str] = field(default_factory=dict)
-    boundary_ratio: float = 0.875
+    boundary_ratio: float = A14B_BOUNDARY_RATIO
     guidance_scale: float = 4.0
     guidance_scale_2: float = 3.0
     max_sequence_length: int = 512
@@ -96,6 +109,10 @@ class WanModel:
         return WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
                            scheduler=self.scheduler, transformer=self.transformer,
                            transformer_2=self.transformer_2, boundary_ratio=self.boundary_ratio)
+
+    def expert_timestep(self, name: str) -> int:
+        """The timestep of expert `name`'s example inputs, from this model's boundary (see expert_timestep)."""
+        return expert_timestep(name, self.boundary_ratio, self.scheduler.config.num_train_timesteps)
 
 
 def make_scheduler(flow_shift: float = 3.0):
