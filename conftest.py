@@ -96,6 +96,17 @@ def settings(session):
     return session.settings
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The fp32 tiny model saved as a diffusers folder: what --model-source=checkpoint loads, in each precision's
+    dtype as from_pretrained casts it."""
+    from harness.models import load_model
+
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    load_model("tiny").pipeline().save_pretrained(folder)
+    return folder
+
+
 def pytest_generate_tests(metafunc):
     """Parity cases: component x shape x precision x backend; `shape`: each of the run's shapes."""
     s = metafunc.config.wan_session.settings

@@ -440,16 +440,6 @@ def test_discarding_an_entry_another_process_moved_first_is_quiet(tmp_path):
 
 # --- a damaged checkpoint folder: one line naming the file, before any case ---
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """The tiny model saved as a diffusers folder: what --model-source=checkpoint loads."""
-    from harness.models import load_model
-
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
-    load_model("tiny").pipeline().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def damaged_checkpoint(tiny_checkpoint, tmp_path):
     """A copy of the tiny checkpoint with one file cut in half; returns (folder, the file's relative path)."""

@@ -5,7 +5,8 @@ compute capability whose own layer information proves the GEMMs (and self-attent
 
 The tiny DiT runs at 128x128x9 (192 tokens): at the CI shape 16x16x9 (3 tokens) static scales from the
 calibration prompts do not cover held-out prompts (harness/thresholds.toml [parity.int8]), and TensorRT does
-not fuse self-attention into one kernel.
+not fuse self-attention into one kernel. The saved-and-loaded checkpoint's engines, which prove the GEMMs alone, are
+built at the CI shape.
 """
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ from harness.errors import BackendUnavailable, HarnessError
 from harness.models import TINY_TRANSFORMER, load_expert, load_model, random_fingerprint
 from harness.recipes import block_index
 from harness.pipeline import CALIBRATION_PROMPTS, CALIBRATION_STEPS
+from harness.session import Session
 from harness.settings import settings_from
 from harness.shapes import parse_shape
 from harness.weight_inputs import weight_bytes_view, weight_inputs
 
 pytestmark = pytest.mark.export
 SHAPE = parse_shape("128x128x9")
+CHECKPOINT_SHAPE = parse_shape("16x16x9")
 # How ONNX Runtime takes each moved weight's bytes (fp8 as its raw bytes, typed by the OrtValue)
 WEIGHT_NUMPY = {"FLOAT": np.float32, "FLOAT16": np.float16, "FLOAT8E4M3FN": np.uint8, "INT8": np.int8}
 
@@ -255,6 +258,51 @@ def test_harness_build_makes_an_fp8_engine_for_a_named_target(session, rtx, caps
     assert code == 0 and "target sm89" in out and "100.0% of" in out and "fused_mha fp8" in out, out
     assert "fp8 GEMMs in blocks 0-1;" in out, out
     assert main(["build", "--precision", "fp8", "--compute-capability", "8.9.1", "--component", "transformer"]) == 2
+
+
+@pytest.mark.unit
+def test_a_qdq_graph_outside_16_bit_names_its_cause(tiny_bf16, modelopt_ready, tmp_path, monkeypatch):
+    """An fp32 case is refused before calibrating; so is a quantized layer held in fp32 beside the bf16 ones, as the
+    time embedder diffusers keeps in fp32 would be if it were not kept high (HIGH_PRECISION)."""
+    cache = DiskCache(tmp_path)
+    fp32 = Case("transformer", CHECKPOINT_SHAPE, "fp32")
+    with pytest.raises(HarnessError, match="this case computes in torch.float32; quantize beside an fp16 or bf16"):
+        export_quantized(make_component(load_model("tiny"), "transformer"), fp32, cache, "fp8")
+    monkeypatch.setattr("engines.modelopt.HIGH_PRECISION", ("*patch_embedding*", "*proj_out*"))
+    with pytest.raises(HarnessError, match="quantizes hold torch.bfloat16 and torch.float32 weights, not the case's "
+                                           "torch.bfloat16"):
+        export_quantized(make_component(tiny_bf16, "transformer"), fp32.with_precision("fp8"), cache)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_session(tiny_checkpoint, session):
+    """A run of the tiny checkpoint folder through --model-source checkpoint, on this run's cache."""
+    return Session(settings_from({"model_source": "checkpoint", "model_path": str(tiny_checkpoint),
+                                  "shapes": CHECKPOINT_SHAPE.id, "cache_dir": str(session.settings.cache_dir)}))
+
+
+@pytest.mark.parametrize("precision", QUANTIZED)
+def test_a_saved_checkpoints_experts_build_quantized_engines(precision, checkpoint_session, rtx, capsys):
+    """from_pretrained(torch_dtype=bf16) keeps diffusers' fp32 tensors beside the bf16 layers, the expert's own
+    scale_shift_table first among its parameters: `harness build` and the export behind it take the graph's dtype from
+    the case, and each expert's engine runs its block GEMMs in fp8/int8, where a bf16 engine of the same checkpoint
+    runs none."""
+    s = checkpoint_session.settings
+    code = main(["build", "--precision", precision, "--model-source", "checkpoint", f"--model-path={s.model_path}",
+                 "--shape", CHECKPOINT_SHAPE.id, f"--cache-dir={s.cache_dir}"])
+    out = capsys.readouterr()
+    assert code == 0 and out.out.count(f"block GEMM FLOPs in {precision}") == len(DIT_COMPONENTS), out
+    for name in DIT_COMPONENTS:
+        case = Case(name, CHECKPOINT_SHAPE, precision, source="checkpoint")
+        component = checkpoint_session.component(case)
+        assert component.module.transformer.scale_shift_table.dtype == torch.float32, "as from_pretrained loads it"
+        expected = block_linear_flops(component.module, component.inputs(case))
+        _, engine = checkpoint_session.build_engine("tensorrt_rtx", case)
+        assert engine.hit, "the engine harness build made"
+        proof = engine.proof(precision, expected)
+        assert proof.share >= min_quantized_share() and proof.block_gemm_flops == expected, str(proof)
+        _, plain = checkpoint_session.build_engine("tensorrt_rtx", case.with_precision("bf16"))
+        assert plain.proof(precision, expected).share == 0, str(plain.proof(precision, expected))
 
 
 def test_real_width_fp8_engine_layer_table(session, rtx):

@@ -1,4 +1,6 @@
-"""The three model sources: tiny is deterministic and fast, proxy has A14B width, checkpoint errors help."""
+"""The three model sources: tiny is deterministic and fast, proxy has A14B width, checkpoint errors help; the random
+sources hold what a checkpoint loads as; each expert's example timestep lies on its own side of the boundary."""
+import json
 import os
 import shutil
 import time
@@ -7,27 +9,29 @@ import pytest
 import torch
 
 from harness import models
+from harness.case import DIT_COMPONENTS, Case
 from harness.components import DiT
 from harness.errors import HarnessError
 from harness.models import SUBFOLDERS, TINY_TRANSFORMER, TINY_UMT5, TINY_VAE, load_expert, load_model, seeded_init
+from harness.pipeline import expert_for
+from harness.session import Session
+from harness.settings import settings_from
 from harness.shapes import parse_shape
+
+WEIGHTED = ("text_encoder", "transformer", "transformer_2", "vae")
 
 
 def _old_recipe(cls, config: dict, seed: int, dtype: torch.dtype):
     """How the random sources were built before construction went through meta parameters and chunked draws:
-    default construction and initialisation, then one whole seeded_init draw per parameter."""
+    default construction and initialisation, each tensor in the dtype from_pretrained loads it in, then one whole
+    seeded_init draw per parameter."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         module = cls(**config)
     finally:
         torch.set_default_dtype(previous)
-    module = seeded_init(torch.nn.Module.to(module, dtype), seed)
-    if dtype != torch.float32:
-        for name, sub in module.named_modules():
-            if any(part in (module._keep_in_fp32_modules or []) for part in name.split(".")):
-                sub.to(torch.float32)
-    return module.eval().requires_grad_(False)
+    return seeded_init(models.as_loaded(module, dtype), seed).eval().requires_grad_(False)
 
 
 def _tiny_parts():
@@ -41,8 +45,8 @@ def _tiny_parts():
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fast_construction_is_bit_identical_to_the_old_recipe(dtype, monkeypatch):
-    """Chunks of 64 elements (plus tails folded into the last chunk) give the very numbers of one whole draw,
-    so INIT_RECIPE and every baseline stay valid; buffers (RoPE tables) and the fp32-kept modules match too."""
+    """Chunks of 64 elements (plus tails folded into the last chunk) give the very numbers of one whole draw, in
+    the same dtypes, the fp32-kept tensors included."""
     monkeypatch.setattr(models, "FILL_CHUNK", 64)
     for cls, config in _tiny_parts():
         old = _old_recipe(cls, config, 3, dtype).state_dict()
@@ -54,11 +58,93 @@ def test_fast_construction_is_bit_identical_to_the_old_recipe(dtype, monkeypatch
 
 @pytest.mark.unit
 def test_bf16_build_holds_the_fp32_build_rounded():
+    """Each parameter of a bf16 build is the fp32 build's cast to its own dtype: rounded to bf16, or the fp32 value
+    where from_pretrained keeps it in fp32."""
     for cls, config in _tiny_parts():
         full = models._build(cls, config, 0, "cpu", torch.float32)
         half = dict(models._build(cls, config, 0, "cpu", torch.bfloat16).named_parameters())
         for name, param in full.named_parameters():
-            assert torch.equal(param.to(torch.bfloat16).to(half[name].dtype), half[name]), name
+            assert half[name].dtype in (torch.bfloat16, torch.float32), name
+            assert torch.equal(param.to(half[name].dtype), half[name]), name
+
+
+def _floating(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every floating parameter and buffer of `module`, by name."""
+    return {name: t for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_tiny_holds_what_its_checkpoint_loads_as(dtype, tiny_checkpoint):
+    """The tiny source in `dtype` against save_pretrained + from_pretrained(torch_dtype=dtype) of the same model
+    (the fp32 tiny): every parameter and floating buffer has the same dtype and the same value. fp32 is what the
+    libraries keep so: the DiT's own scale_shift_table (a root parameter) beside its norms and time embedder, UMT5's
+    wo in fp16 only."""
+    built, loaded = load_model("tiny", dtype=dtype), load_model("checkpoint", path=tiny_checkpoint, dtype=dtype)
+    kept = set()
+    for part in WEIGHTED:
+        ours, theirs = _floating(getattr(built, part)), _floating(getattr(loaded, part))
+        assert ours.keys() == theirs.keys(), part
+        for name, tensor in theirs.items():
+            assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), f"{part}.{name}"
+        kept |= {f"{part}.{name}" for name, tensor in theirs.items() if tensor.dtype == torch.float32}
+    assert {"transformer.scale_shift_table", "transformer.blocks.0.scale_shift_table",
+            "transformer_2.condition_embedder.time_embedder.linear_1.weight"} <= kept
+    assert ("text_encoder.encoder.block.0.layer.1.DenseReluDense.wo.weight" in kept) == (dtype == torch.float16)
+
+
+def _diffusers_load_dtypes(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype diffusers' own loader (load_model_dict_into_meta, as from_pretrained calls it) gives each floating
+    state-dict entry of a twin of `module`, loading fp32 tensors with torch_dtype=dtype; all on meta."""
+    from accelerate import init_empty_weights
+    from diffusers.models.model_loading_utils import load_model_dict_into_meta
+
+    with init_empty_weights():
+        twin = type(module).from_config(module.config)
+    state = {name: torch.empty(t.shape, dtype=torch.float32, device="meta") for name, t in twin.state_dict().items()}
+    load_model_dict_into_meta(twin, state, dtype=dtype, keep_in_fp32_modules=type(module)._keep_in_fp32_modules,
+                              device_map={"": "meta"})
+    return {name: t.dtype for name, t in twin.state_dict().items() if t.is_floating_point()}
+
+
+@pytest.mark.unit
+def test_proxy_skeleton_holds_what_a_checkpoint_loads_as(tiny_checkpoint):
+    """The proxy source on meta (2 layers, no weights): its DiT and VAE tensors have the dtypes diffusers' loader
+    gives, and its UMT5's those transformers gave the tiny checkpoint's bf16 load (its names do not depend on width)."""
+    proxy = load_model("proxy", device="meta", dtype=torch.bfloat16, layers=2)
+    for part in ("transformer", "transformer_2", "vae"):
+        module = getattr(proxy, part)
+        ours = {name: t.dtype for name, t in module.state_dict().items() if t.is_floating_point()}
+        assert ours == _diffusers_load_dtypes(module, torch.bfloat16), part
+    assert proxy.transformer.scale_shift_table.dtype == torch.float32
+    loaded = load_model("checkpoint", path=tiny_checkpoint, dtype=torch.bfloat16).text_encoder
+    ours, theirs = _floating(proxy.text_encoder), _floating(loaded)
+    assert ours.keys() == theirs.keys()
+    assert all(ours[name].dtype == tensor.dtype for name, tensor in theirs.items())
+
+
+@pytest.mark.unit
+def test_each_expert_is_fed_a_timestep_on_its_own_side_of_a_checkpoints_boundary(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    """At boundary_ratio 0.95 the high-noise expert runs at t >= 950 only: its example inputs (what export, engines
+    and parity take) and the CFG step of the perf cases use a timestep the pipeline's switch gives that expert, and so
+    do the low-noise expert's; A14B's 0.875 keeps 937 and 500."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.95}))
+    session = Session(settings_from({"model_source": "checkpoint", "model_path": str(folder), "backends": "torch",
+                                     "shapes": "16x16x9", "cache_dir": str(tmp_path / "cache")}))
+    model, shape = session.model(), session.settings.shapes[0]
+    seen = {name: session.inputs(Case(name, shape, source="checkpoint"))[1].tolist() for name in DIT_COMPONENTS}
+    assert seen == {"transformer": [975], "transformer_2": [542]}
+    assert all(expert_for(model, t[0])[0] == name for name, t in seen.items())
+    steps = []
+    monkeypatch.setattr("harness.session.cfg_noise", lambda runner, latents, timestep, *rest: steps.append(timestep))
+    session.cfg_step("torch", "fp32", shape)()
+    assert expert_for(model, steps[0])[0] == "transformer" and int(steps[0]) == 975
+    tiny = load_model("tiny")
+    assert [tiny.expert_timestep(name) for name in DIT_COMPONENTS] == [937, 500]
 
 
 @pytest.mark.unit

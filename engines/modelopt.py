@@ -168,13 +168,18 @@ def inputs_digest(inputs: list[tuple[torch.Tensor, ...]]) -> str:
     return digest.hexdigest()
 
 
-def calibration_spec(component: Component, cfg: dict, inputs: list[tuple[torch.Tensor, ...]]) -> dict:
+def calibration_spec(component: Component, case: Case, cfg: dict, inputs: list[tuple[torch.Tensor, ...]]) -> dict:
     """Everything that changes the calibrated scales; its hash keys the cache entry."""
     import modelopt
 
-    parameter = next(component.module.parameters())
-    return {"weights": component.fingerprint, "dtype": str(parameter.dtype), "device": parameter.device.type,
+    return {"weights": component.fingerprint, "dtype": str(case.dtype), "device": component.device.type,
             "config": cfg, "inputs": inputs_digest(inputs), "modelopt": modelopt.__version__, "torch": torch.__version__}
+
+
+def quantized_weight_dtypes(module: torch.nn.Module) -> set[torch.dtype]:
+    """The dtypes of the weights whose quantizer is on in a quantized `module`: the layers that become Q/DQ GEMMs."""
+    return {sub.weight.dtype for sub in module.modules()
+            if getattr(getattr(sub, "weight_quantizer", None), "is_enabled", False)}
 
 
 def _quantizer_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -209,7 +214,7 @@ def calibrate(component: Component, case: Case, cache: DiskCache, scheme: str | 
         torch.save(blob, folder / SCALES_FILE)
 
     readable = dataclasses.replace(case, batch=1).id + ("" if scheme == case.precision else f"-{scheme}")
-    cached = cache.fetch("calibration", readable, calibration_spec(component, cfg, inputs), build, _load_scales)
+    cached = cache.fetch("calibration", readable, calibration_spec(component, case, cfg, inputs), build, _load_scales)
     log.info("calibration %s: %s (%d loop forwards, %.1f s)", readable, "cache hit" if cached.hit else "calibrated",
              cached.value["forwards"], cached.value["calibrate_s"])
     return cached

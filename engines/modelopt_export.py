@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.modelopt import quantized_module
+from engines.modelopt import quantized_module, quantized_weight_dtypes
 from engines.onnxruntime import OrtRunner
 from harness.backends import Runner
 from harness.cache import DiskCache, spec_hash
@@ -58,10 +58,19 @@ def export_quantized(component: Component, case: Case, cache: DiskCache, scheme:
         raise HarnessError(f"{case.id}: fp8/int8 graphs are static; ModelOpt's Q/DQ symbolics exist for the "
                            "TorchScript exporter, which bakes the DiT's RoPE sizes; drop --dynamic")
     module, calibration = quantized_module(component, case, cache, scheme, recipe)
-    dtype = next(module.parameters()).dtype
+    # The graph's float type is the case's: a checkpoint keeps some tensors in fp32 beside its bf16 layers
+    # (diffusers' _keep_in_fp32_modules), so no single parameter tells it.
+    dtype = case.dtype
     if dtype not in TRT_DTYPE:
-        raise HarnessError(f"{case.id}: Q/DQ graphs are 16-bit (ModelOpt exports fp8 attention for fp16/bf16 "
-                           f"graphs only), not {dtype}")
+        raise HarnessError(f"{case.id}: a Q/DQ graph computes in fp16 or bf16 (ModelOpt exports fp8 attention for "
+                           f"16-bit graphs only), and this case computes in {dtype}; quantize beside an fp16 or bf16 "
+                           "case")
+    module, calibration = quantized_module(component, case, cache, scheme)
+    layers = quantized_weight_dtypes(module)
+    if layers != {dtype}:
+        raise HarnessError(f"{case.id}: the layers ModelOpt quantizes hold {' and '.join(sorted(map(str, layers))) or 'no'} "
+                           f"weights, not the case's {dtype}; export the expert of a model loaded in the case's "
+                           "precision")
     _set_scale_dtype(module, TRT_DTYPE[dtype])
     fingerprint = spec_hash({"weights": component.fingerprint, "calibration": calibration, "rewrite": REWRITE,
                              "modelopt": modelopt.__version__})

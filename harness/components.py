@@ -13,12 +13,9 @@ from typing import Callable
 import torch
 
 from harness.case import COMPONENTS, DIT_COMPONENTS, Case, check_component, is_dit
-from harness.models import A14B_TRANSFORMER, WanModel, load_expert, random_fingerprint
+from harness.models import A14B_TRANSFORMER, WanModel, expert_timestep, load_expert, random_fingerprint
 from harness.residency import execution_device
 from harness.shapes import TEXT_TOKENS, VideoShape
-
-# Timesteps on either side of the 875 boundary, so each expert is fed a value it really sees.
-EXPERT_TIMESTEP = {"transformer": 937, "transformer_2": 500}
 
 
 class DiT(torch.nn.Module):
@@ -103,12 +100,15 @@ class Component:
         return tuple(t.to(self.device) for t in self.sampler(case, seed, shape))
 
 
-def dit_component(expert, fingerprint: str, name: str = "transformer", text_len: int = TEXT_TOKENS) -> Component:
-    """One DiT expert as a Component, also for an expert held without a WanModel (the 40-layer one)."""
+def dit_component(expert, fingerprint: str, name: str = "transformer", text_len: int = TEXT_TOKENS,
+                  timestep: int | None = None) -> Component:
+    """One DiT expert as a Component, also for an expert held without a WanModel (the 40-layer one): its example
+    inputs are at `timestep`, by default the one expert `name` runs at under A14B's boundary."""
     latent = {0: "batch", 2: "latent_frames", 3: "latent_height", 4: "latent_width"}
+    timestep = expert_timestep(name) if timestep is None else timestep
 
     def sample(case: Case, seed: int, shape: VideoShape | None) -> tuple[torch.Tensor, ...]:
-        return dit_inputs(expert, shape or case.shape, name, batch=case.batch, text_len=text_len,
+        return dit_inputs(expert, shape or case.shape, timestep, batch=case.batch, text_len=text_len,
                           dtype=case.dtype, seed=seed)
 
     return Component(name, DiT(expert), ("hidden_states", "timestep", "encoder_hidden_states"), "noise_pred",
@@ -136,7 +136,8 @@ def make_component(model: WanModel, name: str) -> Component:
     """Wrap one named part of `model`; the module shares the model's weights."""
     check_component(name)
     if is_dit(name):
-        component = dit_component(getattr(model, name), model.fingerprints[name], name, model.max_sequence_length)
+        component = dit_component(getattr(model, name), model.fingerprints[name], name, model.max_sequence_length,
+                                  model.expert_timestep(name))
         component.loop_inputs = partial(loop_inputs, model, name)
         return component
     sample = partial(example_inputs, model)
@@ -160,8 +161,8 @@ def example_inputs(model: WanModel, case: Case, seed: int = 0, shape: VideoShape
     gen = torch.Generator().manual_seed(seed)
     b, text_len = case.batch, model.max_sequence_length
     if is_dit(case.component):
-        out = dit_inputs(getattr(model, case.component), shape, case.component, batch=b, text_len=text_len,
-                         dtype=case.dtype, seed=seed)
+        out = dit_inputs(getattr(model, case.component), shape, model.expert_timestep(case.component), batch=b,
+                         text_len=text_len, dtype=case.dtype, seed=seed)
     elif case.component == "vae_decoder":
         out = (torch.randn(shape.latent_shape(b), generator=gen).to(case.dtype),)
     else:
@@ -173,18 +174,17 @@ def example_inputs(model: WanModel, case: Case, seed: int = 0, shape: VideoShape
     return tuple(t.to(device) for t in out)
 
 
-def dit_inputs(expert, shape: VideoShape, component: str = "transformer", *, batch: int = 1,
-               text_len: int = TEXT_TOKENS, dtype: torch.dtype = torch.bfloat16, device="cpu",
-               seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Seeded inputs of one expert forward: latents, the expert's timestep, text embeddings.
+def dit_inputs(expert, shape: VideoShape, timestep: int, *, batch: int = 1, text_len: int = TEXT_TOKENS,
+               dtype: torch.dtype = torch.bfloat16, device="cpu", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded inputs of one expert forward: latents, `timestep` (the expert's own: expert_timestep), text embeddings.
 
     Also for an expert held without a WanModel (the 40-layer one fills the card alone).
     """
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(shape.latent_shape(batch), generator=gen)
-    timestep = torch.full((batch,), EXPERT_TIMESTEP[component], dtype=torch.int64)
+    steps = torch.full((batch,), timestep, dtype=torch.int64)
     text = torch.randn((batch, text_len, expert.config.text_dim), generator=gen)
-    return tuple(t.to(device) for t in (latents.to(dtype), timestep, text.to(dtype)))
+    return tuple(t.to(device) for t in (latents.to(dtype), steps, text.to(dtype)))
 
 
 # Loop records per model (keyed weakly on its high-noise expert, so they go with the model), then per

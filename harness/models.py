@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ DIT_SIZES = ("in_channels", "out_channels", "num_attention_heads", "attention_he
 EXPERTS_AGREE_ON = ("patch_size", "in_channels", "out_channels", "num_attention_heads", "attention_head_dim",
                     "text_dim")
 # Bumped whenever the random-init recipe changes, so cached exports of old weights are not reused.
-INIT_RECIPE = "seeded-normal-v1"
+INIT_RECIPE = "seeded-normal-v2"
 # Seeds of the random sources' experts: they differ, as the real high- and low-noise experts do.
 EXPERT_SEEDS = {"transformer": 0, "transformer_2": 1}
 # CPU parameters are drawn this many fp32 elements at a time (16 MiB of scratch per thread), by this many threads.
@@ -71,6 +72,19 @@ TOKENIZER_CORPUS = (
 )
 
 
+# Wan2.2-T2V-A14B's model_index.json: the high-noise expert runs while t >= 0.875 x the scheduler's 1000 timesteps.
+A14B_BOUNDARY_RATIO = 0.875
+
+
+def expert_timestep(name: str, boundary_ratio: float = A14B_BOUNDARY_RATIO, train_timesteps: int = 1000) -> int:
+    """The timestep of expert `name`'s example inputs: one it really runs at, on its own side of the boundary
+    (boundary_ratio x train_timesteps; harness.pipeline.expert_for). The high-noise expert gets the middle of
+    [boundary, train_timesteps], the low-noise one 4/7 of the boundary, both rounded down: 937 and 500 at A14B's 875
+    (the values every recorded number was taken at), 975 and 542 at 950."""
+    boundary = boundary_ratio * train_timesteps
+    return int((boundary + train_timesteps) / 2) if name == "transformer" else int(boundary * 4 / 7)
+
+
 @dataclass
 class WanModel:
     """Everything a Wan2.2 T2V run needs, with the pipeline settings of the A14B model card."""
@@ -84,7 +98,7 @@ class WanModel:
     vae: torch.nn.Module
     scheduler: object
     fingerprints: dict[str, str] = field(default_factory=dict)
-    boundary_ratio: float = 0.875
+    boundary_ratio: float = A14B_BOUNDARY_RATIO
     guidance_scale: float = 4.0
     guidance_scale_2: float = 3.0
     max_sequence_length: int = 512
@@ -96,6 +110,10 @@ class WanModel:
         return WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
                            scheduler=self.scheduler, transformer=self.transformer,
                            transformer_2=self.transformer_2, boundary_ratio=self.boundary_ratio)
+
+    def expert_timestep(self, name: str) -> int:
+        """The timestep of expert `name`'s example inputs, from this model's boundary (see expert_timestep)."""
+        return expert_timestep(name, self.boundary_ratio, self.scheduler.config.num_train_timesteps)
 
 
 def make_scheduler(flow_shift: float = 3.0):
@@ -209,7 +227,8 @@ def _materialize(module: torch.nn.Module, device: str) -> list[tuple[str, torch.
 
 
 def _build(cls, config: dict, seed: int, device: str, dtype: torch.dtype):
-    """Construct with parameters on meta, allocate each in the target dtype on the target device, fill it seeded.
+    """Construct with parameters on meta, allocate each in the dtype from_pretrained(torch_dtype=dtype) gives it on the
+    target device, fill it seeded.
 
     The values are seeded_init's whichever way they are filled: on the CPU in chunks, FILL_THREADS parameters at a
     time (the draws hold the GIL only between chunks); on CUDA with one draw per parameter, as Philox offsets move
@@ -217,13 +236,13 @@ def _build(cls, config: dict, seed: int, device: str, dtype: torch.dtype):
     the module's structure and config, not its weights.
     """
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(dtype)  # as from_pretrained constructs: buffers outside the state dict keep what this makes
     try:
         with torch.device(device), _parameters_on_meta():
             module = cls(**config)
     finally:
         torch.set_default_dtype(previous)
-    module = torch.nn.Module.to(module, dtype)  # buffers into dtype; the fp32-kept modules after the fill, below
+    as_loaded(module, dtype)
     if torch.device(device).type != "meta":
         params = _materialize(module, device)
         if torch.device(device).type == "cpu":
@@ -232,18 +251,38 @@ def _build(cls, config: dict, seed: int, device: str, dtype: torch.dtype):
                 list(pool.map(lambda item: _fill_in_chunks(*item, seed), params))
         else:
             seeded_init(module, seed)
-    return _loaded_dtypes(module, dtype).eval().requires_grad_(False)
+    return module.eval().requires_grad_(False)
 
 
-def _loaded_dtypes(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """`module` in `dtype` as from_pretrained(torch_dtype=dtype) leaves it: the modules it keeps in fp32 stay fp32."""
-    module = torch.nn.Module.to(module, dtype)  # buffers into dtype too
-    keep_fp32 = getattr(module, "_keep_in_fp32_modules", None) or []
-    if dtype != torch.float32:
-        for name, sub in module.named_modules():
-            if any(part in keep_fp32 for part in name.split(".")):
-                sub.to(torch.float32)
+def as_loaded(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast each floating state-dict entry of `module` to the dtype from_pretrained(torch_dtype=dtype) loads it in:
+    `dtype`, or fp32 where the library keeps it so (kept_in_fp32). Buffers outside the state dict (the DiT's RoPE
+    tables) are not loaded, so they keep the dtype their constructor gave them."""
+    fp32 = kept_in_fp32(module, dtype)
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point():  # in place, so tied parameters stay one tensor
+            tensor.data = tensor.data.to(torch.float32 if name in fp32 else dtype)
     return module
+
+
+def kept_in_fp32(module: torch.nn.Module, dtype: torch.dtype) -> set[str]:
+    """The floating state-dict entries of `module` that from_pretrained(torch_dtype=dtype) of its class holds in fp32,
+    by its library's own rule, so that a random source holds what a checkpoint loads.
+
+    diffusers (ModelMixin.from_pretrained, then load_model_dict_into_meta) keeps, whatever torch_dtype, every entry
+    with one of the class's _keep_in_fp32_modules among the dotted parts of its name: a root parameter such as the
+    DiT's scale_shift_table as well as a submodule's. transformers keeps the entries its dtype plan names
+    (PreTrainedModel._get_dtype_plan, globs searched in the name): for UMT5 none in bf16, `wo` in fp16.
+    """
+    names = [name for name, tensor in module.state_dict(keep_vars=True).items() if tensor.is_floating_point()]
+    if dtype == torch.float32:
+        return set(names)
+    dtype_plan = getattr(module, "_get_dtype_plan", None)
+    if dtype_plan is not None:
+        globs = [re.compile(glob.replace("*", ".*")) for glob, kept in dtype_plan(dtype).items() if kept == torch.float32]
+        return {name for name in names if any(glob.search(name) for glob in globs)}
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    return {name for name in names if keep.intersection(name.split("."))}
 
 
 def random_fingerprint(config: dict, seed: int) -> str:
@@ -598,7 +637,7 @@ def _checkpoint_skeleton(root: Path, sub: str, cls_name: str, dtype: torch.dtype
         else:
             cls = getattr(importlib.import_module("diffusers"), cls_name)
             module = cls.from_config(cls.load_config(root / sub))
-    return _loaded_dtypes(module, dtype).eval().requires_grad_(False)
+    return as_loaded(module, dtype).eval().requires_grad_(False)
 
 
 def _load_onto(root: Path, sub: str, entry: tuple[str, str], dtype: torch.dtype, device: torch.device):

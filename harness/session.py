@@ -211,15 +211,16 @@ class Session:
 
     def cfg_step(self, backend: str, precision: str, shape: VideoShape,
                  layout: Layout = ONE_GPU) -> Callable[[], torch.Tensor]:
-        """One CFG denoising step of the high-noise expert on fixed inputs (t = 937), as a zero-argument call:
-        what the perf cases time and the parallel cases compare; under a layout, this rank's part of it."""
+        """One CFG denoising step of the high-noise expert on fixed inputs at its example timestep (937 at A14B's
+        boundary), as a zero-argument call: what the perf cases time and the parallel cases compare; under a layout,
+        this rank's part of it."""
         model, device, dtype = self.model(precision), self.settings.device, PRECISIONS[precision]
         case = Case("transformer", shape, precision, source=self.settings.source)
         batch = self.cfg_batch(backend)
         runner = self.runner(backend, dataclasses.replace(case, batch=batch, layout=layout.forward))
         cond, negative = self.inputs(case)[2], self.inputs(case, seed=1)[2]
         latents = initial_latents(model, shape, 0, device)
-        timestep = torch.tensor(937, device=device)
+        timestep = torch.tensor(model.expert_timestep("transformer"), device=device)
         group = _cfg_group(layout)
         if group is not None:
             return lambda: cfg_noise_split(runner, latents, timestep, cond, negative, model.guidance_scale, dtype, group)
