@@ -57,7 +57,11 @@ def pytest_configure_node(node):
 
 
 def pytest_runtest_setup(item):
-    """Perf cases never time inside an xdist worker (see harness.workers.perf_skip_reason)."""
+    """Each case's peak memory counts from here, its fixtures included (Session.record reads it into the rows).
+    Perf cases never time inside an xdist worker (see harness.workers.perf_skip_reason)."""
+    from harness.memory import start_case
+
+    start_case(cuda=item.config.wan_session.settings.device == "cuda")
     reason = workers.perf_skip_reason(os.environ) if item.get_closest_marker("perf") else None
     if reason:
         pytest.skip(reason)

@@ -848,7 +848,10 @@ def test_bench_takes_checkpoint_options_as_its_own(tiny_checkpoint, tmp_path):
                  "--backends", "torch,onnxruntime", "--", "-k", "parity and text_encoder and fp32")
     summary = tmp_path / "results" / "run-bad-input" / "summary.md"
     assert proc.returncode == 0 and f"summary: {summary}" in proc.stdout, proc.stdout[-3000:] + proc.stderr
-    assert "| text_encoder-checkpoint-32x48x5-fp32-b1 | onnxruntime |" in summary.read_text()
+    text = summary.read_text()
+    assert "| text_encoder-checkpoint-32x48x5-fp32-b1 | onnxruntime |" in text
+    header = next(line for line in text.splitlines() if line.startswith("| case"))  # the parity table's
+    assert " case_peak_host_gib |" in header and "| verdict " in header  # each case's peak beside its verdict
     # The TorchScript export of the text encoder warns about aten::index; pytest.ini filters it.
     assert "warnings summary" not in proc.stdout and "Warning:" not in proc.stdout + proc.stderr
 
