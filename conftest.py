@@ -32,6 +32,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    from harness.__main__ import quiet_third_party
+
+    quiet_third_party()  # the check of a checkpoint folder imports diffusers here, before pytest captures output
     try:
         settings = settings_from({o.dest: config.getoption(f"wan_{o.dest}") for o in OPTIONS})
         check_asked_kernels(settings)
@@ -56,7 +59,11 @@ def pytest_configure_node(node):
 
 
 def pytest_runtest_setup(item):
-    """Perf cases never time inside an xdist worker (see harness.workers.perf_skip_reason)."""
+    """Each case's peak memory counts from here, its fixtures included (Session.record reads it into the rows).
+    Perf cases never time inside an xdist worker (see harness.workers.perf_skip_reason)."""
+    from harness.memory import start_case
+
+    start_case(cuda=item.config.wan_session.settings.device == "cuda")
     reason = workers.perf_skip_reason(os.environ) if item.get_closest_marker("perf") else None
     if reason:
         pytest.skip(reason)
@@ -64,12 +71,15 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A backend this machine cannot run is a skip with its concrete reason, never a failure or a pass."""
+    """A backend this machine cannot run is a skip with its concrete reason, never a failure or a pass; a user
+    error (HarnessError) fails the case with its one line, as the CLI prints it, not a traceback."""
     outcome = yield
     report = outcome.get_result()
     if call.excinfo is not None and call.excinfo.errisinstance(BackendUnavailable):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: {call.excinfo.value}")
+    elif report.failed and call.excinfo is not None and call.excinfo.errisinstance(HarnessError):
+        report.longrepr = f"error: {call.excinfo.value}"
     elif call.excinfo is not None and out_of_memory(call.excinfo.value):
         # One line, and the memory the case held is given back, so that the cases after it still run.
         family = next((f for f in FAMILIES if item.get_closest_marker(f)), None)

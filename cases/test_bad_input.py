@@ -488,6 +488,33 @@ def _edit_tensors(relative: str, edit_state):
     return edit
 
 
+def _append(relative: str, data: bytes):
+    def edit(folder: Path) -> None:
+        with (folder / relative).open("ab") as f:
+            f.write(data)
+    return edit
+
+
+def _shard(relative: str, drop: str):
+    """Save a single weights file as two shards and their index, as from_pretrained reads a large model, then take
+    `drop` out of its shard while the index still names it."""
+    def edit(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        single = folder / relative
+        state = load_file(single)
+        names = sorted(state)
+        stem = single.name.removesuffix(".safetensors")
+        weight_map = {}
+        for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+            shard = f"{stem}-{i:05d}-of-00002.safetensors"
+            save_file({n: state[n] for n in part if n != drop}, single.parent / shard, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, shard))
+        single.unlink()
+        (single.parent / f"{single.name}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return edit
+
+
 def _replace(relative: str, make):
     """An edit that removes a file or folder and lets `make` put something else at its path."""
     def edit(folder: Path) -> None:
@@ -539,16 +566,22 @@ WRONG_CHECKPOINTS = {
     "index without map": (_replace(DIT_INDEX, lambda p: p.write_text("{}")), "index.json has no weight_map"),
     "int32 weight": (_edit_tensors(DIT_WEIGHTS, lambda s: s.update(w=s.pop("blocks.0.attn1.to_q.weight").int())),
                      "holds non-floating tensors where weights belong: w (I32)"),
-    # found only when the weights are loaded
     "tensor shape": (_edit_tensors(DIT_WEIGHTS, lambda s: s.update({"blocks.0.attn1.to_q.weight": torch.zeros(24, 23)})),
-                     "checkpoint transformer does not load"),
-    "more layers": (_edit_json("transformer/config.json", num_layers=3), "missing keys blocks.2."),
+                     "diffusion_pytorch_model.safetensors holds blocks.0.attn1.to_q.weight as [24, 23] where "
+                     "transformer/config.json builds [24, 24]"),
+    "more layers": (_edit_json("transformer/config.json", num_layers=3),
+                    "lacks 27 of the 96 tensors transformer/config.json needs: blocks.2."),
     "DiT tensor": (_edit_tensors(DIT_WEIGHTS, lambda s: s.pop("blocks.0.attn1.to_q.weight")),
-                   "missing keys blocks.0.attn1.to_q.weight (1 in all)"),
+                   "diffusion_pytorch_model.safetensors lacks 1 of the 69 tensors transformer/config.json needs: "
+                   "blocks.0.attn1.to_q.weight;"),
     "text tensor": (_edit_tensors("text_encoder/model.safetensors",
                                   lambda s: s.pop("encoder.block.1.layer.1.DenseReluDense.wi_0.weight")),
-                    "text_encoder's weights do not match its config.json: missing keys "
-                    "encoder.block.1.layer.1.DenseReluDense.wi_0.weight"),
+                    "model.safetensors lacks 1 of the 22 tensors text_encoder/config.json needs: "
+                    "encoder.block.1.layer.1.DenseReluDense.wi_0.weight;"),
+    "trailing bytes": (_append(DIT_WEIGHTS, b"\0" * 16), "has 16 bytes past the"),
+    "sharded DiT tensor": (_shard(DIT_WEIGHTS, drop="blocks.1.ffn.net.0.proj.weight"),
+                           "diffusion_pytorch_model.safetensors.index.json lacks 1 of the 69 tensors "
+                           "transformer/config.json needs: blocks.1.ffn.net.0.proj.weight;"),
 }
 
 
@@ -583,6 +616,46 @@ def test_a_tensor_the_model_does_not_use_is_a_warning_not_an_error(wrong_checkpo
         model = load_model("checkpoint", path=folder)
     assert model.transformer.config.num_layers == 2
     assert "checkpoint transformer holds 1 tensors its model does not use (e.g. spare)" in caplog.text
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ["DiT tensor", "tensor shape", "trailing bytes", "int32 weight", "sharded DiT tensor"])
+def test_the_folder_check_names_a_bad_tensor_from_the_headers_alone(wrong_checkpoint, name):
+    """Read from the safetensors headers and the configs, before any weight loads (57 GB take minutes)."""
+    from harness.models import check_checkpoint_folder
+
+    edit, needle = WRONG_CHECKPOINTS[name]
+    folder = wrong_checkpoint(edit)
+    with pytest.raises(HarnessError) as caught:
+        check_checkpoint_folder(folder)
+    message = str(caught.value)
+    assert "\n" not in message and needle in message and message.startswith(str(folder / "transformer"))
+    assert message.endswith(("copy the component again", "copy the file again", "copy it again"))
+
+
+@pytest.mark.unit
+def test_a_tied_embedding_may_be_stored_under_either_name(wrong_checkpoint):
+    """UMT5's shared.weight and encoder.embed_tokens.weight are one tensor: a checkpoint holding only the second
+    passes the check and loads it as the first."""
+    from safetensors.torch import load_file
+
+    from harness.models import check_checkpoint_folder, load_model
+
+    def rename(state):
+        state["encoder.embed_tokens.weight"] = state.pop("shared.weight")
+
+    folder = wrong_checkpoint(_edit_tensors("text_encoder/model.safetensors", rename))
+    assert check_checkpoint_folder(folder) == folder
+    stored = load_file(folder / "text_encoder" / "model.safetensors")["encoder.embed_tokens.weight"]
+    assert torch.equal(load_model("checkpoint", path=folder).text_encoder.shared.weight, stored)
+
+
+@pytest.mark.parametrize("name", ["DiT tensor", "trailing bytes"])
+def test_a_bad_tensor_stops_pytest_once_before_any_case(wrong_checkpoint, tmp_path, name):
+    edit, needle = WRONG_CHECKPOINTS[name]
+    folder = wrong_checkpoint(edit)
+    proc = pytest_session(tmp_path, "-m", "parity", "--model-source=checkpoint", f"--model-path={folder}")
+    assert_one_usage_error(proc, needle)
 
 
 def test_a_single_expert_checkpoint_stops_pytest_once(wrong_checkpoint, tmp_path):
@@ -771,7 +844,10 @@ def test_bench_takes_checkpoint_options_as_its_own(tiny_checkpoint, tmp_path):
                  "--backends", "torch,onnxruntime", "--", "-k", "parity and text_encoder and fp32")
     summary = tmp_path / "results" / "run-bad-input" / "summary.md"
     assert proc.returncode == 0 and f"summary: {summary}" in proc.stdout, proc.stdout[-3000:] + proc.stderr
-    assert "| text_encoder-checkpoint-32x48x5-fp32-b1 | onnxruntime |" in summary.read_text()
+    text = summary.read_text()
+    assert "| text_encoder-checkpoint-32x48x5-fp32-b1 | onnxruntime |" in text
+    header = next(line for line in text.splitlines() if line.startswith("| case"))  # the parity table's
+    assert " case_peak_host_gib |" in header and "| verdict " in header  # each case's peak beside its verdict
     # The TorchScript export of the text encoder warns about aten::index; pytest.ini filters it.
     assert "warnings summary" not in proc.stdout and "Warning:" not in proc.stdout + proc.stderr
 
@@ -793,17 +869,45 @@ def test_export_labels_cases_and_table_with_the_checkpoint_and_shape(tiny_checkp
     assert "| text_encoder | fp32 | static |" in table and "| text_encoder | fp32 | dynamic |" in table
 
 
-@pytest.mark.perf
-def test_a_nan_expert_gets_no_speed_up(tiny_checkpoint, tmp_path):
-    """Timing a model that computes NaN would report a speed-up of garbage: the perf case fails instead."""
-    from safetensors.torch import load_file, save_file
+def _nan_weights(expert: str):
+    """A checkpoint whose `expert` computes NaN: its output projection's weights are NaN, and nothing checks values
+    before they run."""
+    return _edit_tensors(f"{expert}/diffusion_pytorch_model.safetensors",
+                         lambda s: s.update({"proj_out.weight": torch.full_like(s["proj_out.weight"], math.nan)}))
 
-    folder = tmp_path / "nan-checkpoint"
-    shutil.copytree(tiny_checkpoint, folder)
-    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
-    tensors = load_file(weights)
-    tensors["proj_out.weight"] = torch.full_like(tensors["proj_out.weight"], math.nan)
-    save_file(tensors, weights, metadata={"format": "pt"})
+
+@pytest.mark.unit
+def test_nan_weights_stop_generate_at_the_step_and_expert_in_one_line(wrong_checkpoint, capsys, tmp_path):
+    """Not an all-black video and exit 0: the low-noise expert first runs at step 3 of 4 (t = 999, 900 | 750, 500)."""
+    folder = wrong_checkpoint(_nan_weights("transformer_2"))
+    out = tmp_path / "v.mp4"
+    code = main(["generate", "--prompt", "x", "--model-source", "checkpoint", "--model-path", str(folder),
+                 "--shape", "16x16x9", "--steps", "4", "--out", str(out)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]  # after the progress bar's lines
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: the denoising loop's latents became non-finite at step 3 (of 4) after the "
+                                "transformer_2 expert (t=750): "), err
+    assert not out.exists()
+
+
+def test_nan_weights_fail_a_loop_case_with_its_one_line(wrong_checkpoint, tmp_path):
+    folder = wrong_checkpoint(_nan_weights("transformer"))
+    proc = pytest_session(tmp_path, "-m", "parity", "--model-source=checkpoint", f"--model-path={folder}",
+                          "--shapes=16x16x9", "--backends=torch", "--precisions=fp32,bf16", "--steps=2",
+                          "-k", "test_denoising_loop_parity", "cases/test_parity.py")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED and "1 failed" in output, output[-3000:]
+    report = re.search(r"_ test_denoising_loop_parity\[torch-bf16\] _+\n(.*?)\n=+ short test summary", output, re.S)
+    assert report and report[1].startswith("error: the denoising loop's latents became non-finite at step 1 (of 2) "
+                                           "after the transformer expert (t=999): "), output[-3000:]
+    assert "\n" not in report[1] and "Traceback" not in output, report[1]  # the one line, no traceback
+
+
+@pytest.mark.perf
+def test_a_nan_expert_gets_no_speed_up(wrong_checkpoint, tmp_path):
+    """Timing a model that computes NaN would report a speed-up of garbage: the perf case fails instead."""
+    folder = wrong_checkpoint(_nan_weights("transformer"))
     proc = pytest_session(tmp_path, "-m", "perf", "--model-source=checkpoint", f"--model-path={folder}",
                           "--shapes=16x16x9", "--backends=torch,onnxruntime", "--precisions=fp32", "--perf-rounds=1",
                           "-k", "test_speed and transformer and not transformer_2")

@@ -4,6 +4,7 @@ import torch
 
 from engines.torch_eager import TorchEager
 from harness.case import COMPONENTS, Case
+from harness.errors import HarnessError
 from harness.components import make_component
 from harness.models import load_model
 from harness.pipeline import NEGATIVE_PROMPT, PROMPTS, Runners, expert_for, generate, initial_latents
@@ -72,3 +73,16 @@ def test_one_batch2_forward_per_cfg_step_gives_the_same_video(tiny):
     one_call = generate(tiny, eager_runners(tiny), PROMPTS[0], shape=SHAPE, steps=STEPS, cfg_batch=2)
     torch.testing.assert_close(one_call.frames, two_calls.frames, rtol=0, atol=1e-5)
     assert one_call.experts == two_calls.experts
+
+
+@pytest.mark.parametrize("expert, step, timestep", [("transformer", 1, 999), ("transformer_2", 3, 750)])
+def test_nan_weights_stop_the_loop_at_the_step_and_expert_that_made_them(expert, step, timestep):
+    """A NaN weight would otherwise run every step and decode an all-black video, reported as a result."""
+    model = load_model("tiny")  # its own: the NaN must not reach the module's shared model
+    getattr(model, expert).proj_out.weight.data[0, 0] = float("nan")
+    with pytest.raises(HarnessError) as caught:
+        generate(model, eager_runners(model), PROMPTS[0], shape=SHAPE, steps=STEPS)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert (f"the denoising loop's latents became non-finite at step {step} (of {STEPS}) after the {expert} expert "
+            f"(t={timestep})") in message

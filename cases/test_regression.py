@@ -237,6 +237,23 @@ def test_baseline_round_trips_and_compares_ok_with_itself(baseline, tmp_path):
     assert code == 0 and f"{len(doc['entries'])} ok, 0 regressed, 0 improved, 0 new, 0 missing" in report
 
 
+def test_case_peak_memory_rows_are_neither_gated_nor_stored(baseline, tmp_path):
+    """Every row a case records carries the case's peak memory, repeated where a case records twice (the candidate's
+    timing, then its speed-up): compare passes over them without calling them new, and a baseline keeps none."""
+    run = write_run(tmp_path, "run-memory", ACCEPTED)
+    recorder = RunRecorder(tmp_path, "run-memory")
+    for table, case, backend, _ in list(ACCEPTED) * 2:
+        for metric in ("case_peak_host_gib", "case_peak_gpu_gib", "case_peak_gpu_reserved_gib"):
+            recorder.add(table, Row(case, case.split("-")[0], backend, "bf16", "480p", 32760, metric, 1.5, None, None,
+                                    H100, VERSIONS))
+    report, code = compare_run(baseline, run)
+    entries = len(json.loads(baseline.read_text())["entries"])
+    assert code == 0 and f"{entries} ok, 0 regressed, 0 improved, 0 new, 0 missing" in report, report
+    assert "case_peak" not in report.split("\n", 1)[1]  # past the header line, which names the folders
+    saved = save_baseline(run, "with-memory", tmp_path / "baselines")
+    assert "case_peak" not in saved.read_text()
+
+
 def test_identical_frames_psnr_inf_round_trips(tmp_path):
     numbers = {("quality", VIDEO, "torch", "psnr_mean"): math.inf}
     path = save_baseline(write_run(tmp_path, "run-inf", numbers), "inf", tmp_path)

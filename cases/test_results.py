@@ -8,9 +8,16 @@ import re
 import stat
 
 import pytest
+import torch
 
+from harness.case import Case
 from harness.errors import HarnessError
-from harness.results import Row, RunRecorder, load_run, load_tables, short_summary
+from harness.memory import (GPU_PEAK, GPU_RESERVED_PEAK, HOST_PEAK, GiB, reset_gpu_peak, resident_bytes, stage,
+                            start_case)
+from harness.results import MEMORY_NOTE, Measured, Row, RunRecorder, load_run, load_tables, short_summary
+from harness.session import Session
+from harness.settings import settings_from
+from harness.shapes import parse_shape
 
 pytestmark = pytest.mark.unit
 
@@ -247,3 +254,50 @@ def test_summary_pairs_each_speedup_with_its_own_eager_time(tmp_path):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in short_summary(rec.path).splitlines()]
     eager = {c[1]: c[2] for c in cells if len(c) == 7 and c[2][0].isdigit()}  # the speed-up table's rows
     assert eager == {"onnxruntime": "100", "inductor": "50"}, eager
+
+
+def memory_session(tmp_path, device: str) -> Session:
+    return Session(settings_from({"device": device, "backends": "torch"}), RunRecorder(tmp_path, "run-memory"))
+
+
+def test_a_recorded_case_carries_its_whole_peak_host_memory(tmp_path):
+    """The peak counts from the case's start (conftest.py calls start_case) to its rows, past a stage measured
+    inside the case, which resets the kernel's mark for its own peak; on the CPU no GPU peak is recorded."""
+    session = memory_session(tmp_path, "cpu")
+    case = Case("transformer", parse_shape("16x16x9"), "fp32")
+    start_case(cuda=False)
+    before = resident_bytes()
+    spike = b"\x01" * (128 << 20)  # written, so resident
+    del spike
+    with stage("a later stage", []):
+        pass
+    session.record("parity", case, "torch", Measured({"rel_l2": 1e-3}, {"rel_l2": 1e-2}, {"rel_l2": True}))
+    rows = load_run(tmp_path / "run-memory")
+    peaks = {r.metric: r for r in rows if r.metric.startswith("case_peak")}
+    assert set(peaks) == {HOST_PEAK}  # GPU_PEAK is absent: the run's device is the CPU
+    host = peaks[HOST_PEAK]
+    assert host.value * GiB >= before + (120 << 20) and host.passed is None and host.threshold is None
+    assert (host.case, host.backend, host.precision) == (case.id, "torch", "fp32")
+    text = session.recorder.finish().read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| case") and "rel_l2" in line)
+    assert HOST_PEAK in header and GPU_PEAK not in header and "verdict" in header
+    assert MEMORY_NOTE in text
+    memory = short_summary(tmp_path / "run-memory").split(MEMORY_NOTE)[1]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in memory.splitlines() if line.startswith("| ")]
+    assert cells == [["case", "backend", HOST_PEAK], [case.id, "torch", f"{host.value:.4g}"]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's peak memory needs a CUDA device; none here")
+def test_a_cuda_case_carries_its_whole_peak_gpu_memory(tmp_path):
+    """A timed round inside the case resets CUDA's counters for its own peak_mem_gib (harness.timing); the case's
+    peak still counts what came before it."""
+    session = memory_session(tmp_path, "cuda")
+    torch.zeros(1, device="cuda")  # CUDA initialised, as any case on it has
+    start_case(cuda=True)
+    spike = torch.ones(256 << 20, dtype=torch.uint8, device="cuda")
+    del spike
+    reset_gpu_peak()
+    session.record("perf", Case("transformer", parse_shape("16x16x9"), "bf16"), "torch", Measured({"median_ms": 1.0}))
+    peaks = {r.metric: r.value for r in load_run(tmp_path / "run-memory") if r.metric.startswith("case_peak")}
+    assert set(peaks) == {HOST_PEAK, GPU_PEAK, GPU_RESERVED_PEAK}
+    assert peaks[GPU_RESERVED_PEAK] >= peaks[GPU_PEAK] >= 0.25

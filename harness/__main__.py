@@ -17,7 +17,8 @@ from harness.settings import OPTIONS, Option
 
 PYTEST_INI = Path(__file__).resolve().parent.parent / "pytest.ini"
 # Loggers that print known, harmless third-party notes on import (torchao registering its enums with
-# torch's pytree; diffusers finding no old torchao tensor types): pytest captures them, a terminal does not.
+# torch's pytree; diffusers finding no old torchao tensor types): pytest captures them inside a case, but neither a
+# terminal nor pytest_configure (where the checkpoint folder check imports diffusers) does.
 NOISY_LOGGERS = ("torch.utils._pytree", "diffusers.quantizers.torchao")
 
 

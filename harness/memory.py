@@ -1,5 +1,6 @@
 """Host memory of an export or an engine build: each stage's time and peak resident memory, and a stage run in a
-process of its own so that what it allocated goes back to the machine when it ends.
+process of its own so that what it allocated goes back to the machine when it ends. Also each case's peaks, host and
+GPU, from its start to its rows (start_case, case_peaks).
 
 The peak is the kernel's own high-water mark (VmHWM in /proc/self/status), reset at each stage's start by writing
 5 to /proc/self/clear_refs, so a spike of a few milliseconds still counts. Resident memory mixes anonymous memory
@@ -57,10 +58,53 @@ def _have_proc() -> bool:
     return STATUS.is_file()
 
 
+# The highest marks that a stage's or a timed round's reset wiped since the case began (case_peaks): a case's peak
+# is the larger of these and the marks now, so measuring part of a case does not hide the rest of it.
+_WIPED = {"host": 0, "gpu": 0, "gpu_reserved": 0}
+# The metrics case_peaks gives every row a case records: the whole case's peaks, unlike a timing's peak_mem_gib,
+# which covers its timed rounds alone.
+HOST_PEAK, GPU_PEAK, GPU_RESERVED_PEAK = CASE_PEAKS = ("case_peak_host_gib", "case_peak_gpu_gib",
+                                                       "case_peak_gpu_reserved_gib")
+
+
 def _reset_peak() -> None:
     """Start VmHWM afresh (Linux 4.0 and later); where that is refused, the peak counts from the process start."""
+    _WIPED["host"] = max(_WIPED["host"], _peak_bytes())
     with contextlib.suppress(OSError):
         CLEAR_REFS.write_text("5")
+
+
+def reset_gpu_peak(device=None) -> None:
+    """Start CUDA's peak allocation counters afresh on `device` (the current one by default), as _reset_peak does
+    the host's. Before CUDA is initialised there is nothing to reset, and resetting would initialise it."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return
+    _WIPED["gpu"] = max(_WIPED["gpu"], torch.cuda.max_memory_allocated(device))
+    _WIPED["gpu_reserved"] = max(_WIPED["gpu_reserved"], torch.cuda.max_memory_reserved(device))
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def start_case(cuda: bool) -> None:
+    """Reset the peaks that case_peaks reads: the host's always, CUDA's where the case runs on it."""
+    _reset_peak()
+    if cuda:
+        reset_gpu_peak()
+    _WIPED.update(dict.fromkeys(_WIPED, 0))
+
+
+def case_peaks(cuda: bool) -> dict[str, float]:
+    """This process's peak resident memory since start_case, and on CUDA the caching allocator's peak allocated and
+    reserved memory, in GiB: how close the case came to the machine's RAM and the card's memory. Processes a case
+    starts (an isolated export stage, the ranks of a parallel run) are not counted."""
+    peaks = {HOST_PEAK: max(_WIPED["host"], _peak_bytes()) / GiB}
+    if cuda:
+        import torch
+
+        peaks[GPU_PEAK] = max(_WIPED["gpu"], torch.cuda.max_memory_allocated()) / GiB
+        peaks[GPU_RESERVED_PEAK] = max(_WIPED["gpu_reserved"], torch.cuda.max_memory_reserved()) / GiB
+    return peaks
 
 
 def _peak_bytes() -> int:

@@ -29,9 +29,11 @@ SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "transformer_2", "vae"
 REQUIRED_FILES = {"scheduler": ("scheduler_config.json",), "tokenizer": ("tokenizer_config.json",)}
 # A UMT5 tokenizer's vocabulary: the fast tokenizer's file, or the SentencePiece model the slow one reads.
 TOKENIZER_VOCABULARIES = ("tokenizer.json", "spiece.model")
-# The weighted components' classes, and the names from_pretrained looks for their weights under.
-LOADED_CLASSES = {"text_encoder": "UMT5EncoderModel", "transformer": "WanTransformer3DModel",
-                  "transformer_2": "WanTransformer3DModel", "vae": "AutoencoderKLWan"}
+# The weighted components' [library, class] as model_index.json names them, and the names from_pretrained looks
+# for their weights under.
+LOADED_CLASSES = {"text_encoder": ["transformers", "UMT5EncoderModel"],
+                  "transformer": ["diffusers", "WanTransformer3DModel"],
+                  "transformer_2": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
 WEIGHT_STEMS = {"text_encoder": "model", "transformer": "diffusion_pytorch_model",
                 "transformer_2": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 # DiT config fields the shape check and the loader read as sizes, and those the two experts must share: the same
@@ -405,8 +407,7 @@ def check_checkpoint_folder(path: str | os.PathLike | None) -> Path:
                            "tokenizer folder again")
     for json_file in sorted(root.glob("*/*.json")):
         _read_json(json_file)
-    for weights in sorted(root.glob("*/*.safetensors")):
-        check_safetensors(weights)
+    headers = {weights: check_safetensors(weights) for weights in sorted(root.glob("*/*.safetensors"))}
     for index in sorted(root.glob("*/*.index.json")):
         weight_map = _read_json(index).get("weight_map")
         if not (isinstance(weight_map, dict) and weight_map
@@ -422,6 +423,8 @@ def check_checkpoint_folder(path: str | os.PathLike | None) -> Path:
             raise HarnessError(f"{root / sub} holds none of {', '.join(names)}; copy the component's weights "
                                "(and the index of sharded ones) again")
     _check_dimensions(root)
+    for sub in LOADED_CLASSES:
+        _check_tensors(root, sub, headers)
     return root
 
 
@@ -448,9 +451,9 @@ def _check_pipeline_index(index_path: Path) -> None:
                            "single-expert Wan2.1 and Wan2.2-TI2V-5B checkpoints are not supported")
     for sub in SUBFOLDERS:
         expected = LOADED_CLASSES.get(sub)
-        if not _is_entry(index.get(sub)) or index[sub][1] != (expected or index[sub][1]):
+        if not _is_entry(index.get(sub)) or index[sub] != (expected or index[sub]):
             raise HarnessError(f"{index_path} gives {sub} as {index.get(sub)!r}; a Wan2.2-T2V-A14B checkpoint names "
-                               f"each component as [library, class]{f', here class {expected}' if expected else ''}")
+                               f"each component as [library, class]{f', here {expected}' if expected else ''}")
     ratio = index.get("boundary_ratio")
     if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
         raise HarnessError(f"{index_path} has boundary_ratio {ratio!r}; it must be a number strictly between 0 "
@@ -531,9 +534,10 @@ def _read_json(path: Path) -> dict:
     return doc
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """A safetensors file is an 8-byte little-endian header length, a JSON header, then the tensor data at the
-    offsets the header declares: the file must hold the header and reach the largest declared offset."""
+    offsets the header declares: the file must hold the header and end exactly at the largest declared offset (the
+    safetensors loader refuses a file longer than that). Returns each tensor's dtype and shape, by name."""
     if not path.is_file():
         raise HarnessError(f"{path} {_not_there(path)}; copy the weights file again")
     size = path.stat().st_size
@@ -545,19 +549,83 @@ def check_safetensors(path: Path) -> None:
                                "it declares; copy the file again")
         try:
             header = json.loads(f.read(length))
-            tensors = {k: t for k, t in header.items() if k != "__metadata__"}
-            end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+            tensors = {k: (t["dtype"], tuple(t["shape"])) for k, t in header.items() if k != "__metadata__"}
+            end = max((header[k]["data_offsets"][1] for k in tensors), default=0)
             # Every Wan weight is floating point; from_pretrained would cast an integer tensor silently.
-            integral = sorted(k for k, t in tensors.items() if not t["dtype"].startswith(("F", "BF")))
+            integral = sorted(k for k, (dtype, _) in tensors.items() if not dtype.startswith(("F", "BF")))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise HarnessError(f"{path} has a damaged safetensors header ({type(exc).__name__}: {exc}); "
                                "copy the file again") from None
     if integral:
         raise HarnessError(f"{path} holds non-floating tensors where weights belong: {', '.join(integral[:5])} "
-                           f"({header[integral[0]]['dtype']}); the file is not these weights: copy it again")
+                           f"({tensors[integral[0]][0]}); the file is not these weights: copy it again")
     if 8 + length + end > size:
         raise HarnessError(f"{path} is cut short: its header declares {8 + length + end:,} bytes, the file holds "
                            f"{size:,}; copy the file again")
+    if 8 + length + end < size:
+        raise HarnessError(f"{path} has {size - 8 - length - end:,} bytes past the {8 + length + end:,} its header "
+                           "declares (written over a longer file?), which safetensors refuses to load; copy the file "
+                           "again")
+    return tensors
+
+
+def _check_tensors(root: Path, sub: str, headers: dict[Path, dict[str, tuple[str, tuple[int, ...]]]]) -> None:
+    """Every tensor from_pretrained needs for `sub` must be in its safetensors headers, in the shape its config.json
+    builds: a missing or misshapen tensor is named here rather than minutes into loading, in every case. Tensors
+    the model does not use are left to the loader, which logs them; .bin weights have no header to read."""
+    library, cls_name = LOADED_CLASSES[sub]
+    where, files = _weight_files(root / sub, WEIGHT_STEMS[sub], library)
+    if not files:
+        log.debug("checkpoint %s has no safetensors weights; its tensors are checked when it loads", sub)
+        return
+    held = {name: (path, shape) for path in files
+            for name, (_, shape) in (headers[path] if path in headers else check_safetensors(path)).items()}
+    needed = _needed_tensors(root / sub, library, cls_name)
+    missing = sorted(names[0] for names, _ in needed if not any(n in held for n in names))
+    if missing:
+        raise HarnessError(f"{where} lacks {len(missing)} of the {len(needed)} tensors {sub}/config.json needs: "
+                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; the weights are incomplete "
+                           "or of another model: copy the component again")
+    for names, shape in needed:
+        for name in (n for n in names if n in held and held[n][1] != shape):
+            path, found = held[name]
+            raise HarnessError(f"{path} holds {name} as {list(found)} where {sub}/config.json builds "
+                               f"{list(shape)}; the weights and the config are of different models: copy the "
+                               "component again")
+
+
+def _weight_files(folder: Path, stem: str, library: str) -> tuple[Path, list[Path]]:
+    """The safetensors files from_pretrained reads for a component, and the file that names them (the single file,
+    or the index of shards); no files where the weights are .bin. Where both a single file and an index are there,
+    transformers reads the single file and diffusers the index."""
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    chosen = next((p for p in ((single, index) if library == "transformers" else (index, single)) if p.is_file()),
+                  None)
+    if chosen == index:  # check_checkpoint_folder has vetted the weight_map and that its shards are there
+        return index, sorted({folder / shard for shard in _read_json(index)["weight_map"].values()})
+    return single, [single] if chosen else []
+
+
+def _needed_tensors(folder: Path, library: str, cls_name: str) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """What from_pretrained fills from the weights: the state_dict the config builds (non-persistent buffers such as
+    the DiT's RoPE tables are not in it), built on the meta device so nothing is allocated, less what the class says
+    may be missing. Each entry is one tensor's names and shape: a tied tensor (UMT5's shared.weight, also
+    encoder.embed_tokens.weight) has several, and a checkpoint may store it under any of them."""
+    cls = getattr(importlib.import_module(library), cls_name)
+    config = _read_json(folder / "config.json")
+    try:
+        with torch.device("meta"):
+            module = cls(cls.config_class.from_dict(config)) if library == "transformers" else cls.from_config(config)
+    except Exception as exc:  # whatever a bad config makes the constructor raise: one line, no traceback
+        cause = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise HarnessError(f"{folder / 'config.json'} does not build a {cls_name} ({type(exc).__name__}: {cause}); "
+                           "copy the component again") from None
+    optional = [re.compile(p) for p in getattr(module, "_keys_to_ignore_on_load_missing", None) or ()]
+    tensors: dict[int, tuple[list[str], tuple[int, ...]]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():  # keep_vars: tied names share one object
+        if not any(p.search(name) for p in optional):
+            tensors.setdefault(id(tensor), ([], tuple(tensor.shape)))[0].append(name)
+    return [(tuple(names), shape) for names, shape in tensors.values()]
 
 
 def dit_configs(source: str, path: str | os.PathLike | None = None) -> dict[str, dict]:

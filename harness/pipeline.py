@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from harness.case import COMPONENTS, ONE_GPU, Layout
+from harness.errors import HarnessError
 from harness.models import WanModel
 from harness.shapes import VideoShape
 
@@ -151,6 +152,17 @@ def cfg_noise_split(runner: Callable, latents: torch.Tensor, timestep: torch.Ten
     return uncond + guidance * (cond - uncond)
 
 
+def check_finite(latents: torch.Tensor, step: int, steps: int, expert: str, timestep) -> None:
+    """Latents that hold a NaN or Inf stay so to the last step, and the VAE turns them into a black video that
+    looks like a result: stop at the first such step, naming it and the expert that ran it. The check costs one
+    device sync a step, small beside the expert's forwards."""
+    if not bool(torch.isfinite(latents).all()):
+        raise HarnessError(f"the denoising loop's latents became non-finite at step {step} (of {steps}) after the "
+                           f"{expert} expert (t={float(timestep):g}): its weights may hold NaN or Inf (copy the "
+                           "checkpoint again), or its precision or backend overflows: run it in fp32 eager PyTorch "
+                           "to tell which")
+
+
 def decode(model: WanModel, runner: Callable, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Un-normalise the latents with the VAE's mean/std, decode, and map [-1, 1] to [0, 1] frames."""
     cfg = model.vae.config
@@ -188,13 +200,14 @@ def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShap
     scheduler.set_begin_index(0)
 
     def denoise(latents):
-        for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, unit="step"):
+        for step, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, unit="step"), 1):
             name, guidance = expert_for(model, t)
             runner = getattr(runners, name)
             noise = (cfg_noise(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_batch)
                      if cfg_group is None else
                      cfg_noise_split(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_group))
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            check_finite(latents, step, len(scheduler.timesteps), name, t)
             run.experts.append(name)
             if keep_latents:
                 run.step_latents.append(latents.detach().cpu())

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from harness.cache import atomic_write_bytes
 from harness.errors import HarnessError
+from harness.memory import CASE_PEAKS, GPU_PEAK, GPU_RESERVED_PEAK, HOST_PEAK
 
 if TYPE_CHECKING:
     from harness.case import Case
@@ -330,6 +331,9 @@ STEP_METRIC = re.compile(r"(?P<metric>.+)@step=(?P<step>\d+)")
 KEYS = ["case", "backend", "precision", "shape"]
 CPU_NOTE = ("CPU timings are informational, never gated: on a shared CPU machine one case's median moved "
             "by 10x between runs, and the speed-up gate judges CUDA timings only.")
+MEMORY_NOTE = (f"Memory, in GiB: {HOST_PEAK} is this process's peak resident memory from the case's start to its "
+               f"row; {GPU_PEAK} and {GPU_RESERVED_PEAK} are CUDA's peak allocated and reserved memory over the same "
+               "span (CUDA runs only); peak_mem_gib is CUDA's peak over the timed rounds alone.")
 
 
 def tables_markdown(tables: dict[str, list[Row]]) -> str:
@@ -347,6 +351,8 @@ def tables_markdown(tables: dict[str, list[Row]]) -> str:
         if steps:
             sections.append(f"## {table}: error by denoising step\n\n"
                             f"{tabulate(_step_pivot(steps), 'keys', tablefmt='github', showindex=False)}\n")
+    if any(r.metric in CASE_PEAKS for rows in tables.values() for r in rows):
+        sections.append(MEMORY_NOTE + "\n")
     return "\n".join(sections)
 
 
@@ -414,7 +420,8 @@ def short_summary(run: Path) -> str:
         if r.metric == "median_ms":
             median[(r.case, r.backend)] = r.value
         elif r.metric == "speedup":
-            speed.append([r.case, r.backend, _ms(median.get((r.case, "torch"))), _ms(median.get((r.case, r.backend))),
+            speed.append([r.case, r.backend, _number(median.get((r.case, "torch"))),
+                          _number(median.get((r.case, r.backend))),
                           "n/a" if r.value is None else f"{r.value:.3f}x",
                           "" if r.threshold is None else f">= {r.threshold:g}x",
                           {True: "pass", False: "FAIL", None: "not gated"}[_row_verdict(r, rules)]])
@@ -425,13 +432,30 @@ def short_summary(run: Path) -> str:
     note = CPU_NOTE + "\n\n" if on_cpu([r for r in rows if r.metric == "speedup"]) else ""
     return (note + tabulate(speed, ["case", "candidate", "eager ms", "candidate ms", "speed-up", "gate", "verdict"],
                             tablefmt="github") + "\n\n"
-            + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github") + "\n"
+            + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github")
+            + _memory_table(rows) + "\n"
             + _notes_markdown([r for r in rows if r.backend != "torch" and _skipped(r)]))
 
 
 def _skipped(row: Row) -> bool:
     """A metric that was not measured, with the reason in its note (VMAF on frames too small to score)."""
     return row.value is None and row.passed is None and bool(row.note)
+
+
+def _memory_table(rows: list[Row]) -> str:
+    """Each case and backend's peak memory (the last recorded: the case's peak up to its last row), with the
+    columns the run measured: no GPU columns where it ran on the CPU."""
+    from tabulate import tabulate
+
+    peaks: dict[tuple[str, str], dict[str, float | None]] = {}
+    for r in rows:
+        if r.metric in CASE_PEAKS:
+            peaks.setdefault((r.case, r.backend), {})[r.metric] = r.value
+    if not peaks:
+        return ""
+    metrics = [m for m in CASE_PEAKS if any(m in p for p in peaks.values())]
+    body = [[case, backend, *(_number(values.get(m)) for m in metrics)] for (case, backend), values in peaks.items()]
+    return "\n\n" + MEMORY_NOTE + "\n\n" + tabulate(body, ["case", "backend", *metrics], tablefmt="github")
 
 
 def _row_verdict(row: Row, rules: "Rules") -> bool | None:
@@ -459,7 +483,7 @@ def _meets(row: Row, rules: "Rules") -> bool | None:
     return meets_gate(row.value, row.threshold) if row.metric == "speedup" else rule.meets(row.value, row.threshold)
 
 
-def _ms(value: float | None) -> str:
+def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
 
 

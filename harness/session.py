@@ -314,7 +314,11 @@ class Session:
     # ------------------------------------------------------------------ results
 
     def record(self, table: str, case: Case, backend: str, result: Result, precision: str | None = None) -> None:
-        """Keep `result` (the gate reads it back) and append its rows to the run folder now."""
+        """Keep `result` (the gate reads it back) and append its rows to the run folder now, with the case's peak
+        memory so far beside them (harness.memory.case_peaks; conftest.py resets the peaks as each case starts)."""
+        from harness.memory import case_peaks
+        from harness.results import Measured
+
         self._results.append((table, case.id, backend, result))
         kernel = dict(self.settings.attention).get(backend)
         options = self.settings.backend_options
@@ -323,9 +327,11 @@ class Session:
         labels = ([f"attention={kernel}"] if kernel else []) + [f"{name}={getattr(options, name)}" for name in read]
         versions = ";".join([versions_string(), *labels])
         if self.recorder is not None:
-            for row in result_rows(case, backend, result, precision=precision, device=device_name(self.settings.device),
-                                   versions=versions):
-                self.recorder.add(table, row)
+            memory = Measured(case_peaks(cuda=self.settings.device == "cuda"))
+            for measured in (result, memory):
+                for row in result_rows(case, backend, measured, precision=precision,
+                                       device=device_name(self.settings.device), versions=versions):
+                    self.recorder.add(table, row)
 
     def attach(self, name: str, text: str) -> None:
         """A text file in the run folder beside the tables (nothing without a recorder)."""
