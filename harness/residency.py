@@ -25,14 +25,13 @@ from typing import Callable
 
 import torch
 
-from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
 GiB = 2 ** 30
 # Host memory a component's copy must leave free to be kept there; else it is dropped and built again when needed.
 HOST_MARGIN = 16 * GiB
-# A recipe builds the component's weights anew on a device: (device) -> module of the same structure.
-Recipe = Callable[[torch.device], torch.nn.Module]
+# Builds the component's weights anew on a device: (device) -> a module of the same structure and dtypes.
+Build = Callable[[torch.device], torch.nn.Module]
 
 
 def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,7 +62,7 @@ def host_room(nbytes: int) -> bool:
 class _Entry:
     module: torch.nn.Module
     label: str
-    recipe: Recipe
+    recipe: Build
     nbytes: int
     host: dict[str, torch.Tensor] | None = None  # the host copy, by tensor name; None: the weights are dropped
     on_device: bool = False
@@ -78,7 +77,7 @@ class Residency:
         self._entries: dict[int, _Entry] = {}
         self.phase = "nothing on the device yet"
 
-    def manage(self, module: torch.nn.Module, label: str, recipe: Recipe) -> torch.nn.Module:
+    def manage(self, module: torch.nn.Module, label: str, recipe: Build) -> torch.nn.Module:
         """Take `module` (built on the meta device: structure and config, no weights) under management: it gets
         its weights from `recipe` the first time it runs."""
         entry = _Entry(module, label, recipe, _nbytes(module))
@@ -226,6 +225,3 @@ def out_of_memory(exc: BaseException) -> bool:
         sign in text for sign in ("out of memory", "CUSOLVER_STATUS_INTERNAL_ERROR", "CUBLAS_STATUS_ALLOC_FAILED",
                                   "CUDNN_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation"))
 
-
-class DoesNotFit(HarnessError):
-    """What a run asked for does not fit the card: one line, naming what and where."""
