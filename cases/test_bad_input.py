@@ -760,10 +760,49 @@ def test_a_command_refuses_what_it_would_ignore_or_choke_on(argv, needle, capsys
     assert needle in cli_error([*argv, *cache], capsys)
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the command gets as far as building a session (and with it, a model)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Session was built: the bad path was not refused up front")
+
+    monkeypatch.setattr("harness.session.Session", refuse)
+
+
 @pytest.mark.unit
-def test_generate_into_an_existing_folder_is_refused_and_leaves_nothing(capsys, tmp_path):
+def test_generate_into_an_existing_folder_is_refused_and_leaves_nothing(capsys, tmp_path, no_model):
     line = cli_error(["generate", "--prompt", "x", "--out", str(tmp_path)], capsys)
     assert "is a folder" in line and list(tmp_path.iterdir()) == []
+
+
+READ_ONLY = 0o555
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("out, needle", [
+    ("a-file/video.mp4", "a-file is a file, not a folder; give another path"),
+    ("a-file/deeper/video.mp4", "a-file is a file, not a folder; give another path"),
+    # /proc exists and os.access calls it writable for root, yet no folder can be made in it.
+    ("/proc/wan-nowhere/video.mp4", "cannot make a folder in /proc (No such file or directory); give a folder you "
+                                    "can write to"),
+    pytest.param("read-only/new/video.mp4", "read-only (Permission denied); give a folder you can write to",
+                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")),
+])
+def test_generate_into_a_folder_it_cannot_write_is_one_line_before_any_model(out, needle, capsys, tmp_path,
+                                                                              no_model):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "read-only").mkdir(mode=READ_ONLY)
+    before = sorted(tmp_path.rglob("*"))
+    line = cli_error(["generate", "--prompt", "x", "--out", str(tmp_path / out)], capsys)
+    assert line.startswith(f"error: --out {tmp_path / out}: ") and needle in line, line
+    assert sorted(tmp_path.rglob("*")) == before  # the probe left nothing behind
+
+
+@pytest.mark.unit
+def test_generate_makes_the_missing_folders_of_out(tmp_path):
+    out = tmp_path / "new" / "deeper" / "video.mp4"
+    assert main(["generate", "--prompt", "x", "--steps", "1", "--out", str(out)]) == 0
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["video.mp4"]
 
 
 @pytest.mark.unit
@@ -821,6 +860,9 @@ def test_ort_cpu_refusing_bf16_names_the_op_and_type(tmp_path):
     ("--backends=torch,onnxruntime --precisions=fp8", "--precisions fp8: no backend among --backends"),
     ("--scale-layers=-3", "--scale-layers -3 must be a whole number >= 1"),
     ("--model-path=/nowhere", "--model-path is read by --model-source checkpoint only"),
+    # /proc exists and os.access calls it writable for root, yet mkdir fails: only making a folder proves it.
+    ("--results-dir=/proc/wan-results", "--results-dir /proc/wan-results: cannot make a folder in /proc"),
+    ("--cache-dir=/proc/wan-cache", "--cache-dir /proc/wan-cache: cannot make a folder in /proc"),
 ])
 def test_a_bad_option_stops_pytest_once(tmp_path, option, needle):
     assert_one_usage_error(pytest_session(tmp_path, "-m", "parity", *option.split()), needle)

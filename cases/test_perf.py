@@ -1,10 +1,17 @@
 """Speed of each backend against eager PyTorch, alternating rounds in one test; the speed-up gate.
 
-pytest-benchmark times the candidate; its `setup` runs one baseline round before every candidate
-round, so the two alternate under the same thermal and clock conditions. Both sides are also timed
-with CUDA events on the GPU; harness.timing.judge_speedup compares those medians and owns the gate.
+The harness times both sides itself: harness.timing.alternate runs --perf-rounds rounds, the order reversed
+every round, so the two share thermal and clock conditions; on the GPU each call is timed with CUDA events.
+harness.timing.judge_speedup compares those medians and owns the gate; pytest-benchmark is then handed the
+candidate's rounds (HarnessClock) for its table, --benchmark-json and --benchmark-compare.
 """
+import json
 import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +20,40 @@ from harness.backends import BACKENDS, load
 from harness.case import Case, eager_precision, is_dit, is_quantized
 from harness.plan import perf_precision_of
 from harness.shapes import A14B_LAYERS, forward_flops
-from harness.timing import RoundRecorder, SpeedupResult, judge_speedup
+from harness.timing import RoundRecorder, SpeedupResult, alternate, judge_speedup
 
-pytestmark = pytest.mark.perf
+
+class HarnessClock:
+    """pytest-benchmark's timer for this module's cases (its benchmark marker below): a clock that stands still except
+    when `tick` moves it on by the next round the harness timed.
+
+    Why: the rounds the gate judges are the harness's own (alternating, CUDA events, --perf-rounds of them whatever
+    pytest-benchmark's options say); `report` replays the candidate's rounds through benchmark.pedantic, one `tick`
+    per round, so pytest-benchmark's table, --benchmark-json and --benchmark-compare describe those very rounds.
+    Letting pedantic drive the rounds instead would time the candidate with its own clock, always after its `setup`
+    (the baseline), and under --benchmark-disable just once. A custom timer is pytest-benchmark's documented
+    extension point; writing times into its stats object would reach into its internals.
+    """
+
+    def __init__(self):
+        self.__name__ = "harness.timing.alternate"  # how pytest-benchmark names a timer (its JSON's options.timer)
+        self.now = 0.0
+        self._rounds = iter(())
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self) -> None:
+        self.now += next(self._rounds, 0.0)  # 0 past the last round: --benchmark-cprofile calls the target again
+
+    def report(self, benchmark, side: RoundRecorder) -> None:
+        """Hand pytest-benchmark `side`'s timed rounds, in seconds (it times nothing itself)."""
+        self._rounds = iter([ms / 1e3 for ms in side.times_ms])
+        benchmark.pedantic(self.tick, rounds=len(side.times_ms))
+
+
+CLOCK = HarnessClock()
+pytestmark = [pytest.mark.perf, pytest.mark.benchmark(timer=CLOCK)]
 # What one timed call does: one expert forward, one CFG step (two forwards), one decode, one prompt
 # encoding, or a whole video.
 WORKLOADS = ("transformer", "transformer_2", "cfg_step", "vae_decoder", "text_encoder", "end_to_end")
@@ -87,14 +125,15 @@ def test_speed(stage, shape, candidate, session, benchmark):
     bad = {side: n for side, n in zip((f"torch {base_precision}", f"{candidate} {precision}"), map(nonfinite, outputs)) if n}
     assert not bad, f"{stage} at {shape.id}: " + ", ".join(f"{side} returns {n:,} non-finite values" for side, n in bad.items()) + (
         "; no time is recorded for a result that is not a number")
-    base_rounds = RoundRecorder("torch", base_fn, device=s.device, flops=flops)
-    cand_rounds = RoundRecorder(candidate, cand_fn, device=s.device, flops=flops)
+    sides = (RoundRecorder("torch", base_fn, device=s.device, flops=flops),
+             RoundRecorder(candidate, cand_fn, device=s.device, flops=flops))
     moves = session.residency.moves if session.residency else 0
-    benchmark.pedantic(cand_rounds, setup=base_rounds, rounds=s.perf_rounds, iterations=1)
+    alternate(sides, s.perf_rounds)
     assert (session.residency.moves if session.residency else 0) == moves, (
         f"{stage} at {shape.id}: a component came onto the device during the timed rounds; the times include the move")
+    CLOCK.report(benchmark, sides[1])
     gate = s.speedup_gate if candidate == s.candidate and stage == "cfg_step" else None
-    result = judge_speedup(base_rounds.result(), cand_rounds.result(), gate)
+    result = judge_speedup(sides[0].result(), sides[1].result(), gate)
     case = stage_case(stage, shape, precision, session, candidate)
     base, cand = result.baseline, result.candidate
     benchmark.extra_info.update(
@@ -123,3 +162,66 @@ def test_speedup_gate(shape, session):
         pytest.skip(f"no cfg_step timing of {s.candidate} at {shape.id} in this session (its perf case failed, was "
                     f"skipped or was deselected; see above)")
     assert result, result.message()
+
+
+# --------------------------------------------------------------- the gated path's rounds, seen from outside
+
+# A pytest plugin for the run below: it logs every timed round (side, ms) and the rounds each speed-up judgement was
+# given, one JSON line each, by wrapping harness.timing before cases/test_perf.py imports from it.
+ROUND_LOG = '''
+import json, os
+import harness.timing as timing
+
+def log(**entry):
+    with open(os.environ["WAN_ROUND_LOG"], "a") as f:
+        f.write(json.dumps(entry) + "\\n")
+
+timed, judge = timing.RoundRecorder.__call__, timing.judge_speedup
+
+def call(self):
+    timed(self)
+    log(side=self.label, ms=self.times_ms[-1])
+
+def judged(baseline, candidate, gate):
+    log(judged=[baseline.rounds, candidate.rounds])
+    return judge(baseline, candidate, gate)
+
+timing.RoundRecorder.__call__, timing.judge_speedup = call, judged
+'''
+
+
+@pytest.fixture(scope="module")
+def perf_cache(tmp_path_factory) -> Path:
+    """One cache for the runs below: the second reuses the first's ONNX export."""
+    return tmp_path_factory.mktemp("perf-cache")
+
+
+@pytest.mark.parametrize("benchmark_option", ["--benchmark-json", "--benchmark-disable"])
+def test_the_gated_rounds_alternate_and_pytest_benchmark_cannot_change_them(benchmark_option, perf_cache, tmp_path):
+    """The CFG-step perf case of the tiny source with --perf-rounds=4, in its own pytest: its timed rounds
+    alternate with the order flipped every round, the gate judges all 4 of each side whether pytest-benchmark is
+    on or off, and pytest-benchmark's JSON carries exactly the candidate's rounds that were judged."""
+    (tmp_path / "round_log.py").write_text(ROUND_LOG)
+    log, report = tmp_path / "rounds.jsonl", tmp_path / "benchmark.json"
+    option = f"{benchmark_option}={report}" if benchmark_option == "--benchmark-json" else benchmark_option
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a plain session, not a worker
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, (str(tmp_path), env.get("PYTHONPATH")))),
+               WAN_ROUND_LOG=str(log), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "round_log", "-q",
+                           __file__, "-m", "perf", "-k", "test_speed and cfg_step", "--device=cpu",
+                           "--backends=torch,onnxruntime", "--perf-rounds=4", f"--results-dir={tmp_path / 'results'}",
+                           f"--cache-dir={perf_cache}", option],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    rounds = [e for e in entries if "side" in e]
+    assert [e["side"] for e in rounds] == ["torch", "onnxruntime", "onnxruntime", "torch"] * 2
+    assert [e["judged"] for e in entries if "judged" in e] == [[4, 4]]
+    if benchmark_option == "--benchmark-json":
+        (bench,) = json.loads(report.read_text())["benchmarks"]
+        candidate_s = [e["ms"] / 1e3 for e in rounds if e["side"] == "onnxruntime"]
+        assert bench["stats"]["data"] == pytest.approx(candidate_s, rel=1e-9) and bench["stats"]["rounds"] == 4
+        assert bench["options"]["timer"] == "harness.timing.alternate"
+        assert bench["extra_info"]["candidate_median_ms"] == pytest.approx(statistics.median(candidate_s) * 1e3)
+    else:
+        assert not report.exists()

@@ -130,6 +130,7 @@ def test_a_file_where_a_folder_goes_is_refused_and_nothing_is_made(tmp_path):
             settings_from({"device": "cpu", dest: str(blocker / "below")})
     settings = settings_from({"device": "cpu", "results_dir": str(tmp_path / "new" / "runs")})
     assert settings.results_dir == tmp_path / "new" / "runs" and not (tmp_path / "new").exists()
+    assert list(tmp_path.iterdir()) == [blocker]  # the folder that proved tmp_path writable is gone again
 
 
 def test_the_environment_supplies_defaults_the_options_override(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import torch
 
 import math
 
-from harness.timing import RoundRecorder, judge_speedup, summarize, time_alternating, timed_call
+from harness.timing import RoundRecorder, alternate, judge_speedup, summarize, timed_call
 
 pytestmark = pytest.mark.unit
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -49,15 +49,35 @@ def test_summary_needs_times():
         summarize("x", [])
 
 
-def test_rounds_alternate_and_flip_order():
-    calls = []
-    comparison = time_alternating(lambda: calls.append("B"), lambda: calls.append("C"), warmup=1, rounds=4)
-    assert "".join(calls) == "BC" + "BC" + "CB" + "BC" + "CB"
-    assert comparison.baseline.rounds == comparison.candidate.rounds == 4
+def sides_that_log(*names: str) -> tuple[list[str], tuple[RoundRecorder, ...]]:
+    """Fake sides on the CPU: each appends its name to the log when called, timed or not."""
+    calls: list[str] = []
+    return calls, tuple(RoundRecorder(name, calls.append, (name,)) for name in names)
+
+
+def test_two_sides_alternate_with_the_order_flipped_every_round():
+    calls, sides = sides_that_log("B", "C")
+    alternate(sides, 4, warmup=1)
+    # The warm-up round flips too, so that the first timed round runs the sides as given.
+    assert "".join(calls) == "CB" + "BC" + "CB" + "BC" + "CB"
+    assert [side.result().rounds for side in sides] == [4, 4]  # the warm-up is not timed
+
+
+def test_n_sides_reverse_every_round_and_a_placeholder_keeps_its_slot():
+    calls, (a, b, c) = sides_that_log("A", "B", "C")
+    alternate((a, b, c), 3)
+    assert "".join(calls) == "ABC" + "CBA" + "ABC"
+    calls.clear()
+    # A rank that sits the middle side out: every slot still meets `between` (the barrier), in the same order.
+    alternate((a, None, c), 2, between=lambda: calls.append("|"))
+    assert "".join(calls) == "|A||C" + "|C||A"
+    assert [side.result().rounds for side in (a, b, c)] == [5, 3, 5]
 
 
 def test_real_sleeps_give_the_expected_ratio():
-    comparison = time_alternating(lambda: time.sleep(0.02), lambda: time.sleep(0.005), warmup=0, rounds=5)
+    sides = (RoundRecorder("baseline", time.sleep, (0.02,)), RoundRecorder("candidate", time.sleep, (0.005,)))
+    alternate(sides, 5)
+    comparison = judge_speedup(sides[0].result(), sides[1].result(), None)
     assert comparison.baseline.median_ms >= 20 and comparison.candidate.median_ms >= 5
     assert 2.0 < comparison.speedup < 4.5  # 4.0 nominal; sleeps overrun a little on a busy CI machine
     assert comparison.speedup_q1 <= comparison.speedup_q3
@@ -68,9 +88,9 @@ def test_timed_call_returns_the_output():
     assert out.tolist() == [2.0, 2.0] and ms >= 0
 
 
-def test_round_recorder_fits_pedantic_setup():
+def test_round_recorder_times_each_call():
     recorder = RoundRecorder("base", time.sleep, (0.001,))
-    assert recorder() is None  # pytest-benchmark treats a non-None setup result as (args, kwargs)
+    recorder()
     recorder()
     result = recorder.result()
     assert result.rounds == 2 and result.min_ms >= 1 and result.peak_mem_bytes is None

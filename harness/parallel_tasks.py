@@ -11,7 +11,7 @@ import torch.distributed as dist
 from harness.case import DIT_COMPONENTS, Case, eager_precision
 from harness.session import Session
 from harness.shapes import VideoShape
-from harness.timing import RoundRecorder
+from harness.timing import RoundRecorder, alternate
 
 
 def outputs(session: Session, backend: str, precision: str, shape: VideoShape, video: bool) -> dict:
@@ -33,26 +33,19 @@ def outputs(session: Session, backend: str, precision: str, shape: VideoShape, v
 def cfg_step_times(session: Session, backend: str, precision: str, shape: VideoShape, rounds: int,
                    warmup: int) -> dict:
     """The layout's CFG step against one GPU's (eager at the base precision, and `backend` itself), in
-    alternating rounds: the one-GPU sides run on rank 0 while the other ranks wait at a barrier. Returns
-    rank 0's TimingResults by side and every rank's peak memory in the parallel step (CUDA only)."""
+    alternating rounds (harness.timing.alternate): the one-GPU sides run on rank 0 while the other ranks wait at a
+    barrier. Returns rank 0's TimingResults by side and every rank's peak memory in the parallel step (CUDA only)."""
     layout, device = session.settings.parallel, session.settings.device
     lead = dist.get_rank() == 0
-    sides = {"parallel": RoundRecorder(backend, session.cfg_step(backend, precision, shape, layout), device=device)}
-    if lead:  # built on rank 0 only: the other ranks never run one GPU's step
-        sides["eager"] = RoundRecorder("torch", session.cfg_step("torch", eager_precision(precision), shape),
-                                       device=device)
+    parallel = RoundRecorder(backend, session.cfg_step(backend, precision, shape, layout), device=device)
+    eager = one_gpu = None  # built on rank 0 only: the other ranks never run one GPU's step
+    if lead:
+        eager = RoundRecorder("torch", session.cfg_step("torch", eager_precision(precision), shape), device=device)
         if backend != "torch":
-            sides["one_gpu"] = RoundRecorder(backend, session.cfg_step(backend, precision, shape), device=device)
-    order = ["eager", "one_gpu", "parallel"]
-    for i in range(warmup + rounds):
-        for name in order if i % 2 == 0 else order[::-1]:
-            dist.barrier()
-            if name not in sides:
-                continue
-            if i < warmup:  # compilation and allocator growth stay out of the numbers
-                sides[name].fn()
-            else:
-                sides[name]()
+            one_gpu = RoundRecorder(backend, session.cfg_step(backend, precision, shape), device=device)
+    sides = {"eager": eager, "one_gpu": one_gpu, "parallel": parallel}
+    alternate(tuple(sides.values()), rounds, warmup=warmup, between=dist.barrier)
     peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, sides["parallel"].peak_mem_bytes)
-    return {"times": {name: side.result() for name, side in sides.items()}, "peak_mem_bytes": peaks}
+    dist.all_gather_object(peaks, parallel.peak_mem_bytes)
+    return {"times": {name: side.result() for name, side in sides.items() if side is not None},
+            "peak_mem_bytes": peaks}

@@ -20,6 +20,7 @@ from harness.backends import (ATTENTION_KERNELS, BACKENDS, COMPILE_SCOPES, ENGIN
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
+from harness.paths import writable_folder
 from harness.recipes import FP8_RECIPES, RECIPES, quantized_blocks
 from harness.shapes import VideoShape, check_fits, check_steps, parse_shapes
 
@@ -376,17 +377,11 @@ def _runnable(precisions: tuple[str, ...], backends: tuple[str, ...], flag: str)
 
 
 def _folder(value, flag: str) -> Path:
-    """A folder the run writes into, checked now so that a file in its place or a read-only parent fails here in
-    one line, not later in every case. Not made here: a run that records nothing leaves nothing behind."""
+    """A folder the run writes into, checked now (harness.paths) so that a file in its place or a folder that cannot be
+    made fails here in one line, not later in every case."""
     if not str(value).strip():
         raise HarnessError(f"{flag} is empty; give a folder")
-    path = Path(value).expanduser()
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise HarnessError(f"{flag} {value}: {existing} is a file, not a folder; give another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise HarnessError(f"{flag} {value}: {existing} is not writable; give a writable folder")
-    return path
+    return writable_folder(value, f"{flag} {value}")
 
 
 def _engine_weights(value: str, backends: tuple[str, ...]) -> str:

@@ -2,14 +2,15 @@
 
 GPU work is asynchronous: a host clock around a launch measures the launch, not the kernel. So on CUDA
 each call is bracketed by CUDA events and synchronized; on the CPU `time.perf_counter` is exact enough.
-Baseline and candidate alternate round by round, with the order flipped every round, so clock and
-thermal drift hit both sides alike (the habit of pytorch's benchmarks/dynamo/common.py).
+The sides of a measurement (a baseline and any number of candidates) alternate round by round in one loop,
+`alternate`, with the order reversed every round, so clock and thermal drift hit every side alike (the habit of
+pytorch's benchmarks/dynamo/common.py). The perf cases, the parallel ranks and the tests all time through it.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,11 +95,8 @@ def summarize(label: str, times_ms, device: str | torch.device = "cpu", peak_mem
 
 @dataclass
 class RoundRecorder:
-    """A zero-argument callable that times `fn(*args)` once per call and keeps the times.
-
-    It fits pytest-benchmark's `benchmark.pedantic(target=candidate, setup=baseline, ...)`: it returns
-    None, which `setup` must, so the baseline round runs (and is timed) before every candidate round.
-    """
+    """One side of a measurement: a zero-argument callable that times `fn(*args)` once per call and keeps the
+    times, and on CUDA the peak memory of its timed calls."""
 
     label: str
     fn: Callable[..., Any]
@@ -173,14 +171,24 @@ def meets_gate(speedup: float, gate: float) -> bool:
     return bool(np.isfinite(speedup)) and speedup >= gate
 
 
-def time_alternating(baseline: Callable[[], Any], candidate: Callable[[], Any], *,
-                     device: str | torch.device = "cpu", warmup: int = 2, rounds: int = 10,
-                     labels: tuple[str, str] = ("baseline", "candidate"), gate: float | None = None) -> SpeedupResult:
-    """Time two zero-argument callables in alternating rounds (B,C then C,B, ...) after `warmup` calls each."""
-    sides = (RoundRecorder(labels[0], baseline, device=device), RoundRecorder(labels[1], candidate, device=device))
-    for _ in range(warmup):  # compilation, autotuning and allocator growth stay out of the numbers
-        baseline(), candidate()
-    for i in range(rounds):
-        for side in (sides if i % 2 == 0 else sides[::-1]):
-            side()
-    return judge_speedup(sides[0].result(), sides[1].result(), gate)
+def alternate(sides: Sequence[RoundRecorder | None], rounds: int, *, warmup: int = 0,
+              between: Callable[[], Any] | None = None) -> None:
+    """Call every side once per round, `warmup` untimed rounds and then `rounds` timed ones, reversing the order
+    every round: A,B then B,A for two sides, A,B,C then C,B,A for three. The first timed round runs `sides` in the
+    order given.
+
+    Reversal puts side i at positions i and N-1-i of each pair of rounds, the same mean position for every side, so
+    a drift that is linear over a pair of rounds costs every side the same. `between` runs before every slot (the
+    parallel ranks' barrier, outside the timings); a None side keeps its slot without running, so that a rank that
+    sits a side out still meets every barrier the others meet.
+    """
+    for i in range(-warmup, rounds):  # i < 0: warm-up, its order flipping too, so round 0 runs `sides` as given
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            if between is not None:
+                between()
+            if side is None:
+                continue
+            if i < 0:  # compilation, autotuning and allocator growth stay out of the numbers
+                side.fn(*side.args)
+            else:
+                side()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
+from harness.paths import writable_folder
 
 # Wan2.2-T2V-A14B renders at 16 frames per second.
 FPS = 16
@@ -28,14 +29,14 @@ def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def check_video_path(path: str | os.PathLike) -> Path:
-    """The path a video may be written to, or HarnessError (checked before a run spends time generating)."""
+    """The path a video may be written to, or HarnessError (checked before a run spends time generating): an mp4
+    name, not a folder, in a folder that can be made and written into (harness.paths)."""
     path = Path(path)
     if path.is_dir():
         raise HarnessError(f"--out {path} is a folder; give a file name, e.g. --out {path / 'video.mp4'}")
-    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
-        raise HarnessError(f"--out {path}: a file stands where its folder should be; choose another path")
     if path.suffix.lower() != ".mp4":
         raise HarnessError(f"--out {path}: the video is written as H.264 in an mp4 container; name it *.mp4")
+    writable_folder(path.parent, f"--out {path}")
     return path
 
 
