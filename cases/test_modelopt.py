@@ -25,7 +25,7 @@ from harness.__main__ import main
 from harness.backends import BackendOptions
 from harness.cache import DiskCache
 from harness.case import DIT_COMPONENTS, QUANTIZED, Case
-from harness.compare import compare, thresholds
+from harness.compare import compare
 from harness.components import dit_component, make_component
 from harness.errors import BackendUnavailable, HarnessError
 from harness.models import TINY_TRANSFORMER, load_expert, load_model, random_fingerprint
@@ -34,6 +34,7 @@ from harness.pipeline import CALIBRATION_PROMPTS, CALIBRATION_STEPS
 from harness.session import Session
 from harness.settings import settings_from
 from harness.shapes import parse_shape
+from harness.thresholds import thresholds
 from harness.weight_inputs import weight_bytes_view, weight_inputs
 
 pytestmark = pytest.mark.export

@@ -304,7 +304,7 @@ def test_a_perf_tolerance_that_would_hide_any_regression_is_refused(baseline, tm
 @pytest.mark.parametrize("old, new", [("perf_tolerance = 0.05", "perf_tolerance = nan"), ("rtol = 0.5", "rtol = inf"),
                                       ("atol = 1e-5  # outputs", "atol = -1.0  # outputs")])
 def test_thresholds_tolerances_are_checked_like_the_option(tmp_path, old, new):
-    from harness.regression import THRESHOLDS
+    from harness.thresholds import THRESHOLDS
 
     path = tmp_path / "thresholds.toml"
     path.write_text(THRESHOLDS.read_text().replace(old, new, 1))

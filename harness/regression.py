@@ -9,12 +9,12 @@ import datetime as dt
 import json
 import math
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.results import TABLES, Row, atomic_write_text, impossible, run_tables
+from harness.thresholds import THRESHOLDS, thresholds
 
 SCHEMA = "wan-trt-bench/baseline/1"
 ABOUT = ("Accepted numbers of one run, written by `python -m harness baseline save` and read by "
@@ -23,7 +23,6 @@ ABOUT = ("Accepted numbers of one run, written by `python -m harness baseline sa
          "rule in harness/thresholds.toml [regression] are kept. An infinite value (PSNR of identical "
          "frames) is the string 'inf'; NaN never appears. machine: where the numbers were measured; "
          "compare refuses another GPU or TensorRT version unless --cross-machine.")
-THRESHOLDS = Path(__file__).with_name("thresholds.toml")
 PERF_METRIC, SPREAD_METRIC = "median_ms", "iqr_ms"
 MACHINE_KEYS = ("device", "tensorrt", "tensorrt_rtx", "torch")
 VERDICTS = ("ok", "regressed", "improved", "new", "missing")
@@ -95,10 +94,10 @@ class Verdict:
 def load_rules(path: Path = THRESHOLDS) -> Rules:
     """The [regression] section of the thresholds file, its tolerances checked as --perf-tolerance is."""
     try:
-        section = tomllib.loads(Path(path).read_text(encoding="utf-8"))["regression"]
+        section = thresholds(path)["regression"]
         metrics = {name: Rule(**spec) for name, spec in section["metrics"].items()}
         rules = Rules(float(section["perf_tolerance"]), metrics)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise HarnessError(f"{path}: no usable [regression] section ({type(exc).__name__}: {exc}); "
                            "restore it from git") from None
     check_share(f"{path} [regression] perf_tolerance", rules.perf_tolerance)
