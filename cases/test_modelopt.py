@@ -321,7 +321,7 @@ def test_real_width_fp8_engine_layer_table(session, rtx):
                     "about 8 GB here)")
     from harness.components import proxy_expert
     from harness.machine import versions_string
-    from harness.results import atomic_write_text
+    from harness.cache import atomic_write_text
 
     case = Case("transformer", s.shapes[0], "fp8", source="proxy")
     expert = proxy_expert(s.proxy_layers, device="cpu", dtype=torch.bfloat16)
