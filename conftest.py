@@ -15,6 +15,7 @@ workers.pin_worker(os.environ)
 from harness.case import COMPONENTS, Case, is_dit, is_quantized  # noqa: E402
 from harness.errors import BackendUnavailable, HarnessError  # noqa: E402
 from harness.plan import FAMILIES  # noqa: E402
+from harness.report import tables_markdown, write_summary  # noqa: E402
 from harness.residency import out_of_memory  # noqa: E402
 from harness.session import Session, check_asked_kernels  # noqa: E402
 from harness.settings import OPTIONS, check_layers, settings_from  # noqa: E402
@@ -59,10 +60,11 @@ def pytest_configure_node(node):
 
 
 def pytest_runtest_setup(item):
-    """Each case's peak memory counts from here, its fixtures included (Session.record reads it into the rows).
-    Perf cases never time inside an xdist worker (see harness.workers.perf_skip_reason)."""
+    """Each case's peak memory counts from here, its fixtures included, and its rows name it (Session.record reads
+    both into the rows). Perf cases never time inside an xdist worker (see harness.workers.perf_skip_reason)."""
     from harness.memory import start_case
 
+    item.config.wan_session.test = item.nodeid
     start_case(cuda=item.config.wan_session.settings.device == "cuda")
     reason = workers.perf_skip_reason(os.environ) if item.get_closest_marker("perf") else None
     if reason:
@@ -137,14 +139,14 @@ def pytest_generate_tests(metafunc):
 def pytest_sessionfinish(session):
     wan = getattr(session.config, "wan_session", None)
     if wan is not None:
-        session.config.wan_summary = wan.recorder.finish()
+        session.config.wan_summary = write_summary(wan.recorder)
 
 
 def pytest_terminal_summary(terminalreporter, config):
     wan = getattr(config, "wan_session", None)
     if wan is not None and getattr(config, "wan_summary", None):
         terminalreporter.write_sep("=", "wan-trt-bench results")
-        terminalreporter.write_line(wan.recorder.markdown())
+        terminalreporter.write_line(tables_markdown(wan.recorder.tables()))
         terminalreporter.write_line(f"summary: {config.wan_summary}")
 
 

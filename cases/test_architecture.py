@@ -1,4 +1,5 @@
-"""The layering the code relies on: harness/ never imports engines/, and every registered backend loads."""
+"""The layering the code relies on: harness/ never imports engines/, no two modules import each other (through any
+chain), the report judges nothing, thresholds.toml has one reader, and every registered backend loads."""
 import ast
 from pathlib import Path
 
@@ -11,14 +12,85 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, at any depth of the file (function-level imports count too)."""
+    """Every module a file imports, at any depth of the file (function-level imports count too); `from a import b`
+    names both a and a.b, since b may be a module of package a."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def module_files(root: Path) -> dict[str, Path]:
+    """The modules of harness/ and engines/ (packages included) by dotted name, e.g. engines.attention.fa3."""
+    files = [*(root / "harness").rglob("*.py"), *(root / "engines").rglob("*.py")]
+    return {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p for p in files}
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Each module of harness/ and engines/ -> the modules of those packages it imports.
+
+    Imports inside functions count as well: run lazily they cannot break loading, but they tie two modules together
+    as much as a top-level import does (the store once reached the regression judge through one, inside the summary).
+    """
+    modules = module_files(root)
+    return {name: {m for m in imported_modules(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One chain of imports that returns to where it started ([a, b, a]), or [] when there is none (depth first)."""
+    done: set[str] = set()
+
+    def walk(name: str, chain: list[str]) -> list[str]:
+        if name in chain:
+            return chain[chain.index(name):] + [name]
+        if name in done:
+            return []
+        for imported in sorted(graph[name]):
+            cycle = walk(imported, chain + [name])
+            if cycle:
+                return cycle
+        done.add(name)
+        return []
+
+    return next(filter(None, (walk(name, []) for name in sorted(graph))), [])
+
+
+def test_no_module_imports_itself_through_others():
+    cycle = find_cycle(import_graph(ROOT))
+    assert not cycle, f"import cycle: {' -> '.join(cycle)}; move what both need below them (one concept, one module)"
+
+
+def test_the_cycle_walk_finds_a_cycle_through_a_lazy_import(tmp_path):
+    (tmp_path / "harness").mkdir()
+    (tmp_path / "engines" / "attention").mkdir(parents=True)
+    (tmp_path / "harness" / "results.py").write_text("def summary():\n    from harness.regression import load_rules\n")
+    (tmp_path / "harness" / "regression.py").write_text("from engines.attention import fa3\n")
+    (tmp_path / "engines" / "attention" / "__init__.py").write_text("")
+    (tmp_path / "engines" / "attention" / "fa3.py").write_text("from harness import results\n")
+    graph = import_graph(tmp_path)
+    assert graph["harness.regression"] == {"engines.attention", "engines.attention.fa3"}
+    assert find_cycle(graph) == ["engines.attention.fa3", "harness.results", "harness.regression",
+                                 "engines.attention.fa3"]
+    (tmp_path / "engines" / "attention" / "fa3.py").write_text("import harness.errors\n")
+    assert find_cycle(import_graph(tmp_path)) == []
+
+
+def test_the_report_judges_nothing():
+    """summary.md and `harness summary` print the verdicts the rows carry: the report reaches no judge (and no
+    threshold), so it cannot decide a verdict again."""
+    judges = {"harness.compare", "harness.timing", "harness.regression", "harness.thresholds"}
+    reached = imported_modules(ROOT / "harness" / "report.py") & judges
+    assert not reached, f"harness/report.py imports {sorted(reached)}"
+
+
+def test_thresholds_toml_has_one_reader():
+    readers = [p.relative_to(ROOT).as_posix() for folder in ("harness", "engines", "cases")
+               for p in sorted((ROOT / folder).rglob("*.py")) if "tomllib" in imported_modules(p)]
+    assert readers == ["harness/thresholds.py"], readers
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "harness").glob("*.py")), ids=lambda p: p.name)

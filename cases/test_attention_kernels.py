@@ -14,10 +14,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engines.attention.kernels import attend, kernel_available
 from harness.backends import ATTENTION_KERNELS
 from harness.case import Case
-from harness.compare import compare, thresholds
+from harness.compare import compare
 from harness.errors import BackendUnavailable
 from harness.profile import floor_tflops
 from harness.shapes import A14B_DIM
+from harness.thresholds import thresholds
 from harness.timing import summarize, timed_call
 
 pytestmark = [pytest.mark.perf, pytest.mark.gpu]

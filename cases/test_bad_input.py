@@ -124,20 +124,27 @@ def test_compare_refuses_a_perf_tolerance_that_hides_a_regression(accepted, tmp_
     assert "--perf-tolerance" in line and "must be a finite number >= 0 and < 10" in line
 
 
-@pytest.mark.unit
-def test_a_nan_row_repeating_a_key_is_refused_not_hidden(accepted, tmp_path, capsys):
-    current = perf_run(tmp_path, "run-dup", 100.0, 1.0)
-    RunRecorder(tmp_path, "run-dup").add("perf", Row(PERF_CASE, "cfg_step", "tensorrt", "bf16", "480p", 32760,
-                                                     "median_ms", math.nan, None, None, H100, "torch=2.14.1"))
-    for argv in (["compare", "--baseline", str(accepted), "--current", str(current)],
-                 ["baseline", "save", "--from", str(current), "--name", "dup", "--dir", str(tmp_path)]):
-        line = cli_error(argv, capsys)
-        assert f"perf.csv holds {PERF_CASE}|tensorrt|median_ms more than once" in line
-
-
 def read_run_commands(run: str, accepted: Path, tmp_path: Path) -> list[list[str]]:
     return [["summary", run], ["compare", "--baseline", str(accepted), "--current", run],
             ["baseline", "save", "--from", run, "--name", "x", "--dir", str(tmp_path / "saved")]]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("metric, value, passed, needle", [
+    ("median_ms", math.nan, None, f"perf.csv holds {PERF_CASE}|tensorrt|median_ms more than once"),
+    ("speedup", math.nan, True, f"perf.csv marks {PERF_CASE}|tensorrt|speedup passed with value nan"),
+], ids=["nan-repeating-a-key", "nan-marked-passed"])
+def test_a_table_that_contradicts_itself_is_one_line_for_every_command(accepted, tmp_path, capsys, metric, value,
+                                                                       passed, needle):
+    """A row appended by hand: read as-is, `summary` would print a pass or both verdicts of one key, and `compare`
+    could judge the good repeat; every command that reads a run folder refuses it alike, and saves nothing."""
+    run = perf_run(tmp_path, "run-bad", 100.0, 1.0)
+    RunRecorder(tmp_path, "run-bad").add("perf", Row(PERF_CASE, "cfg_step", "tensorrt", "bf16", "480p", 32760, metric,
+                                                     value, 1.5, passed, H100, "torch=2.14.1"))
+    for argv in read_run_commands(str(run), accepted, tmp_path):
+        line = cli_error(argv, capsys)
+        assert needle in line and "rerun the cases into a new run folder" in line, argv
+    assert not (tmp_path / "saved").exists()
 
 
 @pytest.mark.unit

@@ -11,9 +11,11 @@ from harness.case import Case
 from harness.compare import (compare, drift_tolerance, judge_parity, load_lpips, lpips_untrained, min_cosine, rel_l2,
                              video_quality)
 from harness.components import make_component
+from harness.errors import HarnessError
 from harness.models import load_model
 from harness.results import result_rows
 from harness.shapes import parse_shape
+from harness.thresholds import thresholds
 from harness.video import vmaf_unavailable
 
 pytestmark = pytest.mark.unit
@@ -237,3 +239,20 @@ def test_real_lpips(video):
     same = video_quality(video, video, "bf16", lpips_model=model)
     other = video_quality(noisy(video, 0.1), video, "bf16", lpips_model=model)
     assert same.metrics()["lpips_max"] < 1e-3 < other.metrics()["lpips_mean"]
+
+
+def test_a_precision_without_a_band_names_the_bands_there_are():
+    with pytest.raises(HarnessError, match=r"no \[quality\.fp64\] thresholds in \S+thresholds\.toml; known precisions: "
+                                           r"fp32, fp16, bf16, fp8, int8$"):
+        video_quality(torch.zeros(1, 16, 16, 3), torch.zeros(1, 16, 16, 3), "fp64")
+
+
+@pytest.mark.parametrize("damage, needle", [(b"[parity\n", "TOMLDecodeError"), (b"\xff\xfe", "UnicodeDecodeError")])
+def test_a_damaged_thresholds_file_is_one_line_naming_it(tmp_path, damage, needle):
+    path = tmp_path / "thresholds.toml"
+    path.write_bytes(damage)
+    with pytest.raises(HarnessError) as error:
+        thresholds(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: unreadable ({needle}") and message.endswith("restore it from git"), message
+    assert "\n" not in message

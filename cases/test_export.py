@@ -50,7 +50,7 @@ def export_table(session):
     yield rows
     if rows:
         from harness.machine import device_name, versions_string
-        from harness.results import atomic_write_text
+        from harness.cache import atomic_write_text
 
         s = session.settings
         text = (f"# ONNX export and TensorRT-RTX build ({s.source} source, {', '.join(x.id for x in s.shapes)})\n\n"

@@ -9,10 +9,11 @@ import torch
 from engines.torch_fp8 import quantized_copy
 from harness.backends import make_backend
 from harness.case import Case
-from harness.compare import compare, thresholds
+from harness.compare import compare
 from harness.errors import BackendUnavailable
 from harness.profile import floor_tflops
 from harness.shapes import A14B_DIM, A14B_FFN
+from harness.thresholds import thresholds
 from harness.timing import summarize, timed_call
 
 pytestmark = [pytest.mark.perf, pytest.mark.gpu]

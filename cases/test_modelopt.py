@@ -25,7 +25,7 @@ from harness.__main__ import main
 from harness.backends import BackendOptions
 from harness.cache import DiskCache
 from harness.case import DIT_COMPONENTS, QUANTIZED, Case
-from harness.compare import compare, thresholds
+from harness.compare import compare
 from harness.components import dit_component, make_component
 from harness.errors import BackendUnavailable, HarnessError
 from harness.models import TINY_TRANSFORMER, load_expert, load_model, random_fingerprint
@@ -34,6 +34,7 @@ from harness.pipeline import CALIBRATION_PROMPTS, CALIBRATION_STEPS
 from harness.session import Session
 from harness.settings import settings_from
 from harness.shapes import parse_shape
+from harness.thresholds import thresholds
 from harness.weight_inputs import weight_bytes_view, weight_inputs
 
 pytestmark = pytest.mark.export
@@ -320,7 +321,7 @@ def test_real_width_fp8_engine_layer_table(session, rtx):
                     "about 8 GB here)")
     from harness.components import proxy_expert
     from harness.machine import versions_string
-    from harness.results import atomic_write_text
+    from harness.cache import atomic_write_text
 
     case = Case("transformer", s.shapes[0], "fp8", source="proxy")
     expert = proxy_expert(s.proxy_layers, device="cpu", dtype=torch.bfloat16)

@@ -28,6 +28,7 @@ from harness.compare import judge_parallel, judge_parallel_loop, video_quality
 from harness.errors import BackendUnavailable, HarnessError
 from harness.machine import machine_info
 from harness.parallel import MULTICAST_OFF, Job, launch, rank_environment, unsupported
+from harness.report import write_summary
 from harness.results import Measured, RunRecorder, load_run
 from harness.session import Session
 from harness.settings import parse_layout, settings_from
@@ -374,7 +375,7 @@ def test_gloo_ranks_match_one_process_and_the_parent_alone_writes(gloo_session):
         scaling = dict(results)["scaling"].values
         assert scaling["scaling_efficiency"] == pytest.approx(scaling["speedup_vs_one_gpu"] / 2)
         assert not any(k.startswith("peak_mem") for k in scaling)  # no CUDA allocator to ask on the CPU
-    summary = session.recorder.finish()
+    summary = write_summary(session.recorder)
     rows = load_run(session.recorder.path)
     assert rows and all(r.case.endswith("-" + s.parallel.spec) for r in rows)
     assert {p.name for p in session.recorder.path.iterdir()} <= {"parity.csv", "quality.csv", "perf.csv", "summary.md",

@@ -41,11 +41,12 @@ ACCEPTED = {
 }
 
 
-def write_run(root: Path, run_id: str, numbers: dict, device: str = H100, versions: str = VERSIONS) -> Path:
+def write_run(root: Path, run_id: str, numbers: dict, device: str = H100, versions: str = VERSIONS,
+              test: str = "") -> Path:
     rec = RunRecorder(root, run_id)
     for (table, case, backend, metric), value in numbers.items():
         rec.add(table, Row(case, case.split("-")[0], backend, "bf16", "480p", 32760, metric, value, None, None,
-                           device, versions))
+                           device, versions, test=test))
     return rec.path
 
 
@@ -304,7 +305,7 @@ def test_a_perf_tolerance_that_would_hide_any_regression_is_refused(baseline, tm
 @pytest.mark.parametrize("old, new", [("perf_tolerance = 0.05", "perf_tolerance = nan"), ("rtol = 0.5", "rtol = inf"),
                                       ("atol = 1e-5  # outputs", "atol = -1.0  # outputs")])
 def test_thresholds_tolerances_are_checked_like_the_option(tmp_path, old, new):
-    from harness.regression import THRESHOLDS
+    from harness.thresholds import THRESHOLDS
 
     path = tmp_path / "thresholds.toml"
     path.write_text(THRESHOLDS.read_text().replace(old, new, 1))
@@ -313,13 +314,13 @@ def test_thresholds_tolerances_are_checked_like_the_option(tmp_path, old, new):
 
 
 def test_eager_timed_beside_two_candidates_is_judged_by_its_worse_timing(baseline, tmp_path):
-    """Each candidate re-times eager torch beside itself, so a run holds torch's perf rows once per candidate: the
-    worse timing is judged, so a NaN or a slowdown cannot hide behind a good first one."""
+    """Each candidate re-times eager torch beside itself, so a run holds torch's perf rows once per candidate's test:
+    the worse timing is judged, so a NaN or a slowdown cannot hide behind a good first one."""
     key, rules = f"{DIT}|torch|median_ms", load_rules()
     for second, verdict in ((math.nan, "regressed"), (300.0, "regressed"), (149.0, "ok")):
-        run = write_run(tmp_path, f"run-{second}", ACCEPTED)
+        run = write_run(tmp_path, f"run-{second}", ACCEPTED, test="test_speed[tensorrt]")
         write_run(tmp_path, f"run-{second}", {("perf", DIT, "torch", "median_ms"): second,
-                                              ("perf", DIT, "torch", "iqr_ms"): 1.0})
+                                              ("perf", DIT, "torch", "iqr_ms"): 1.0}, test="test_speed[inductor]")
         verdicts = compare(load_baseline(baseline, rules), run_entries(run, rules)[0], rules)
         (judged,) = [v for v in verdicts if v.key == key]
         assert judged.verdict == verdict, (second, judged)
@@ -327,11 +328,25 @@ def test_eager_timed_beside_two_candidates_is_judged_by_its_worse_timing(baselin
         save_baseline(tmp_path / "run-nan", "nan", tmp_path)
 
 
-def test_a_repeated_gateable_key_is_refused(tmp_path):
-    numbers = {**ACCEPTED, ("export", DIT, "tensorrt", "build_s"): 10.0}  # built twice (other engine options)
+def test_a_median_carries_the_spread_of_its_own_test_wherever_the_rows_stand(tmp_path):
+    """The spread is found by key (case, backend and test), not as the next row: here each test's iqr_ms comes before
+    its median and the tests interleave; a median whose test wrote no spread never borrows another test's."""
+    iqr, median = ("perf", DIT, "torch", "iqr_ms"), ("perf", DIT, "torch", "median_ms")
+    run = write_run(tmp_path, "run-keyed", {iqr: 7.0}, test="a")
+    write_run(tmp_path, "run-keyed", {iqr: 2.0, median: 150.0}, test="b")
+    write_run(tmp_path, "run-keyed", {median: 100.0}, test="a")
+    entries, _ = run_entries(run, load_rules())
+    assert entries[f"{DIT}|torch|median_ms"] == Entry("perf", 150.0, 2.0)  # the slower, with its own spread
+    write_run(tmp_path, "run-keyed", {median: 90.0}, test="c")
+    with pytest.raises(HarnessError, match=rf"{re.escape(DIT)}\|torch\|median_ms has no iqr_ms row beside it"):
+        run_entries(run, load_rules())
+
+
+def test_a_key_repeated_within_one_test_is_refused(tmp_path):
+    numbers = {**ACCEPTED, ("export", DIT, "tensorrt", "build_s"): 10.0}
     run = write_run(tmp_path, "run-twice", numbers)
-    write_run(tmp_path, "run-twice", {("export", DIT, "tensorrt", "build_s"): 12.0})
-    assert run_entries(run, load_rules())[0]  # the export table holds no gateable metric: its repeats are no harm
+    write_run(tmp_path, "run-twice", {("export", DIT, "tensorrt", "build_s"): 12.0}, test="built again")
+    assert run_entries(run, load_rules())[0]  # another test built it again (other engine options): no harm
     write_run(tmp_path, "run-twice", {("parity", DIT, "tensorrt", "rel_l2"): math.nan})
     with pytest.raises(HarnessError, match=rf"parity\.csv holds {DIT}\|tensorrt\|rel_l2 more than once"):
         run_entries(run, load_rules())

@@ -14,7 +14,8 @@ from harness.case import Case
 from harness.errors import HarnessError
 from harness.memory import (GPU_PEAK, GPU_RESERVED_PEAK, HOST_PEAK, GiB, reset_gpu_peak, resident_bytes, stage,
                             start_case)
-from harness.results import MEMORY_NOTE, Measured, Row, RunRecorder, load_run, load_tables, short_summary
+from harness.report import MEMORY_NOTE, short_summary, tables_markdown, write_summary
+from harness.results import Measured, Row, RunRecorder, load_run, load_tables
 from harness.session import Session
 from harness.settings import settings_from
 from harness.shapes import parse_shape
@@ -25,10 +26,10 @@ CASE = "transformer-tiny-16x16x9-bf16-b1"
 
 
 def row(metric: str, value: float | None, backend: str = "tensorrt_rtx", threshold: float | None = None,
-        passed: bool | None = None, note: str = "") -> Row:
+        passed: bool | None = None, note: str = "", test: str = "") -> Row:
     return Row(case=CASE, component="transformer", backend=backend, precision="bf16", shape="16x16x9",
                tokens=16, metric=metric, value=value, threshold=threshold, passed=passed,
-               device="cpu (x86_64, 2 threads)", versions="torch=2.14.1;tensorrt_rtx=1.7.1.116", note=note)
+               device="cpu (x86_64, 2 threads)", versions="torch=2.14.1;tensorrt_rtx=1.7.1.116", note=note, test=test)
 
 
 def recorded_run(tmp_path) -> RunRecorder:
@@ -41,7 +42,8 @@ def recorded_run(tmp_path) -> RunRecorder:
     rec.add("perf", row("speedup", 1.2, threshold=1.5, passed=None))
     rec.add("perf", row("speedup_q1", 1.1))
     rec.add("perf", row("speedup_q3", 1.5))
-    rec.add("perf", row("tflops", None, note="skipped: no FLOP count for this graph"))  # last: its note ends the file
+    rec.add("perf", row("tflops", None, note="skipped: no FLOP count for this graph",
+                        test="cases/test_perf.py::test_speed"))  # last: its note, then its test, end the file
     return rec
 
 
@@ -66,7 +68,7 @@ def test_load_run_round_trips_types(tmp_path):
 
 
 def test_summary_has_header_tables_and_failures(tmp_path):
-    summary = recorded_run(tmp_path).finish()
+    summary = write_summary(recorded_run(tmp_path))
     text = summary.read_text()
     assert summary == tmp_path / "run-test" / "summary.md"
     assert "`pytest -m parity`" in text and "git commit:" in text and "- steps: 4" in text
@@ -80,7 +82,7 @@ def test_summary_has_header_tables_and_failures(tmp_path):
 
 def test_plots_are_real_pngs(tmp_path):
     rec = recorded_run(tmp_path)
-    rec.finish()
+    write_summary(rec)
     for name in ("speedup.png", "error_vs_step.png"):
         data = (rec.path / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5_000, name
@@ -89,7 +91,7 @@ def test_plots_are_real_pngs(tmp_path):
 
 def test_cpu_timings_are_labelled_informational(tmp_path):
     rec = recorded_run(tmp_path)
-    text = rec.finish().read_text()
+    text = write_summary(rec).read_text()
     assert "CPU timings are informational, never gated" in text.split("## perf", 1)[1]
     assert short_summary(rec.path).startswith("CPU timings are informational")
 
@@ -100,10 +102,10 @@ def test_speedup_plot_has_quartile_error_bars_and_the_cpu_label(tmp_path):
     matplotlib.use("Agg")
     from matplotlib.container import ErrorbarContainer
 
-    from harness.results import _speedup_figure
+    from harness.report import _speedup_figure
 
     rows = load_tables(recorded_run(tmp_path).path)["perf"]
-    quartiles = {(r.case, r.backend, r.metric): r.value for r in rows if r.metric.startswith("speedup_q")}
+    quartiles = {(r.case, r.backend, r.metric, r.test): r.value for r in rows if r.metric.startswith("speedup_q")}
     fig = _speedup_figure([r for r in rows if r.metric == "speedup"], quartiles)
     ax = fig.axes[0]
     (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
@@ -117,7 +119,7 @@ def test_written_files_get_the_umask_mode_not_owner_only(tmp_path):
     umask = os.umask(0o022)
     try:
         rec = recorded_run(tmp_path)
-        rec.finish()
+        write_summary(rec)
     finally:
         os.umask(umask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in rec.path.iterdir()}
@@ -126,12 +128,12 @@ def test_written_files_get_the_umask_mode_not_owner_only(tmp_path):
 
 def test_markdown_matches_summary_tables(tmp_path):
     rec = recorded_run(tmp_path)
-    assert rec.markdown() in rec.finish().read_text()
+    assert tables_markdown(rec.tables()) in write_summary(rec).read_text()
 
 
 def test_nothing_recorded_leaves_no_folder(tmp_path):
     rec = RunRecorder(tmp_path, "run-empty")
-    assert rec.finish() is None and not rec.path.exists()
+    assert write_summary(rec) is None and not rec.path.exists()
 
 
 def test_unknown_table_is_a_harness_error(tmp_path):
@@ -160,7 +162,7 @@ def test_a_folder_without_tables_is_refused(tmp_path):
     (lambda data: b"\xff\xfe\x00\x01garbage\n", "not UTF-8 text"),
     (lambda data: data + b'a,"' + b"x" * 200_000 + b'"\r\n', "field larger than field limit"),
     (lambda data: data[:-8], "cut short while written"),  # inside the last row's last column
-    (lambda data: data[:data.rindex(b',"cpu')] + b"\r\n", "10 fields where the header has 13"),
+    (lambda data: data[:data.rindex(b',"cpu')] + b"\r\n", "10 fields where the header has 14"),
 ], ids=["empty", "header-only", "no-header", "not-utf8", "huge-field", "cut-in-last-column", "cut-to-fewer-fields"])
 def test_a_damaged_table_is_named_in_one_line(tmp_path, damage, needle):
     rec = recorded_run(tmp_path)
@@ -199,18 +201,47 @@ def summary_verdicts(text: str) -> dict[str, str]:
     return {c[2] if len(c) == 6 else f"speedup {c[1]}": c[-1] for c in cells if c[-1] != "verdict"}  # not headers
 
 
-def test_summary_fails_a_pass_its_value_contradicts(tmp_path):
+def test_summary_prints_the_verdicts_the_rows_carry(tmp_path):
+    """The judges decided once; the summary repeats their verdicts and decides none again."""
     rec = RunRecorder(tmp_path, "run-s")
-    rec.add("perf", row("speedup", math.nan, threshold=1.5, passed=True))
-    rec.add("parity", row("rel_l2", math.nan, threshold=1e-2, passed=True))
-    rec.add("parity", row("cosine", 0.5, threshold=0.99, passed=True))  # under its floor
-    rec.add("quality", row("lpips_max", 0.5, threshold=0.1, passed=True))  # over its ceiling
-    rec.add("quality", row("psnr_mean", 30.0, threshold=24.0, passed=True))  # consistent: stays a pass
-    rec.add("parity", row("loop_rel_l2", math.inf, threshold=1e-2, passed=True))  # no rule here, but not finite
-    rec.add("export", row("ort_rel_l2", 1e-6, threshold=math.inf, passed=True))  # a bound no judge sets
+    rec.add("perf", row("speedup", 1.2, threshold=1.5, passed=False))
+    rec.add("perf", row("speedup", 1.2, backend="inductor", threshold=1.5, passed=None))  # CPU timings: never gated
+    rec.add("quality", row("lpips_max", 0.05, threshold=0.1, passed=False))  # not what the band gives: shown as carried
+    rec.add("quality", row("psnr_mean", 30.0, threshold=24.0, passed=True))
+    rec.add("parity", row("loop_rel_l2", math.nan, threshold=1e-2, passed=False))
     verdicts = summary_verdicts(short_summary(rec.path))
-    assert verdicts == {"speedup tensorrt_rtx": "FAIL", "speedup": "FAIL", "rel_l2": "FAIL", "cosine": "FAIL",
-                        "lpips_max": "FAIL", "psnr_mean": "pass", "loop_rel_l2": "FAIL", "ort_rel_l2": "FAIL"}, verdicts
+    assert verdicts == {"speedup tensorrt_rtx": "FAIL", "speedup inductor": "not gated", "speedup": "FAIL",
+                        "lpips_max": "FAIL", "psnr_mean": "pass", "loop_rel_l2": "FAIL"}, verdicts
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([row("rel_l2", math.nan, threshold=1e-2, passed=True)], "marks {case}|tensorrt_rtx|rel_l2 passed with value nan"),
+    ([row("speedup", math.inf, threshold=1.5, passed=True)], "marks {case}|tensorrt_rtx|speedup passed with value inf"),
+    ([row("ort_rel_l2", 1e-6, threshold=math.inf, passed=True)], "threshold inf, which no judge passes"),
+    ([row("speedup", None, threshold=1.5, passed=True)], "passed with value blank and threshold 1.5"),
+    ([row("rel_l2", 4e-3, threshold=1e-2, passed=True, test="t"),
+      row("rel_l2", 0.5, threshold=1e-2, passed=False, test="t")], "holds {case}|tensorrt_rtx|rel_l2 more than once in t;"),
+], ids=["nan-value", "inf-value", "inf-threshold", "blank-value", "key-twice"])
+def test_the_reader_refuses_a_table_that_contradicts_itself(tmp_path, rows, needle):
+    rec = RunRecorder(tmp_path, "run-bad")
+    for r in rows:
+        rec.add("parity", r)
+    with pytest.raises(HarnessError) as error:
+        load_run(rec.path)
+    message = str(error.value)
+    assert message.startswith(str(rec.path / "parity.csv")) and needle.format(case=CASE) in message, message
+    assert "\n" not in message and "rerun the cases into a new run folder" in message
+
+
+def test_the_reader_takes_what_repeats_by_design(tmp_path):
+    """One key in two tests (eager torch re-timed beside each candidate), each record's peak memory, and a pass with
+    no number (an export whose ORT parity was skipped) contradict nothing."""
+    rec = RunRecorder(tmp_path, "run-ok")
+    rows = [row("median_ms", 100.0, backend="torch", test="a"), row("median_ms", 50.0, backend="torch", test="b"),
+            row(HOST_PEAK, 1.0, test="a"), row(HOST_PEAK, 1.5, test="a"), row("ort_rel_l2", None, passed=True)]
+    for r in rows:
+        rec.add("perf", r)
+    assert load_run(rec.path) == rows
 
 
 def test_a_skipped_metric_shows_its_reason_in_the_tables_and_summaries(tmp_path):
@@ -220,40 +251,53 @@ def test_a_skipped_metric_shows_its_reason_in_the_tables_and_summaries(tmp_path)
     for metric in ("vmaf_mean", "vmaf_min"):
         rec.add("quality", row(metric, None, threshold=78.0, note=why))
     assert [r.note for r in load_run(rec.path)] == ["", why, why]
-    text = rec.finish().read_text()
+    text = write_summary(rec).read_text()
     assert f"- vmaf_mean, vmaf_min: {why}" in text and "| pass " in text  # the skip fails nothing
     short = short_summary(rec.path)
     assert summary_verdicts(short)["vmaf_min"] == "skipped" and f"- vmaf_mean, vmaf_min: {why}" in short
 
 
-def test_a_table_written_before_the_note_column_still_loads(tmp_path):
+@pytest.mark.parametrize("missing", [1, 2], ids=["before-the-test-column", "before-the-note-column"])
+def test_a_table_written_before_the_last_columns_still_loads(tmp_path, missing):
     rec = RunRecorder(tmp_path, "run-old")
     rec.add("quality", row("psnr_mean", 30.0, threshold=24.0, passed=True))
     path = rec.path / "quality.csv"
-    path.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in path.read_text().splitlines()))
+    path.write_text("".join(line.rsplit(",", missing)[0] + "\n" for line in path.read_text().splitlines()))
     assert load_run(rec.path) == [row("psnr_mean", 30.0, threshold=24.0, passed=True)]
 
 
 def test_summary_shows_a_blank_speedup_as_not_measured(tmp_path):
     rec = RunRecorder(tmp_path, "run-blank")
     rec.add("perf", row("speedup", None, threshold=1.5, passed=None))
-    rec.add("perf", row("speedup", None, backend="onnxruntime", threshold=1.5, passed=True))
     rec.add("export", row("ort_rel_l2", None, passed=True))  # checker and shape inference passed, ORT parity skipped
     text = short_summary(rec.path)
     assert "| n/a " in text and summary_verdicts(text)["speedup tensorrt_rtx"] == "not gated"
-    assert summary_verdicts(text)["speedup onnxruntime"] == "FAIL"  # the gate's pass rests on the value alone
     assert summary_verdicts(text)["ort_rel_l2"] == "pass"
 
 
 def test_summary_pairs_each_speedup_with_its_own_eager_time(tmp_path):
+    """Two candidates of one case, each timed beside its own eager run: the rows are found by their test, wherever
+    they stand (here the speed-ups first, then the timings in the other order)."""
     rec = RunRecorder(tmp_path, "run-two")
-    for backend, eager, candidate in (("onnxruntime", 100.0, 10.0), ("inductor", 50.0, 25.0)):
-        rec.add("perf", row("median_ms", eager, backend="torch"))
-        rec.add("perf", row("median_ms", candidate, backend=backend))
-        rec.add("perf", row("speedup", eager / candidate, backend=backend))
+    measured = (("onnxruntime", 100.0, 10.0), ("inductor", 50.0, 25.0))
+    for backend, eager, candidate in measured:
+        rec.add("perf", row("speedup", eager / candidate, backend=backend, test=f"test_speed[{backend}]"))
+    for backend, eager, candidate in reversed(measured):
+        rec.add("perf", row("median_ms", candidate, backend=backend, test=f"test_speed[{backend}]"))
+        rec.add("perf", row("median_ms", eager, backend="torch", test=f"test_speed[{backend}]"))
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in short_summary(rec.path).splitlines()]
-    eager = {c[1]: c[2] for c in cells if len(c) == 7 and c[2][0].isdigit()}  # the speed-up table's rows
-    assert eager == {"onnxruntime": "100", "inductor": "50"}, eager
+    times = {c[1]: (c[2], c[3]) for c in cells if len(c) == 7 and c[2][0].isdigit()}  # the speed-up table's rows
+    assert times == {"onnxruntime": ("100", "10"), "inductor": ("50", "25")}, times
+
+
+def test_the_memory_table_shows_the_largest_peak_of_a_case_whatever_the_order(tmp_path):
+    """Eager torch is timed in each candidate's test: its case's peak is the larger of the two tests' peaks."""
+    rec = RunRecorder(tmp_path, "run-peaks")
+    for test, peak in (("test_speed[onnxruntime]", 2.5), ("test_speed[inductor]", 1.5)):
+        rec.add("perf", row(HOST_PEAK, peak, backend="torch", test=test))
+    memory = short_summary(rec.path).split(MEMORY_NOTE)[1]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in memory.splitlines() if line.startswith("| ")]
+    assert cells == [["case", "backend", HOST_PEAK], [CASE, "torch", "2.5"]]
 
 
 def memory_session(tmp_path, device: str) -> Session:
@@ -278,7 +322,7 @@ def test_a_recorded_case_carries_its_whole_peak_host_memory(tmp_path):
     host = peaks[HOST_PEAK]
     assert host.value * GiB >= before + (120 << 20) and host.passed is None and host.threshold is None
     assert (host.case, host.backend, host.precision) == (case.id, "torch", "fp32")
-    text = session.recorder.finish().read_text()
+    text = write_summary(session.recorder).read_text()
     header = next(line for line in text.splitlines() if line.startswith("| case") and "rel_l2" in line)
     assert HOST_PEAK in header and GPU_PEAK not in header and "verdict" in header
     assert MEMORY_NOTE in text

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from engines.tensorrt import TensorRTRTXBuilder
+from harness.cache import atomic_write_text
 from harness.case import Case
-from harness.compare import thresholds
 from harness.components import proxy_expert
 from harness.memory import GiB, StageTable, StageUsage, resident_bytes
-from harness.results import atomic_write_text
 from harness.shapes import parse_shape
+from harness.thresholds import thresholds
 
 pytestmark = [pytest.mark.export, pytest.mark.slow]
 

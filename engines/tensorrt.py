@@ -29,12 +29,12 @@ from engines.trt_build import (LAYERS_FILE, NETWORK_FILE, PLAN_FILE, BuildOption
 from harness.backends import BackendOptions, Runner
 from harness.cache import DiskCache
 from harness.case import QUANTIZED, Case, is_dit, is_quantized
-from harness.compare import thresholds
 from harness.components import Component
 from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, check_inputs, export_case
 from harness.memory import StageUsage, run_isolated
 from harness.recipes import expert_layers, quantized_blocks
+from harness.thresholds import thresholds
 from harness.weight_inputs import WeightInputs, read_index, weight_bytes_view, weight_inputs
 
 log = logging.getLogger(__name__)

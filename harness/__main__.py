@@ -151,7 +151,7 @@ def cmd_plan(args) -> int:
 
 def cmd_summary(args) -> int:
     """The short table of a run folder: speed-ups with their gate verdicts, then parity and quality verdicts."""
-    from harness.results import short_summary
+    from harness.report import short_summary
 
     print(short_summary(_path("the run folder", args.run)))
     return 0

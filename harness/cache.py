@@ -333,3 +333,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8 text, written as atomic_write_bytes writes: a reader never sees half a file."""
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -2,42 +2,24 @@
 
 One object feeds both the assertion message and the result rows (Polygraphy's OutputCompareResult idea);
 the message has one fixed format and never dumps whole tensors (diffusers' assert_tensors_close habit).
-Every threshold comes from harness/thresholds.toml.
+Every threshold comes from harness/thresholds.toml, through harness/thresholds.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from harness.errors import HarnessError
+from harness.thresholds import band, thresholds
 from harness.video import vmaf, vmaf_unavailable
 
-THRESHOLDS = Path(__file__).with_name("thresholds.toml")
 QUALITY_METRICS = ("psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "lpips_mean", "lpips_max", "vmaf_mean", "vmaf_min")
-
-
-@lru_cache(maxsize=None)
-def thresholds() -> dict:
-    """The parsed thresholds file (read once per process)."""
-    with THRESHOLDS.open("rb") as f:
-        return tomllib.load(f)
-
-
-def _section(kind: str, precision: str) -> dict:
-    table = thresholds()[kind]
-    if precision not in table:
-        known = ", ".join(k for k, v in table.items() if isinstance(v, dict))
-        raise HarnessError(f"no [{kind}.{precision}] thresholds in {THRESHOLDS}; known precisions: {known}")
-    return table[precision]
 
 
 def drift_tolerance(eager_error: float, precision: str) -> float:
@@ -46,13 +28,13 @@ def drift_tolerance(eager_error: float, precision: str) -> float:
     k and atol per precision come from thresholds.toml [parity.<precision>] (pytorch's
     torch/_dynamo/utils.py::same). For fp8 pass bf16 eager's error: fp8 keeps bf16 activations and has no eager run.
     """
-    band = _section("parity", precision)
-    return band["k"] * eager_error + band["atol"]
+    drift = band("parity", precision)
+    return drift["k"] * eager_error + drift["atol"]
 
 
 def min_cosine(precision: str) -> float | None:
     """The per-forward cosine floor for `precision`, where the thresholds file sets one (fp8)."""
-    return _section("parity", precision).get("min_cosine")
+    return band("parity", precision).get("min_cosine")
 
 
 # ---------------------------------------------------------------------------------------------- parity
@@ -220,8 +202,8 @@ def judge_parallel(actual: torch.Tensor, single: torch.Tensor, reference: torch.
     noise: rel L2 <= k x (one GPU's own error against the fp32 `reference`) + atol, from [parallel] in
     thresholds.toml. `eager_rel_l2` carries one GPU's error, the drift the band is derived from."""
     drift = rel_l2(single, reference)
-    band = thresholds()["parallel"]
-    result = compare(actual, single, tolerance=band["k"] * drift + band["atol"])
+    noise = thresholds()["parallel"]
+    result = compare(actual, single, tolerance=noise["k"] * drift + noise["atol"])
     return dataclasses.replace(result, precision=precision, eager_rel_l2=drift)
 
 
@@ -365,7 +347,7 @@ def video_quality(candidate_frames, reference_frames, precision: str,
     cand, ref = _frames_float(candidate_frames), _frames_float(reference_frames)
     if cand.shape != ref.shape:
         raise ValueError(f"videos differ in shape: candidate {cand.shape} vs reference {ref.shape}")
-    bands = {name: float(_section("quality", precision)[name]) for name in QUALITY_METRICS}
+    bands = {name: float(band("quality", precision)[name]) for name in QUALITY_METRICS}
     cap = thresholds()["quality"]["psnr_cap_db"]
     psnr = tuple(_psnr(r, c, cap) for r, c in zip(ref, cand))
     ssim = tuple(_ssim(r, c) for r, c in zip(ref, cand))

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from harness.compare import thresholds
+from harness.thresholds import thresholds
 
 REGIONS = ("attention", "gemm", "rest")
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_attend|_flash_fwd|mha", re.I)

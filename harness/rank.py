@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from harness.backends import load
+from harness.cache import atomic_write_text
 from harness.errors import BackendUnavailable
 from harness.parallel import RESULT, UNAVAILABLE, Job
-from harness.results import atomic_write_text
 from harness.session import Session
 from harness.settings import Settings
 

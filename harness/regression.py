@@ -9,12 +9,13 @@ import datetime as dt
 import json
 import math
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.cache import atomic_write_text
 from harness.errors import HarnessError
-from harness.results import TABLES, Row, atomic_write_text, impossible, run_tables
+from harness.results import TABLES, Row, impossible, run_tables
+from harness.thresholds import THRESHOLDS, thresholds
 
 SCHEMA = "wan-trt-bench/baseline/1"
 ABOUT = ("Accepted numbers of one run, written by `python -m harness baseline save` and read by "
@@ -23,7 +24,6 @@ ABOUT = ("Accepted numbers of one run, written by `python -m harness baseline sa
          "rule in harness/thresholds.toml [regression] are kept. An infinite value (PSNR of identical "
          "frames) is the string 'inf'; NaN never appears. machine: where the numbers were measured; "
          "compare refuses another GPU or TensorRT version unless --cross-machine.")
-THRESHOLDS = Path(__file__).with_name("thresholds.toml")
 PERF_METRIC, SPREAD_METRIC = "median_ms", "iqr_ms"
 MACHINE_KEYS = ("device", "tensorrt", "tensorrt_rtx", "torch")
 VERDICTS = ("ok", "regressed", "improved", "new", "missing")
@@ -95,10 +95,10 @@ class Verdict:
 def load_rules(path: Path = THRESHOLDS) -> Rules:
     """The [regression] section of the thresholds file, its tolerances checked as --perf-tolerance is."""
     try:
-        section = tomllib.loads(Path(path).read_text(encoding="utf-8"))["regression"]
+        section = thresholds(path)["regression"]
         metrics = {name: Rule(**spec) for name, spec in section["metrics"].items()}
         rules = Rules(float(section["perf_tolerance"]), metrics)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise HarnessError(f"{path}: no usable [regression] section ({type(exc).__name__}: {exc}); "
                            "restore it from git") from None
     check_share(f"{path} [regression] perf_tolerance", rules.perf_tolerance)
@@ -134,44 +134,33 @@ def run_entries(run: Path, rules: Rules, tables: tuple[str, ...] = TABLES) -> tu
 
 
 def _entries(rows: list[tuple[str, Row]], rules: Rules, run: Path) -> dict[str, Entry]:
-    """One entry per gateable key. A median carries the spread recorded right after it (a timing writes median_ms,
-    then iqr_ms). A key may repeat only for eager torch's perf rows: each candidate re-times eager beside itself
-    (cases/test_perf.py), and the slower timing is kept, so a NaN cannot hide behind a good repeat. Any other
-    repeat was appended or edited in by hand (the export table does repeat, but it holds no gateable metric)."""
+    """One entry per gateable key. A median carries the spread its own test recorded with it (a timing writes median_ms
+    and iqr_ms). A key measured by several tests is judged by its worse measurement, so a NaN cannot hide behind a
+    good repeat: eager torch is re-timed beside each candidate (cases/test_perf.py) under the same case id. Within a
+    test a key is unique: run_tables refuses a table that repeats one."""
+    spreads = {(t, r.case, r.backend, r.test): r.value for t, r in rows if r.metric == SPREAD_METRIC}
     entries: dict[str, Entry] = {}
-    for i, (table, r) in enumerate(rows):
+    for table, r in rows:
         if r.value is None or (r.metric != PERF_METRIC and rules.for_metric(r.metric) is None):
             continue  # not measured, or no rule: nothing to gate (tflops, export times...)
-        key = entry_key(r.case, r.backend, r.metric)
-        if key in entries and not (table == "perf" and r.backend == "torch"):
-            raise HarnessError(f"{Path(run) / f'{table}.csv'} holds {key} more than once; a table has one row per "
-                               "case, backend and metric: rerun the cases into a new run folder")
-        iqr = _spread_after(rows, i) if r.metric == PERF_METRIC else None
+        iqr = spreads.get((table, r.case, r.backend, r.test)) if r.metric == PERF_METRIC else None
         if r.metric == PERF_METRIC and iqr is None:  # a median without its spread cannot be judged against noise
-            raise HarnessError(f"{run}: {key} has no {SPREAD_METRIC} row after it; every perf case writes "
+            raise HarnessError(f"{run}: {r.key} has no {SPREAD_METRIC} row beside it; every perf case writes "
                                f"both, so rerun the case to rebuild its rows")
         entry = Entry(table, r.value, iqr)
-        entries[key] = _slower(entries[key], entry) if key in entries else entry
+        entries[r.key] = _worse(entries[r.key], entry, rules.for_metric(r.metric)) if r.key in entries else entry
     return entries
 
 
-def _spread_after(rows: list[tuple[str, Row]], i: int) -> float | None:
-    """The iqr_ms of the median at rows[i]: the first of its case and backend after it (None: there is none)."""
-    median = rows[i][1]
-    return next((r.value for _, r in rows[i + 1:]
-                 if (r.case, r.backend, r.metric) == (median.case, median.backend, SPREAD_METRIC)), None)
-
-
-def _slower(a: Entry, b: Entry) -> Entry:
-    """Of two timings of one key, the one to judge: one with a NaN or Inf, else the slower median."""
+def _worse(a: Entry, b: Entry, rule: Rule | None) -> Entry:
+    """Of two measurements of one key, the one to judge: one with a NaN or Inf, else the larger error (for a median,
+    which has no rule: the slower)."""
     def badness(e: Entry) -> tuple[bool, float]:
-        return not (math.isfinite(e.value) and math.isfinite(e.iqr_ms)), e.value
+        error = e.value if rule is None else rule.error(e.value)
+        finite = math.isfinite(error) and (e.iqr_ms is None or math.isfinite(e.iqr_ms))
+        return not finite, error
 
     return b if badness(b) > badness(a) else a
-
-
-def entry_key(case: str, backend: str, metric: str) -> str:
-    return f"{case}|{backend}|{metric}"
 
 
 def machine_from_rows(rows: list[Row]) -> dict:

@@ -49,6 +49,7 @@ class Session:
         self._generations: dict[tuple, Generation] = {}
         self._parallel: dict[tuple, object] = {}
         self._results: list[tuple[str, str, str, Result]] = []
+        self.test = ""  # the test now running (conftest.py sets pytest's node id): each row it records names it
 
     # ------------------------------------------------------------------ memory
 
@@ -330,7 +331,7 @@ class Session:
             memory = Measured(case_peaks(cuda=self.settings.device == "cuda"))
             for measured in (result, memory):
                 for row in result_rows(case, backend, measured, precision=precision,
-                                       device=device_name(self.settings.device), versions=versions):
+                                       device=device_name(self.settings.device), versions=versions, test=self.test):
                     self.recorder.add(table, row)
 
     def attach(self, name: str, text: str) -> None:
