@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engines.attention.kernels import attend, kernel_available
-from harness.backends import ATTENTION_KERNELS
 from harness.case import Case
 from harness.compare import compare
 from harness.errors import BackendUnavailable
+from harness.kernels import KERNELS
 from harness.profile import floor_tflops
 from harness.shapes import A14B_DIM
 from harness.thresholds import thresholds
@@ -24,7 +24,7 @@ from harness.timing import summarize, timed_call
 pytestmark = [pytest.mark.perf, pytest.mark.gpu]
 HEADS, HEAD_DIM = 40, 128
 # label -> (kernel, options for kernels.attend)
-VARIANTS = {**{name: (name, {}) for name in ATTENTION_KERNELS},
+VARIANTS = {**{name: (name, {}) for name in KERNELS},
             "cudnn-fp8-uncentred": ("cudnn-fp8", {"smooth_k": False, "smooth_v": False}),
             "fa3-fp8-uncentred": ("fa3-fp8", {"smooth_k": False, "smooth_v": False})}
 OFFSET = 2.0  # per-channel offsets of K and V in units of their spread
@@ -52,7 +52,7 @@ def test_attention_kernel(variant, shape, session):
     ok, reason = kernel_available(kernel)
     if not ok:
         raise BackendUnavailable(f"{variant} unavailable: {reason}")
-    precision = ATTENTION_KERNELS[kernel]
+    precision = KERNELS[kernel].precision
     fn = functools.partial(attend, kernel=kernel, **options)
     # fullgraph: a graph break in the kernel's lookup is an error inside a nested compile region and a split
     # block otherwise, so the kernel must trace whole.

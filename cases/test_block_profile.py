@@ -12,10 +12,10 @@ import re
 import pytest
 import torch
 
-from harness.backends import ATTENTION_KERNELS
 from harness.case import Case
 from harness.clocks import ClockSampler
 from harness.components import proxy_expert
+from harness.kernels import KERNELS
 from harness.profile import floor_tflops, region_times
 from harness.shapes import block_flops_by_region
 from harness.timing import summarize, timed_call
@@ -71,7 +71,7 @@ def test_block_profile(stack, shape, block, session):
                    profile.markdown(f"{variant}, {case.id}") + f"\n{clocks.describe()}\n")
     for region, times in profile.regions.items():
         result = summarize(f"{variant} {region}", times, "cuda", flops=flops.get(region),
-                           floor_tflops=floor_tflops(region, ATTENTION_KERNELS[kernel] if region == "attention" else precision))
+                           floor_tflops=floor_tflops(region, KERNELS[kernel].precision if region == "attention" else precision))
         session.record("perf", dataclasses.replace(case, variant=region), variant, result)
         kernel_ms += result.median_ms
     # One stream: the regions' kernel times add up to the forward, less the launch gaps between kernels.

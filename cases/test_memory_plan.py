@@ -1,5 +1,6 @@
 """The memory plan and the components taking turns on the device: the same numbers as a resident model, one
 component at a time, and a run that cannot fit refused in one line before any case."""
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from harness.errors import HarnessError
 from harness.models import load_model, managed_model
 from harness.plan import FAMILIES, GiB, memory_plan
 from harness.residency import Residency, out_of_memory, private_copy
+from harness.results import RUN_ID_ENV
 from harness.session import Session
 from harness.settings import settings_from
 from harness.shapes import parse_shape
@@ -91,12 +93,13 @@ def test_the_plan_command_prints_the_table_and_exits_2_when_a_family_does_not_fi
     assert "Traceback" not in small.stderr
 
 
-def test_pytest_refuses_the_full_model_on_this_cpu_before_any_case():
+def test_pytest_refuses_the_full_model_on_this_cpu_before_any_case(tmp_path):
     """--proxy-layers 40 with --device cpu: one expert is 26.7 GiB in bf16, more than a 24 GiB machine has."""
+    env = {k: v for k, v in os.environ.items() if k != RUN_ID_ENV}  # CI's own run id names a folder that exists
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", "perf",
-                          "--model-source=proxy", "--proxy-layers=40", "--device=cpu", "--gpu-memory=24",
-                          "--backends=torch,torch-fp8", "--precisions=fp8", "cases/test_perf.py"],
-                         capture_output=True, text=True, timeout=300)
+                          f"--results-dir={tmp_path}", "--model-source=proxy", "--proxy-layers=40", "--device=cpu",
+                          "--gpu-memory=24", "--backends=torch,torch-fp8", "--precisions=fp8", "cases/test_perf.py"],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
     assert "needs" in run.stderr and "--gpu-memory 24" in run.stderr and "passed" not in run.stdout
 

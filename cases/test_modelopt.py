@@ -106,7 +106,7 @@ def test_modelopt_says_what_it_cannot_quantize(session, modelopt_ready):
     with pytest.raises(BackendUnavailable, match="carries no denoising-loop inputs to calibrate on"):
         session.build("modelopt", alone, case)
     text = Case("text_encoder", SHAPE, "fp8")
-    with pytest.raises(BackendUnavailable, match="modelopt cannot run text_encoder-.*: ModelOpt quantization covers the DiT experts"):
+    with pytest.raises(BackendUnavailable, match="modelopt cannot run text_encoder-.*: fp8 quantization covers the DiT experts"):
         session.build("modelopt", session.component(text), text)
     with pytest.raises(BackendUnavailable, match=r"modelopt has no bf16 path \(it runs fp8, int8\)"):
         session.build("modelopt", alone, case.with_precision("bf16"))
@@ -264,12 +264,12 @@ def test_harness_build_makes_an_fp8_engine_for_a_named_target(session, rtx, caps
 @pytest.mark.unit
 def test_a_qdq_graph_outside_16_bit_names_its_cause(tiny_bf16, modelopt_ready, tmp_path, monkeypatch):
     """An fp32 case is refused before calibrating; so is a quantized layer held in fp32 beside the bf16 ones, as the
-    time embedder diffusers keeps in fp32 would be if it were not kept high (HIGH_PRECISION)."""
+    time embedder diffusers keeps in fp32 would be if it were not kept high (HIGH_PRECISION_MODULES)."""
     cache = DiskCache(tmp_path)
     fp32 = Case("transformer", CHECKPOINT_SHAPE, "fp32")
     with pytest.raises(HarnessError, match="this case computes in torch.float32; quantize beside an fp16 or bf16"):
         export_quantized(make_component(load_model("tiny"), "transformer"), fp32, cache, "fp8")
-    monkeypatch.setattr("engines.modelopt.HIGH_PRECISION", ("*patch_embedding*", "*proj_out*"))
+    monkeypatch.setattr("engines.modelopt.HIGH_PRECISION_MODULES", ("patch_embedding", "proj_out"))
     with pytest.raises(HarnessError, match="quantizes hold torch.bfloat16 and torch.float32 weights, not the case's "
                                            "torch.bfloat16"):
         export_quantized(make_component(tiny_bf16, "transformer"), fp32.with_precision("fp8"), cache)

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness.backends import BACKENDS, load
+from harness.backends import BACKENDS
 from harness.case import DIT_COMPONENTS, Case, Layout
 from harness.compare import judge_parallel, judge_parallel_loop, video_quality
 from harness.errors import BackendUnavailable, HarnessError
@@ -123,7 +123,7 @@ def test_parallel_video_quality(backend, parallel_precision, session):
 
 @pytest.mark.perf
 def test_parallel_speed(backend, shape, session):
-    untimed = getattr(load(BACKENDS[backend]), "untimed", "")
+    untimed = BACKENDS[backend].untimed
     if untimed:  # a simulation: its numerics stand for an engine's, its timings for nothing
         pytest.skip(untimed)
     case, results = time_layout(session, backend, shape)

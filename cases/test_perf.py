@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.backends import BACKENDS, load
+from harness.backends import BACKENDS
 from harness.case import Case, eager_precision, is_dit, is_quantized
 from harness.plan import perf_precision_of
 from harness.shapes import A14B_LAYERS, forward_flops
@@ -111,7 +111,7 @@ def extrapolation(result: SpeedupResult, stage: str, session) -> dict:
 @pytest.mark.parametrize("stage", WORKLOADS)
 def test_speed(stage, shape, candidate, session, benchmark):
     s = session.settings
-    untimed = getattr(load(BACKENDS[candidate]), "untimed", "")
+    untimed = BACKENDS[candidate].untimed
     if untimed:  # a simulation: its numerics stand for an engine's, its timings for nothing
         pytest.skip(untimed)
     precision = perf_precision_of(candidate, s)

@@ -16,10 +16,9 @@ import time
 
 import torch
 
-from engines.attention.kernels import kernel_available
-from engines.attention.processor import check_layout, with_kernel
-from harness.backends import BackendOptions, Runner
-from harness.case import Case, is_dit
+from engines.attention.processor import with_kernel
+from harness.backends import BACKENDS, Backend, BackendOptions, Runner
+from harness.case import Case
 from harness.components import Component
 from harness.distributed import sequence_parallel
 from harness.errors import BackendUnavailable, HarnessError
@@ -98,27 +97,23 @@ def _raise_recompile_limit() -> None:
     setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
 
 
-class Inductor:
+class Inductor(Backend):
     """torch.compile with a chosen mode: a DiT expert per block ("regional") or its whole forward with the blocks
     as nested regions (--compile-scope); other components as one module."""
 
-    name = "inductor"
-    precisions = ("fp32", "fp16", "bf16")
-    attention_kernels = ("sdpa", "fa3")
-    shards_sequence = True
-    labelled_options = ("compile_scope",)  # harness.backends.LABELLED_OPTIONS
+    spec = BACKENDS["inductor"]
 
     def __init__(self, options: BackendOptions = BackendOptions()):
+        super().__init__(options)
         if options.compile_mode not in MODES:
             raise HarnessError(f"unknown inductor mode {options.compile_mode!r}; choose one of {', '.join(MODES)}")
         self.mode = options.compile_mode
         self.scope = options.compile_scope
-        self.kernel = options.attention or self.attention_kernels[0]
 
-    def available(self) -> tuple[bool, str]:
+    def _available(self) -> tuple[bool, str]:
         if not torch.cuda.is_available() and _cpu_compiler() is None:
             return False, "no CUDA device and no C++ compiler (g++/clang++) on PATH: Inductor's CPU backend needs one"
-        return kernel_available(self.kernel)
+        return True, ""
 
     def compile_options(self, dynamic: bool = False) -> dict:
         """Inductor's config for these compiles: what torch.compile(mode=...) would set, then TUNING."""
@@ -131,17 +126,13 @@ class Inductor:
         options = self.compile_options(case.dynamic)
         return lambda m: torch.compile(m, options=options, dynamic=case.dynamic, fullgraph=False)
 
-    def build(self, component: Component, case: Case) -> Runner:
-        if self.kernel != "sdpa" and not is_dit(case.component):
-            raise BackendUnavailable(f"inductor runs {self.kernel} attention in the DiT experts' blocks only, "
-                                     f"not in {case.component}")
+    def _build(self, component: Component, case: Case) -> Runner:
         if self.scope == "forward" and _NESTED is None:
             raise BackendUnavailable(f"--compile-scope forward needs torch.compiler.nested_compile_region (torch >= "
                                      f"2.8); this is torch {torch.__version__}: use --compile-scope blocks")
         if self.scope == "forward" and case.layout.sequence > 1:
             raise BackendUnavailable("--compile-scope forward would trace diffusers' context-parallel hooks around "
                                      "the blocks; split the tokens with --compile-scope blocks")
-        check_layout(self.kernel, case)
         _raise_recompile_limit()
         compile_fn = self.compile_fn(case)
         # Split before compiling, so the compiled blocks take their token shard and the exchange is traced.

@@ -26,9 +26,10 @@ from typing import Collection
 
 import torch
 
-from harness.backends import BackendOptions, Runner
+from engines.torch_eager import eager_runner
+from harness.backends import BACKENDS, Backend, BackendOptions, Runner
 from harness.cache import Cached, DiskCache
-from harness.case import QUANTIZED, Case, is_dit
+from harness.case import Case
 from harness.components import Component
 from harness.errors import BackendUnavailable
 from harness.residency import private_copy
@@ -267,42 +268,26 @@ def _fold_smoothing(module: torch.nn.Module) -> None:
 def quantized_module(component: Component, case: Case, cache: DiskCache, scheme: str | None = None,
                      recipe: str = FP8_RECIPES[0]) -> tuple[torch.nn.Module, str]:
     """The component's module fake-quantized (see `calibrate`), and the key of the calibration entry it restored."""
-    if not is_dit(case.component):
-        raise BackendUnavailable(f"ModelOpt quantization covers the DiT experts only, not {case.component} "
-                                 "(the text encoder and VAE stay bf16 beside them)")
     cached = calibrate(component, case, cache, scheme, recipe)
     return restore(component, cached.value), cached.path.name
 
 
-class ModelOpt:
+class ModelOpt(Backend):
     """The fake-quantized experts (fp8 or int8) in eager PyTorch: what a quantized engine should compute."""
 
-    name = "modelopt"
-    precisions = QUANTIZED
-    attention_kernels = ()  # ModelOpt's attention plugin quantizes Q/K/V around the stock SDPA
-    # It stands for a quantized engine, which runs one whole-sequence graph: split only by CFG-parallel.
-    shards_sequence = False
-    # Read by the perf cases: they skip with this reason.
-    untimed = "modelopt simulates fp8/int8 in bf16 arithmetic; its timings stand for no engine"
-
-    @staticmethod
-    def held_bytes(module: torch.nn.Module, precision: str) -> int:
-        """Its fake-quantized copy of an expert keeps bf16 weights: the whole expert again (harness.plan)."""
-        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    labelled_options = ("fp8_recipe",)  # harness.backends.LABELLED_OPTIONS
+    spec = BACKENDS["modelopt"]
 
     def __init__(self, options: BackendOptions = BackendOptions()):
+        super().__init__(options)
         self.cache = DiskCache(options.cache_dir)
         self.recipe = options.fp8_recipe
 
-    def available(self) -> tuple[bool, str]:
+    def _available(self) -> tuple[bool, str]:
         """On CUDA ModelOpt JIT-compiles its fake-quant kernels with ninja on first use (64 s measured on an
         H100) and falls back to its torch path when it cannot, so the import is all that is needed."""
         reason = modelopt_reason()
         return not reason, reason
 
-    def build(self, component: Component, case: Case) -> Runner:
-        from engines.torch_eager import TorchEager
-
+    def _build(self, component: Component, case: Case) -> Runner:
         module, _ = quantized_module(component, case, self.cache, recipe=self.recipe)
-        return TorchEager().build(dataclasses.replace(component, module=module), case)
+        return eager_runner(module, case)

@@ -57,7 +57,6 @@ def export_quantized(component: Component, case: Case, cache: DiskCache, scheme:
     if case.dynamic:
         raise HarnessError(f"{case.id}: fp8/int8 graphs are static; ModelOpt's Q/DQ symbolics exist for the "
                            "TorchScript exporter, which bakes the DiT's RoPE sizes; drop --dynamic")
-    module, calibration = quantized_module(component, case, cache, scheme, recipe)
     # The graph's float type is the case's: a checkpoint keeps some tensors in fp32 beside its bf16 layers
     # (diffusers' _keep_in_fp32_modules), so no single parameter tells it.
     dtype = case.dtype
@@ -65,7 +64,7 @@ def export_quantized(component: Component, case: Case, cache: DiskCache, scheme:
         raise HarnessError(f"{case.id}: a Q/DQ graph computes in fp16 or bf16 (ModelOpt exports fp8 attention for "
                            f"16-bit graphs only), and this case computes in {dtype}; quantize beside an fp16 or bf16 "
                            "case")
-    module, calibration = quantized_module(component, case, cache, scheme)
+    module, calibration = quantized_module(component, case, cache, scheme, recipe)
     layers = quantized_weight_dtypes(module)
     if layers != {dtype}:
         raise HarnessError(f"{case.id}: the layers ModelOpt quantizes hold {' and '.join(sorted(map(str, layers))) or 'no'} "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from harness.backends import BackendOptions, Runner
+from harness.backends import BACKENDS, Backend, BackendOptions, Runner
 from harness.cache import DiskCache
 from harness.case import Case
 from harness.components import Component
@@ -96,23 +96,20 @@ def providers_for(device: torch.device | str) -> list[str]:
     return [p for p in _GPU_PROVIDERS if p in have] + ["CPUExecutionProvider"]
 
 
-class OnnxRuntime:
-    name = "onnxruntime"
-    # bf16 is tried and, where the provider refuses it (the CPU one does), reported with ORT's words.
-    precisions = ("fp32", "fp16", "bf16")
-    attention_kernels = ()  # the exported graph decides
-    shards_sequence = False  # one exported graph holds the whole sequence's attention
+class OnnxRuntime(Backend):
+    spec = BACKENDS["onnxruntime"]
 
     def __init__(self, options: BackendOptions = BackendOptions()):
+        super().__init__(options)
         self.cache = DiskCache(options.cache_dir)
 
-    def available(self) -> tuple[bool, str]:
+    def _available(self) -> tuple[bool, str]:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as exc:
             return False, f"onnxruntime not importable: {exc}"
         return True, ""
 
-    def build(self, component: Component, case: Case) -> Runner:
+    def _build(self, component: Component, case: Case) -> Runner:
         graph = export_case(component, case, self.cache)
         return OrtRunner(graph.path, providers_for(component.device))

@@ -26,9 +26,9 @@ from engines.cuda_graph import GraphedRunner
 from engines.layer_precision import Gemm, PrecisionProof, gemms, parse_layers, precision_proof
 from engines.trt_build import (LAYERS_FILE, NETWORK_FILE, PLAN_FILE, BuildOptions, EngineBuildError, Profile,
                                build_into, capturing_logger)
-from harness.backends import BackendOptions, Runner
+from harness.backends import BACKENDS, Backend, BackendOptions, Runner
 from harness.cache import DiskCache
-from harness.case import QUANTIZED, Case, is_dit, is_quantized
+from harness.case import Case, is_dit, is_quantized
 from harness.components import Component
 from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, check_inputs, export_case
@@ -473,32 +473,19 @@ class TensorRTRTXBuilder(_Builder):
     module_name = "tensorrt_rtx"
 
 
-class _TensorRTBackend:
-    """The backend over one TensorRT module: builds through its builder, runs the engine on CUDA."""
+class _TensorRTBackend(Backend):
+    """The backend over one TensorRT module: builds through its builder, runs the engine on CUDA. TensorRT chooses
+    its own attention kernels from the graph."""
 
-    name = ""
     builder_class: type[_Builder] = _Builder
-    precisions = ("fp32", "fp16", "bf16", *QUANTIZED)  # fp8/int8: the DiT experts, from ModelOpt Q/DQ graphs
-    attention_kernels = ()  # TensorRT chooses its own attention kernels from the graph
-    shards_sequence = False  # one exported graph holds the whole sequence's attention
-    labelled_options = ("fp8_recipe",)  # harness.backends.LABELLED_OPTIONS: its fp8/int8 engines follow it
-
-    @staticmethod
-    def held_bytes(module: torch.nn.Module, precision: str) -> int:
-        """The engine's weights on the device (a stripped plan is refitted at load): one byte for each fp8/int8
-        GEMM weight, the rest as in the eager module (harness.plan)."""
-        from engines.torch_fp8 import fp8_copy_bytes
-
-        if is_quantized(precision):
-            return fp8_copy_bytes(module)
-        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
     def __init__(self, options: BackendOptions = BackendOptions()):
+        super().__init__(options)
         self.builder = self.builder_class(options)
         self.cuda_graph = options.cuda_graph
         self.weight_streaming = options.weight_streaming
 
-    def available(self) -> tuple[bool, str]:
+    def _available(self) -> tuple[bool, str]:
         """Can this machine run engines? (tensorrt_rtx may still build them when it cannot.)"""
         module, reason = import_trt(self.builder.module_name)
         if module is None:
@@ -506,7 +493,7 @@ class _TensorRTBackend:
         reason = run_reason(self.builder.module_name)
         return not reason, reason
 
-    def build(self, component: Component, case: Case) -> Runner:
+    def _build(self, component: Component, case: Case) -> Runner:
         """An engine runner; a cached plan that does not deserialize is evicted and rebuilt once."""
         graph, engine = self.builder.build(component, case)
         try:
@@ -526,10 +513,10 @@ class _TensorRTBackend:
 
 
 class TensorRT(_TensorRTBackend):
-    name = "tensorrt"
+    spec = BACKENDS["tensorrt"]
     builder_class = TensorRTBuilder
 
 
 class TensorRTRTX(_TensorRTBackend):
-    name = "tensorrt_rtx"
+    spec = BACKENDS["tensorrt_rtx"]
     builder_class = TensorRTRTXBuilder

@@ -3,29 +3,25 @@ from __future__ import annotations
 
 import torch
 
-from harness.backends import BackendOptions, Runner
+from harness.backends import BACKENDS, Backend, Runner
 from harness.case import Case
 from harness.components import Component
 from harness.distributed import sequence_parallel
 
 
-class TorchEager:
-    name = "torch"
-    precisions = ("fp32", "fp16", "bf16")
-    attention_kernels = ("sdpa",)  # the baseline keeps diffusers' stock attention
-    shards_sequence = True
+def eager_runner(module: torch.nn.Module, case: Case) -> Runner:
+    """`module` called as it is, split over the case's ranks where its layout says so."""
+    module = sequence_parallel(module, case)
 
-    def __init__(self, options: BackendOptions = BackendOptions()):
-        pass  # eager PyTorch has nothing to set
+    @torch.inference_mode()
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        return module(*inputs)
 
-    def available(self) -> tuple[bool, str]:
-        return True, ""
+    return run
 
-    def build(self, component: Component, case: Case) -> Runner:
-        module = sequence_parallel(component.module, case)
 
-        @torch.inference_mode()
-        def run(*inputs: torch.Tensor) -> torch.Tensor:
-            return module(*inputs)
+class TorchEager(Backend):
+    spec = BACKENDS["torch"]
 
-        return run
+    def _build(self, component: Component, case: Case) -> Runner:
+        return eager_runner(component.module, case)

@@ -15,15 +15,15 @@ from typing import Callable, Collection, Iterable
 
 import torch
 
-from engines.attention.kernels import kernel_available
-from engines.attention.processor import check_layout, install
+from engines.attention.processor import install
 from engines.cuda_graph import GraphedRunner
 from engines.inductor import Inductor
-from harness.backends import ATTENTION_KERNELS, BackendOptions, Runner
-from harness.case import Case, is_dit
+from harness.backends import BACKENDS, Backend, BackendOptions, Runner
+from harness.case import Case
 from harness.components import Component
 from harness.distributed import sequence_parallel
-from harness.errors import BackendUnavailable, HarnessError
+from harness.errors import BackendUnavailable
+from harness.kernels import KERNELS
 from harness.residency import private_copy
 from harness.recipes import block_index, expert_layers, quantized_blocks
 
@@ -107,27 +107,13 @@ def quantized_copy(module: torch.nn.Module, scales: str = "row",
     return clone, count
 
 
-class TorchFp8:
+class TorchFp8(Backend):
     """fp8 row-wise GEMMs (torchao) + torch.compile per block; bf16 activations."""
 
-    name = "torch-fp8"
-    precisions = ("fp8",)
-    # cuDNN first: it won against the Triton kernel on the H100 (notes/fp8-attention.md). fa3 and sdpa keep
-    # self-attention in bf16 beside the fp8 GEMMs.
-    attention_kernels = ("cudnn-fp8", "fa3-fp8", "triton-fp8", "fa3", "sdpa")
-    shards_sequence = True
-    labelled_options = ("fp8_scales", "fp8_recipe")  # harness.backends.LABELLED_OPTIONS
-
-    @staticmethod
-    def held_bytes(module: torch.nn.Module, precision: str) -> int:
-        """What its fp8 copy of an expert keeps on the device (harness.plan)."""
-        return fp8_copy_bytes(module)
+    spec = BACKENDS["torch-fp8"]
 
     def __init__(self, options: BackendOptions = BackendOptions()):
-        if options.attention and options.attention not in self.attention_kernels:
-            raise HarnessError(f"torch-fp8 takes attention kernels {', '.join(self.attention_kernels)}, "
-                               f"not {options.attention!r}")
-        self.kernel = options.attention or self.attention_kernels[0]
+        super().__init__(options)
         self.scales = options.fp8_scales
         self.recipe = options.fp8_recipe
         # Blocks only: torchao's fp8 weights are tensor subclasses, and torch 2.11's nested compile regions
@@ -138,17 +124,13 @@ class TorchFp8:
         # CFG step by -0.7% to +0.3%, inside the rounds' IQR (results/gpu-h100-2026-11-26-fp8/cuda_graph.csv).
         self.cuda_graph = options.cuda_graph
 
-    def available(self) -> tuple[bool, str]:
-        reason = "; ".join(r for r in (_device_reason(), _torchao_reason()) if r) or kernel_available(self.kernel)[1]
+    def _available(self) -> tuple[bool, str]:
+        reason = "; ".join(r for r in (_device_reason(), _torchao_reason()) if r)
         return (not reason), reason
 
-    def build(self, component: Component, case: Case) -> Runner:
-        if not is_dit(case.component) or case.precision != "fp8":
-            raise BackendUnavailable(f"torch-fp8 quantizes the DiT experts at precision fp8 only, "
-                                     f"not {case.component} at {case.precision}")
+    def _build(self, component: Component, case: Case) -> Runner:
         if self.cuda_graph and case.dynamic:
             raise BackendUnavailable("torch-fp8: a CUDA graph needs static shapes; this case is dynamic")
-        check_layout(self.kernel, case)
         if self.scales == "static" and component.loop_inputs is None:
             raise BackendUnavailable(f"torch-fp8 --fp8-scales static calibrates on the denoising loop's inputs; "
                                      f"{component.name} carries none (an expert held without a WanModel)")
@@ -164,8 +146,9 @@ class TorchFp8:
         if self.kernel != "sdpa":
             # Installed before compiling, so Inductor fuses the Q/K/V quantization with RoPE and the norms. An fp8
             # kernel goes to the recipe's quantized blocks only: the blocks it keeps high keep bf16 attention.
-            fp8_attention = ATTENTION_KERNELS[self.kernel] == "fp8"
+            fp8_attention = KERNELS[self.kernel].precision == "fp8"
             install(module.transformer, self.kernel, blocks=blocks if fp8_attention else None)
         module = sequence_parallel(module, case, private=True)  # the quantized copy is this backend's own
-        runner = self.compiler.build(dataclasses.replace(component, module=module), case)
+        # The compiler's own part only: this backend's checks have run, and inductor's spec runs no fp8.
+        runner = self.compiler._build(dataclasses.replace(component, module=module), case)
         return GraphedRunner(runner) if self.cuda_graph else runner

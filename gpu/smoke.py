@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from engines.attention.kernels import attend, kernel_available
-from harness.backends import ATTENTION_KERNELS
 from harness.compare import rel_l2
+from harness.kernels import KERNELS
 from harness.machine import machine_info
 from harness.timing import summarize, timed_call
 
@@ -17,7 +17,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 8192, 40, 128, generator=gen, device="cuda").bfloat16() for _ in range(3))
     reference = attend(q.float(), k.float(), v.float(), "sdpa")
-    for kernel in ATTENTION_KERNELS:
+    for kernel in KERNELS:
         ok, reason = kernel_available(kernel)
         if not ok:
             print(f"{kernel:11} unavailable: {reason}")

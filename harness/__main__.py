@@ -108,9 +108,9 @@ def cmd_generate(args) -> int:
 
 def _check_precision_path(backend: str, precision: str) -> None:
     """A backend without a path for the precision is a user error that names the backends that have one."""
-    from harness.backends import backends_running, load
+    from harness.backends import backends_running
 
-    runs = load(BACKENDS[backend]).precisions
+    runs = BACKENDS[backend].precisions
     if precision not in runs:
         raise HarnessError(f"--backend {backend} has no {precision} path (it runs {', '.join(runs)}); "
                            f"{precision} runs on --backend {' or '.join(backends_running(precision))}")

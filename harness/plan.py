@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from harness.backends import BACKENDS, load
+from harness.backends import BACKENDS, QUANTIZED_BYTES, load
 from harness.case import COMPONENTS, DIT_COMPONENTS, PRECISIONS, eager_precision, is_dit, is_quantized, quality_reference
 from harness.errors import HarnessError
 from harness.models import skeletons
@@ -151,13 +151,16 @@ class _Weights:
         return activation_bytes(component, self.config(component), dtype, shape, batch)
 
     def held(self, backend: str, component: str, precision: str) -> int:
-        """What `backend` keeps of its own on the device for (component, precision): a quantized copy, an engine."""
-        held_bytes = getattr(load(BACKENDS[backend]), "held_bytes", None)
-        return held_bytes(self.module(component, precision), precision) if held_bytes else 0
+        """What `backend` keeps of its own on the device for (component, precision), as its spec declares
+        (harness.backends.HOLDS): a quantized copy, an engine."""
+        holds = BACKENDS[backend].holds
+        if holds == "quantized copy" and is_quantized(precision):
+            return load(QUANTIZED_BYTES)(self.module(component, precision))
+        return 0 if holds == "nothing" else self.nbytes(component, precision)
 
 
 def _backends_running(settings, precision: str) -> list[str]:
-    return [b for b in settings.backends if precision in load(BACKENDS[b]).precisions]
+    return [b for b in settings.backends if precision in BACKENDS[b].precisions]
 
 
 class _Planner:
@@ -245,7 +248,7 @@ def perf_precision_of(backend: str, settings) -> str:
     """The precision a perf case times `backend` at: --perf-precision, unless the backend runs quantized precisions
     only (torch-fp8) or --precisions names only quantized ones it runs (`--candidate tensorrt --precisions fp8`
     times the fp8 engine): then the first of those."""
-    runs = load(BACKENDS[backend]).precisions
+    runs = BACKENDS[backend].precisions
     asked = [p for p in settings.precisions if p in runs]
     if all(is_quantized(p) for p in runs) or (asked and all(is_quantized(p) for p in settings.precisions)):
         return (asked or list(runs))[0]

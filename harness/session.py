@@ -15,14 +15,15 @@ from typing import Callable
 
 import torch
 
-from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, KERNEL_CHECK, QUANTIZED_EXPORT, Backend,
-                              BackendOptions, Runner, load, make_backend)
+from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, QUANTIZED_EXPORT, Backend, BackendOptions,
+                              Runner, load, make_backend)
 from harness.cache import DiskCache
-from harness.case import ONE_GPU, PRECISIONS, Case, Layout, eager_precision, is_dit, is_quantized
+from harness.case import DIT_COMPONENTS, ONE_GPU, PRECISIONS, Case, Layout, eager_precision, is_dit, is_quantized
 from harness.compare import ParityResult, judge_parity
 from harness.components import Component, make_component, proxy_expert
 from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, GraphCheck, export_case, validate_graph
+from harness.kernels import KERNEL_CHECK
 from harness.machine import device_name, versions_string
 from harness.models import EXPERT_SEEDS, WanModel, load_model, managed_model
 from harness.parallel import Job, launch, unsupported
@@ -131,9 +132,6 @@ class Session:
     def build(self, backend: str, component: Component, case: Case, **options) -> Runner:
         """A runner of `component` for `case`; BackendUnavailable names why this machine cannot make one."""
         impl = self.backend(backend, **options)
-        reason = _cannot_run(impl, case.precision, case.layout)
-        if reason:
-            raise BackendUnavailable(reason)
         try:
             return impl.build(component, case)
         except BackendUnavailable as exc:
@@ -255,8 +253,9 @@ class Session:
                                      "cfg2,ulysses2 to run the parallel cases")
         gpus = torch.cuda.device_count() if device == "cuda" else 0
         heads = self.model(eager_precision(precision)).transformer.config.num_attention_heads
+        # The layout splits the experts' forwards (harness.pipeline.build_runners): ask the backend about one.
         reason = (unsupported(layout, device, gpus, precision, shape.tokens, heads)
-                  or _cannot_run(self.backend(backend), precision, layout))
+                  or self.backend(backend).refusal(DIT_COMPONENTS[0], precision, layout))
         if reason:
             raise BackendUnavailable(reason)
 
@@ -324,7 +323,7 @@ class Session:
         kernel = dict(self.settings.attention).get(backend)
         options = self.settings.backend_options
         # Rows may name a variant ("torch-fp8[fa3-fp8]") rather than a registered backend: those carry their own label.
-        read = getattr(load(BACKENDS[backend]), "labelled_options", ()) if backend in BACKENDS else ()
+        read = BACKENDS[backend].labelled_options if backend in BACKENDS else ()
         labels = ([f"attention={kernel}"] if kernel else []) + [f"{name}={getattr(options, name)}" for name in read]
         versions = ";".join([versions_string(), *labels])
         if self.recorder is not None:
@@ -343,16 +342,6 @@ class Session:
         """The last result of type `kind` recorded for (table, case, backend) in this session, if any."""
         found = [r for t, c, b, r in self._results if (t, c, b) == (table, case.id, backend) and isinstance(r, kind)]
         return found[-1] if found else None
-
-
-def _cannot_run(impl: Backend, precision: str, layout: Layout) -> str:
-    """Why backend `impl` cannot run a case at `precision` under `layout`, or ''."""
-    if precision not in impl.precisions:
-        return f"{impl.name} has no {precision} path (it runs {', '.join(impl.precisions)})"
-    if layout.sequence > 1 and not impl.shards_sequence:
-        return (f"{impl.name} runs one whole-sequence graph per forward; splitting its tokens over ranks "
-                f"(--parallel {layout.spec}) is out of its scope")
-    return ""
 
 
 def _cfg_group(layout: Layout):

@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 
-from harness.backends import (ATTENTION_KERNELS, BACKENDS, COMPILE_SCOPES, ENGINE_BUILDERS, ENGINE_WEIGHTS, FP8_SCALES,
-                              LABELLED_OPTIONS, BackendOptions, backends_running, check_backend, check_compute_capability,
-                              load)
+from harness.backends import (BACKENDS, COMPILE_SCOPES, ENGINE_BUILDERS, ENGINE_WEIGHTS, FP8_SCALES, LABELLED_OPTIONS,
+                              BackendOptions, backends_running, check_backend, check_compute_capability)
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
+from harness.kernels import KERNELS
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
 from harness.paths import writable_folder
 from harness.recipes import FP8_RECIPES, RECIPES, quantized_blocks
@@ -205,31 +205,32 @@ def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]
 
 def default_precisions(backends: tuple[str, ...]) -> tuple[str, ...]:
     """fp32, fp16 and bf16, then each quantized precision some backend among `backends` runs."""
-    runs = {p for b in backends for p in load(BACKENDS[b]).precisions}
+    runs = {p for b in backends for p in BACKENDS[b].precisions}
     return ("fp32", "fp16", "bf16") + tuple(p for p in QUANTIZED if p in runs)
 
 
 def attention_kernels(text: str, backends: tuple[str, ...], asked_only: bool = False) -> tuple[tuple[str, str], ...]:
     """--attention resolved into the kernel of every backend that has a choice (its default where not named;
     with `asked_only`, just the backends --attention named)."""
-    takes = {b: load(BACKENDS[b]).attention_kernels for b in backends}
+    takes = {b: BACKENDS[b].attention_kernels for b in backends}
     chosen: dict[str, str] = {}
     for item in (i.strip() for i in str(text).split(",") if i.strip()):
         backend, named, kernel = item.rpartition("=")
-        if kernel not in ATTENTION_KERNELS:
-            raise HarnessError(f"--attention {item!r}: unknown kernel {kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+        if kernel not in KERNELS:
+            raise HarnessError(f"--attention {item!r}: unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
         if named:
             if not backend.strip():
                 raise HarnessError(f"--attention {item!r} names no backend before '='; write backend={kernel}")
-            _check_takes(backend, kernel, takes)
+            if backend not in takes:
+                raise HarnessError(f"--attention {item}: {backend} is not among --backends {','.join(takes)}")
+            flagged(f"--attention {item}", BACKENDS[backend].kernel, kernel)
             if chosen.get(backend, kernel) != kernel:
                 raise HarnessError(f"--attention gives {backend} two kernels, {chosen[backend]} and {kernel}; "
                                    "name one")
             chosen[backend] = kernel
             continue
-        kind = ATTENTION_KERNELS[kernel]
-        targets = [b for b in backends if b != "torch" and kernel in takes[b]
-                   and kind in load(BACKENDS[b]).precisions]
+        kind = KERNELS[kernel].precision
+        targets = [b for b in backends if b != "torch" and kernel in takes[b] and kind in BACKENDS[b].precisions]
         if not targets:
             raise HarnessError(f"--attention {kernel}: no backend among --backends {','.join(backends)} runs "
                                f"{kind} attention with it; name one as backend={kernel}")
@@ -267,15 +268,6 @@ def _parallel(text: str, cfg_batch: int) -> Layout:
         raise HarnessError("--parallel cfg2 runs the two CFG branches on two ranks and --cfg-batch 2 runs them in one "
                            "batch-2 forward; choose one (--cfg-batch 1 with cfg2)")
     return layout
-
-
-def _check_takes(backend: str, kernel: str, takes: dict[str, tuple[str, ...]]) -> None:
-    if backend not in takes:
-        raise HarnessError(f"--attention {backend}={kernel}: {backend} is not among --backends {','.join(takes)}")
-    if kernel not in takes[backend]:
-        choice = ", ".join(takes[backend]) or "none (it runs an exported graph)"
-        why = " (the eager baseline keeps stock SDPA)" if backend == "torch" else ""
-        raise HarnessError(f"--attention {backend}={kernel}: {backend} takes {choice}{why}")
 
 
 def _choice(value, choices, flag: str):
@@ -336,7 +328,7 @@ def check_layers(value, flag: str = "--proxy-layers") -> int:
 
 def option_readers(name: str, backends: tuple[str, ...]) -> list[str]:
     """The backends among `backends` that read BackendOptions field `name` (harness.backends.LABELLED_OPTIONS)."""
-    return [b for b in backends if name in getattr(load(BACKENDS[b]), "labelled_options", ())]
+    return [b for b in backends if name in BACKENDS[b].labelled_options]
 
 
 def _read_option(name: str, given: dict, choices: tuple[str, ...], backends: tuple[str, ...]) -> str:

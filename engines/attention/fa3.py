@@ -2,7 +2,7 @@
 
 fa3-fwd 0.0.3 is a forward-only build of FA3 (modules `fa3_fwd_interface`, `fa3_fwd_config`, extension
 `fa3_fwd._C`), not an official Dao-AILab or NVIDIA release; README.md says where it comes from and
-requirements-gpu.txt pins it by hash. What this module relies on, read from the wheel's sources:
+requirements-fa3.txt pins it by hash. What this module relies on, read from the wheel's sources:
 - `flash_attn_func(q, k, v, softmax_scale=None, causal=False, ..., q_descale=None, k_descale=None,
   v_descale=None)` over [B, S, H, D] with unit last stride; bf16 or e4m3 inputs (fp16 is compiled out), and
   e4m3 inputs give a bf16 output already multiplied by the descales;
@@ -18,10 +18,11 @@ import importlib.metadata
 import torch
 
 from engines.attention.recipe import QuantizedQKV
+from harness.kernels import KERNELS
 
 VERSION = "0.0.3"  # the build whose flags and API were read; another one must be checked again
-HEAD_DIMS = (64, 96, 128, 192, 256)  # head sizes the build has kernels for; Wan2.2-A14B uses 128
-INSTALL = f"install fa3-fwd=={VERSION} (requirements-gpu.txt pins it with its hash)"
+_KERNEL = KERNELS["fa3"]  # fa3-fp8 runs from the same module
+INSTALL = f"install {_KERNEL.install}"
 
 
 _interface_module = None  # set by the first _interface() call, which available() makes before any compile
@@ -32,7 +33,7 @@ def _interface():
     cannot trace importlib, and a graph break there is an error inside a nested compile region."""
     global _interface_module
     if _interface_module is None:
-        _interface_module = importlib.import_module("fa3_fwd_interface")
+        _interface_module = importlib.import_module(_KERNEL.module)
     return _interface_module
 
 

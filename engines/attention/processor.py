@@ -10,8 +10,9 @@ from typing import Collection
 
 import torch
 
-from engines.attention.kernels import HEAD_DIMS, attend, kernel_available
+from engines.attention.kernels import attend, kernel_available
 from harness.errors import BackendUnavailable
+from harness.kernels import KERNELS
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -61,22 +62,15 @@ class SelfAttnProcessor:
 
     def _forward_op(self, ctx, q, k, v, *_, **__):
         """diffusers' forward-op signature, called on the heads this rank holds after the all-to-all (Ulysses
-        only: check_layout keeps kernels, which return no log-sum-exp, out of ring attention)."""
+        only: harness.backends.Backend.build keeps kernels, which return no log-sum-exp, out of ring attention)."""
         return attend(q, k, v, self.kernel, **self.options)
-
-
-def check_layout(kernel: str, case) -> None:
-    """A kernel splits over Ulysses ranks (diffusers' exchange around it) but not over ring ranks."""
-    if kernel != "sdpa" and case.layout.ring > 1:
-        raise BackendUnavailable(f"{kernel} attention returns no log-sum-exp, which ring attention needs; "
-                                 f"use ulysses, or --attention sdpa")
 
 
 def _unsupported(attn, kernel: str) -> str:
     """Why this attention module cannot take `kernel`, or ''."""
-    head_dim = attn.inner_dim // attn.heads
-    if HEAD_DIMS[kernel] is not None and head_dim not in HEAD_DIMS[kernel]:
-        return f"head size {head_dim} is not one {kernel} supports ({HEAD_DIMS[kernel]})"
+    head_dim, supported = attn.inner_dim // attn.heads, KERNELS[kernel].head_dims
+    if supported is not None and head_dim not in supported:
+        return f"head size {head_dim} is not one {kernel} supports ({supported})"
     if attn.add_k_proj is not None:
         return "image-conditioned (I2V) attention adds a second key/value set; not handled"
     if type(attn.processor).__name__ != "WanAttnProcessor":
