@@ -24,7 +24,7 @@ from harness.components import Component
 from harness.distributed import sequence_parallel
 from harness.errors import BackendUnavailable
 from harness.kernels import KERNELS
-from harness.residency import private_copy
+from harness.residency import module_bytes, private_copy
 from harness.recipes import block_index, expert_layers, quantized_blocks
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def fp8_linear(module: torch.nn.Module, fqn: str, blocks: Collection[int] | None
 
 def fp8_copy_bytes(module: torch.nn.Module) -> int:
     """The bytes of `module` once its fp8 linears hold one-byte weights (per-row scales are a rounding error)."""
-    total = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    total = module_bytes(module)
     return total - sum(m.weight.numel() * (m.weight.element_size() - 1)
                        for name, m in module.named_modules() if fp8_linear(m, name))
 

@@ -7,8 +7,9 @@ did. Where they do not, the weighted components take turns on the device (harnes
 a time, beside the candidates' own copies (an fp8 expert, an engine), which stay for the session. The plan follows
 the order the cases run in, so a phase counts the copies built before it, not every copy of the run.
 
-Activation sizes are a model of what an inference forward keeps alive at its peak, fitted to measured peaks
-(docs/hardware.md, "Memory"); the weights are exact: each component is built on the meta device and counted.
+The weights are exact: each component is built on the meta device and counted. Activations are estimates: for a
+DiT forward, the tensors alive at its peak counted by hand; for the VAE decoder, its measured peaks less its weights
+(docs/hardware.md, "Memory"). No 40-layer peak has been measured against them yet.
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ from harness.backends import BACKENDS, QUANTIZED_BYTES, load
 from harness.case import COMPONENTS, DIT_COMPONENTS, PRECISIONS, eager_precision, is_dit, is_quantized, quality_reference
 from harness.errors import HarnessError
 from harness.models import skeletons
+from harness.residency import module_bytes
 from harness.shapes import VideoShape
 
 GiB = 2 ** 30
 # Device memory no tensor of ours can use: the CUDA context, cuBLAS and cuDNN workspaces, the allocator's slack.
 RESERVED = 2 * GiB
 # Live bytes at a DiT block's peak per token, per 2-byte element: the FFN's up-projection and its GELU output
-# (2 x ffn) beside the residual stream and the norms' fp32 temporaries (about 4 x dim). Fitted: see the module doc.
+# (2 x ffn) beside the residual stream and the norms' fp32 temporaries (about 4 x dim), counted by hand.
 DIT_ACTIVATION = {"ffn": 2.0, "dim": 4.0}
 # The VAE decoder's live bytes per output pixel per 2-byte element (its per-frame cache and the decoded frames):
 # 4.45 GiB at 480p in bf16 and 8.8 GiB in fp32 on an H100 (docs/hardware.md).
@@ -140,7 +142,7 @@ class _Weights:
         return self._built[dtype]["vae" if component == "vae_decoder" else component]
 
     def nbytes(self, component: str, precision: str) -> int:
-        return sum(t.numel() * t.element_size() for t in self.module(component, precision).state_dict().values())
+        return module_bytes(self.module(component, precision))
 
     def config(self, component: str) -> dict:
         config = self.module(component, self.settings.precisions[0]).config

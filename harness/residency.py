@@ -39,7 +39,8 @@ def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
-def _nbytes(module: torch.nn.Module) -> int:
+def module_bytes(module: torch.nn.Module) -> int:
+    """Every parameter and buffer once (a tied embedding is one tensor), also of a module on the meta device."""
     return sum(t.numel() * t.element_size() for t in _tensors(module).values())
 
 
@@ -80,7 +81,7 @@ class Residency:
     def manage(self, module: torch.nn.Module, label: str, recipe: Build) -> torch.nn.Module:
         """Take `module` (built on the meta device: structure and config, no weights) under management: it gets
         its weights from `recipe` the first time it runs."""
-        entry = _Entry(module, label, recipe, _nbytes(module))
+        entry = _Entry(module, label, recipe, module_bytes(module))
         # Meta tensors cannot take another device's storage: swap in placeholders, one per tensor, so ties hold.
         swapped: dict[int, torch.Tensor] = {}
         for owner in module.modules():

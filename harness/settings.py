@@ -94,9 +94,9 @@ OPTIONS = (
     Option("--parallel", "the GPUs of one video, for the parallel cases: cfg2 (the two CFG branches on two ranks), "
                          "ulysses<N>, ring<N> (each forward's tokens over N ranks), or a product such as "
                          "cfg2,ulysses2; none = one GPU", "none"),
-    Option("--gpu-memory", "the card's memory in GiB, as torch reports it (an H100 80GB: 79.1): the memory plan "
-                           "judges the run against it, and on a bigger card the run is held to it (default: the "
-                           "card's own; with --device cpu, host memory)", type=float),
+    Option("--gpu-memory", "the card's memory in GiB (an H100 80GB: 79.6, the 81,559 MiB nvidia-smi shows): the "
+                           "memory plan judges the run against it, and on a bigger card the run is held to it "
+                           "(default: the card's own; with --device cpu, host memory)", type=float),
     Option("--engine-weights", "what a DiT expert's TensorRT plan holds: stripped (no weights: refitted from the "
                                "cached ONNX at load, or bound as graph inputs where the builder has no CUDA device), "
                                "full, or inputs (graph inputs even where it could refit)", ENGINE_WEIGHTS[0]),
@@ -404,7 +404,7 @@ def _gpu_memory(value, device: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 2:
-        raise HarnessError(f"--gpu-memory {value!r}: give the card's memory in GiB, a number above 2 (e.g. 79.1 for "
+        raise HarnessError(f"--gpu-memory {value!r}: give the card's memory in GiB, a number above 2 (e.g. 79.6 for "
                            "an H100 80GB)")
     if device == "cuda":
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
