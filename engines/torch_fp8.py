@@ -64,11 +64,12 @@ def fp8_linear(module: torch.nn.Module, fqn: str, blocks: Collection[int] | None
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def fp8_copy_bytes(module: torch.nn.Module) -> int:
-    """The bytes of `module` once its fp8 linears hold one-byte weights (per-row scales are a rounding error)."""
+def fp8_copy_bytes(module: torch.nn.Module, blocks: Collection[int] | None = None) -> int:
+    """The bytes of `module` once the fp8 linears of `blocks` (None: every block) hold one-byte weights (per-row
+    scales are a rounding error)."""
     total = module_bytes(module)
     return total - sum(m.weight.numel() * (m.weight.element_size() - 1)
-                       for name, m in module.named_modules() if fp8_linear(m, name))
+                       for name, m in module.named_modules() if fp8_linear(m, name, blocks))
 
 
 def quantized_copy(module: torch.nn.Module, scales: str = "row",

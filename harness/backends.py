@@ -56,7 +56,7 @@ LABELLED_OPTIONS = {"fp8_scales": "--fp8-scales", "compile_scope": "--compile-sc
 # (harness.plan): nothing; a copy of the module's weights; or a quantized copy, whose quantized GEMM weights take one
 # byte each at fp8/int8 (QUANTIZED_BYTES counts them) and which is a whole copy at other precisions.
 HOLDS = ("nothing", "copy", "quantized copy")
-QUANTIZED_BYTES = "engines.torch_fp8:fp8_copy_bytes"  # module -> its bytes with one-byte fp8 GEMM weights
+QUANTIZED_BYTES = "engines.torch_fp8:fp8_copy_bytes"  # (module, blocks) -> its bytes with one-byte fp8 GEMM weights there
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from harness.backends import BACKENDS, QUANTIZED_BYTES, load
 from harness.case import COMPONENTS, DIT_COMPONENTS, PRECISIONS, eager_precision, is_dit, is_quantized, quality_reference
 from harness.errors import HarnessError
 from harness.models import skeletons
+from harness.recipes import expert_layers, quantized_blocks
 from harness.residency import module_bytes
 from harness.shapes import VideoShape
 
@@ -157,7 +158,9 @@ class _Weights:
         (harness.backends.HOLDS): a quantized copy, an engine."""
         holds = BACKENDS[backend].holds
         if holds == "quantized copy" and is_quantized(precision):
-            return load(QUANTIZED_BYTES)(self.module(component, precision))
+            module = self.module(component, precision)
+            blocks = quantized_blocks(self.settings.backend_options.fp8_recipe, expert_layers(module))
+            return load(QUANTIZED_BYTES)(module, blocks)
         return 0 if holds == "nothing" else self.nbytes(component, precision)
 
 
