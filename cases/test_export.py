@@ -1,23 +1,17 @@
 """ONNX export of every component, proven by ONNX Runtime and by TensorRT-RTX's own parser and builder.
 
 The matrix shares one disk cache (--cache-dir), so a rerun only re-validates; cache behaviour itself is
-checked in a private temporary cache so the outcomes recorded there are this run's own.
+checked in tests/test_cache.py, in a private temporary cache so the outcomes recorded there are that test's own.
 """
 from __future__ import annotations
 
 import collections
-import logging
 import re
 
 import pytest
 import torch
 
-from engines.tensorrt import TensorRT, TensorRTRTX, engine_spec, import_trt, profile_from
-from harness.backends import make_backend
-from harness.cache import DiskCache, entry_key, spec_hash
 from harness.case import COMPONENTS, QUANTIZED, Case, is_dit, is_quantized
-from harness.errors import HarnessError
-from harness.export import OPSET, assert_plain_types, default_exporter, export_case, export_friendly, export_spec
 from harness.results import Measured
 from harness.shapes import parse_shape
 
@@ -109,124 +103,6 @@ def _quantized_columns(engine) -> str:
     kinds = collections.Counter(proof.self_attention)
     attention = "fused fp8 MHA" if proof.fused_self_attention else ", ".join(f"{n} x {k}" for k, n in kinds.items())
     return f"{proof.share:.1%} | {attention}"
-
-
-@pytest.fixture
-def tiny():
-    """The tiny model's text encoder case, whatever --model-source the run uses: the cache checks need a small graph."""
-    from harness.components import make_component
-    from harness.models import load_model
-
-    model = load_model("tiny")
-    return Case("text_encoder", SHAPE), lambda precision="fp32": make_component(
-        model if precision == "fp32" else load_model("tiny", dtype=torch.float16), "text_encoder")
-
-
-def test_second_export_is_a_cache_hit(tiny, tmp_path):
-    case, component = tiny
-    cache = DiskCache(tmp_path)
-    first = export_case(component(), case, cache)
-    second = export_case(component(), case, cache)
-    assert cache.outcomes("onnx", first.key) == ["miss", "hit"]
-    assert second.hit and second.path == first.path and second.fetch_s < first.fetch_s
-
-
-def test_truncated_cache_file_is_rebuilt(tiny, tmp_path, caplog):
-    case, component = tiny
-    cache = DiskCache(tmp_path)
-    graph = export_case(component(), case, cache)
-    data = graph.path.read_bytes()
-    graph.path.write_bytes(data[: len(data) // 3])  # truncated on purpose
-    with caplog.at_level(logging.WARNING, logger="harness.cache"):
-        again = export_case(component(), case, cache)
-    assert cache.outcomes("onnx", graph.key) == ["miss", "rebuild"]
-    assert "rebuilding" in caplog.text and "bytes, expected" in caplog.text
-    assert again.path.read_bytes() == data
-
-
-def test_engine_cache_hit_and_key_changes(tiny, tmp_path):
-    from engines.tensorrt import TensorRTRTXBuilder
-
-    case, component = tiny
-    cache = DiskCache(tmp_path)
-    builder = TensorRTRTXBuilder(cache=cache)
-    graph, first = builder.build(component(), case)
-    _, second = builder.build(component(), case)
-    assert cache.outcomes("engines", first.key) == ["miss", "hit"] and second.hit
-    inputs = component().inputs(case)
-    names = component().input_names
-    static = profile_from(names, [inputs])
-    wider = profile_from(names, [inputs, tuple(t[:, :64] for t in inputs)])
-    base = engine_spec("tensorrt_rtx", "1.7.1.116", graph.fingerprint, [static])
-    fp16 = case.with_precision("fp16")
-    fp16_fingerprint = spec_hash(export_spec(component("fp16"), fp16, "tiny-weights", OPSET, default_exporter(fp16),
-                                             component("fp16").inputs(fp16)))
-    assert fp16_fingerprint != spec_hash(export_spec(component(), case, "tiny-weights", OPSET, default_exporter(case),
-                                                     inputs))
-    variants = [engine_spec("tensorrt_rtx", "1.7.1.116", graph.fingerprint, [wider]),
-                engine_spec("tensorrt_rtx", "1.8.0.0", graph.fingerprint, [static]),
-                engine_spec("tensorrt_rtx", "1.7.1.116", fp16_fingerprint, [static])]
-    keys = {entry_key(case.id, spec) for spec in [base, *variants]}
-    assert len(keys) == 4, "profile, TensorRT version and precision must each change the engine key"
-    assert static.static and not wider.static
-
-
-@pytest.mark.parametrize("bad", ["unknown_component", "bad_shape"])
-def test_bad_input_is_a_harness_error(bad):
-    with pytest.raises(HarnessError, match="unknown component|not a multiple of 16"):
-        Case("vae_encoder", SHAPE) if bad == "unknown_component" else Case("transformer", parse_shape("20x16x9"))
-
-
-def test_float64_graph_is_refused(tmp_path):
-    class Widening(torch.nn.Module):
-        def forward(self, x):
-            return (x.double() * 2).float()
-
-    path = tmp_path / "wide.onnx"
-    torch.onnx.export(Widening(), (torch.ones(2),), str(path), dynamo=False, opset_version=20)
-    with pytest.raises(ValueError, match="float64"):
-        assert_plain_types(path)
-
-
-def test_export_patches_are_restored():
-    forward = torch.nn.RMSNorm.forward
-    with export_friendly():
-        assert torch.nn.RMSNorm.forward is not forward
-    assert torch.nn.RMSNorm.forward is forward
-
-
-def test_rms_norm_decomposition_keeps_the_math():
-    norm = torch.nn.RMSNorm(24, eps=1e-6).eval()
-    torch.nn.init.normal_(norm.weight)
-    x = torch.randn(2, 7, 24)
-    expected = norm(x)
-    with export_friendly():
-        assert torch.allclose(norm(x), expected, rtol=1e-6, atol=1e-6)
-
-
-def test_onnxruntime_backend_runs_the_exported_graph(tiny, tmp_path):
-    from harness.backends import BackendOptions
-
-    case, component = tiny
-    runner = make_backend("onnxruntime", BackendOptions(cache_dir=tmp_path)).build(component(), case)
-    inputs = component().inputs(case)
-    with torch.no_grad():
-        expected = component().module(*inputs)
-    assert torch.allclose(runner(*inputs), expected, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.unit
-def test_available_reasons():
-    module, reason = import_trt("tensorrt_no_such_module")
-    assert module is None and reason.startswith("tensorrt_no_such_module not importable:")
-    ok, reason = TensorRT().available()
-    if import_trt("tensorrt")[0] is None:
-        assert not ok and reason.startswith("tensorrt not importable:")
-    ok, reason = TensorRTRTX().available()
-    if not torch.cuda.is_available():
-        assert not ok and "build-only" in reason and "no CUDA device" in reason
-    elif torch.cuda.get_device_capability() == (9, 0):
-        assert not ok and reason.startswith("TensorRT-RTX cannot run on compute capability 9.0")
 
 
 @pytest.mark.gpu

@@ -3,23 +3,16 @@
 The harness times both sides itself: harness.timing.alternate runs --perf-rounds rounds, the order reversed
 every round, so the two share thermal and clock conditions; on the GPU each call is timed with CUDA events.
 harness.timing.judge_speedup compares those medians and owns the gate; pytest-benchmark is then handed the
-candidate's rounds (HarnessClock) for its table, --benchmark-json and --benchmark-compare.
+candidate's rounds (HarnessClock) for its table, --benchmark-json and --benchmark-compare. What each stage times,
+and at which precision, is harness.perf's.
 """
-import json
 import math
-import os
-import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from harness.backends import BACKENDS
-from harness.case import Case, eager_precision, is_dit, is_quantized
-from harness.plan import perf_precision_of
-from harness.shapes import A14B_LAYERS, forward_flops
+from harness.case import eager_precision, is_quantized
+from harness.perf import WORKLOADS, extrapolation, nonfinite, perf_precision_of, stage_case, workload
 from harness.timing import RoundRecorder, SpeedupResult, alternate, judge_speedup
 
 
@@ -54,9 +47,6 @@ class HarnessClock:
 
 CLOCK = HarnessClock()
 pytestmark = [pytest.mark.perf, pytest.mark.benchmark(timer=CLOCK)]
-# What one timed call does: one expert forward, one CFG step (two forwards), one decode, one prompt
-# encoding, or a whole video.
-WORKLOADS = ("transformer", "transformer_2", "cfg_step", "vae_decoder", "text_encoder", "end_to_end")
 WARMUP = 2
 
 
@@ -64,48 +54,6 @@ def pytest_generate_tests(metafunc):
     s = metafunc.config.wan_session.settings
     if "candidate" in metafunc.fixturenames:
         metafunc.parametrize("candidate", [b for b in s.backends if b != "torch"])
-
-
-def workload(session, stage, backend, precision, shape):
-    """A zero-argument callable doing one unit of `stage`, and its FLOPs where they are known."""
-    model = session.model(precision)
-    if stage == "end_to_end":
-        return (lambda: session.generate(backend, precision, shape, "a timing run")), None
-    component = "transformer" if stage == "cfg_step" else stage
-    case = Case(component, shape, precision, source=session.settings.source)
-    if stage != "cfg_step":
-        runner, inputs = session.runner(backend, case), session.inputs(case)
-        flops = forward_flops(getattr(model, component).config, shape.tokens) if is_dit(component) else None
-        return (lambda: runner(*inputs)), flops
-    return session.cfg_step(backend, precision, shape), 2 * forward_flops(model.transformer.config, shape.tokens)
-
-
-def nonfinite(output) -> int:
-    """NaN and Inf values in what one timed call returned: a tensor, a tuple of them, a diffusers output (`sample`)
-    or a finished video (`frames`). A backend that computes garbage fast has no speed-up to report."""
-    if isinstance(output, torch.Tensor):
-        return int((~torch.isfinite(output)).sum())
-    if isinstance(output, (tuple, list)):
-        return sum(nonfinite(o) for o in output)
-    for name in ("frames", "sample"):
-        if isinstance(getattr(output, name, None), torch.Tensor):
-            return nonfinite(getattr(output, name))
-    raise TypeError(f"cannot look for non-finite values in a {type(output).__name__}")
-
-
-def stage_case(stage: str, shape, precision: str, session, candidate: str) -> Case:
-    """The case a perf row is recorded under; a CFG step's batch (1, or 2 with --cfg-batch 2) is in its id."""
-    batch = session.cfg_batch(candidate) if stage == "cfg_step" else 1
-    return Case(stage, shape, precision, batch=batch, source=session.settings.source)
-
-
-def extrapolation(result: SpeedupResult, stage: str, session) -> dict:
-    """For the proxy source: the eager time per layer, and what 40 layers would take (labelled as such)."""
-    layers = session.settings.proxy_layers  # read, not built: an fp32 model of 20 layers fills an 80 GB card
-    forwards = 2 if stage == "cfg_step" else 1
-    per_layer = result.baseline.median_ms / layers / forwards
-    return {"layers": f"proxy, {layers} of 40 layers", "baseline_per_layer_ms": per_layer,
-            "baseline_40_layer_ms_extrapolated": per_layer * A14B_LAYERS * forwards}
 
 
 @pytest.mark.parametrize("stage", WORKLOADS)
@@ -162,66 +110,3 @@ def test_speedup_gate(shape, session):
         pytest.skip(f"no cfg_step timing of {s.candidate} at {shape.id} in this session (its perf case failed, was "
                     f"skipped or was deselected; see above)")
     assert result, result.message()
-
-
-# --------------------------------------------------------------- the gated path's rounds, seen from outside
-
-# A pytest plugin for the run below: it logs every timed round (side, ms) and the rounds each speed-up judgement was
-# given, one JSON line each, by wrapping harness.timing before cases/test_perf.py imports from it.
-ROUND_LOG = '''
-import json, os
-import harness.timing as timing
-
-def log(**entry):
-    with open(os.environ["WAN_ROUND_LOG"], "a") as f:
-        f.write(json.dumps(entry) + "\\n")
-
-timed, judge = timing.RoundRecorder.__call__, timing.judge_speedup
-
-def call(self):
-    timed(self)
-    log(side=self.label, ms=self.times_ms[-1])
-
-def judged(baseline, candidate, gate):
-    log(judged=[baseline.rounds, candidate.rounds])
-    return judge(baseline, candidate, gate)
-
-timing.RoundRecorder.__call__, timing.judge_speedup = call, judged
-'''
-
-
-@pytest.fixture(scope="module")
-def perf_cache(tmp_path_factory) -> Path:
-    """One cache for the runs below: the second reuses the first's ONNX export."""
-    return tmp_path_factory.mktemp("perf-cache")
-
-
-@pytest.mark.parametrize("benchmark_option", ["--benchmark-json", "--benchmark-disable"])
-def test_the_gated_rounds_alternate_and_pytest_benchmark_cannot_change_them(benchmark_option, perf_cache, tmp_path):
-    """The CFG-step perf case of the tiny source with --perf-rounds=4, in its own pytest: its timed rounds
-    alternate with the order flipped every round, the gate judges all 4 of each side whether pytest-benchmark is
-    on or off, and pytest-benchmark's JSON carries exactly the candidate's rounds that were judged."""
-    (tmp_path / "round_log.py").write_text(ROUND_LOG)
-    log, report = tmp_path / "rounds.jsonl", tmp_path / "benchmark.json"
-    option = f"{benchmark_option}={report}" if benchmark_option == "--benchmark-json" else benchmark_option
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a plain session, not a worker
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, (str(tmp_path), env.get("PYTHONPATH")))),
-               WAN_ROUND_LOG=str(log), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "round_log", "-q",
-                           __file__, "-m", "perf", "-k", "test_speed and cfg_step", "--device=cpu",
-                           "--backends=torch,onnxruntime", "--perf-rounds=4", f"--results-dir={tmp_path / 'results'}",
-                           f"--cache-dir={perf_cache}", option],
-                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    entries = [json.loads(line) for line in log.read_text().splitlines()]
-    rounds = [e for e in entries if "side" in e]
-    assert [e["side"] for e in rounds] == ["torch", "onnxruntime", "onnxruntime", "torch"] * 2
-    assert [e["judged"] for e in entries if "judged" in e] == [[4, 4]]
-    if benchmark_option == "--benchmark-json":
-        (bench,) = json.loads(report.read_text())["benchmarks"]
-        candidate_s = [e["ms"] / 1e3 for e in rounds if e["side"] == "onnxruntime"]
-        assert bench["stats"]["data"] == pytest.approx(candidate_s, rel=1e-9) and bench["stats"]["rounds"] == 4
-        assert bench["options"]["timer"] == "harness.timing.alternate"
-        assert bench["extra_info"]["candidate_median_ms"] == pytest.approx(statistics.median(candidate_s) * 1e3)
-    else:
-        assert not report.exists()

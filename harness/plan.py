@@ -23,6 +23,7 @@ from harness.backends import BACKENDS, QUANTIZED_BYTES, load
 from harness.case import COMPONENTS, DIT_COMPONENTS, PRECISIONS, eager_precision, is_dit, is_quantized, quality_reference
 from harness.errors import HarnessError
 from harness.models import skeletons
+from harness.perf import perf_precision_of
 from harness.recipes import expert_layers, quantized_blocks
 from harness.residency import module_bytes
 from harness.shapes import VideoShape
@@ -247,17 +248,6 @@ class _Planner:
             for precision in self.s.precisions:
                 self._phase("export", shape, f"{component} {precision}, exported",
                             [self._weights(component, precision)], {}, self.w.activation(component, precision, shape))
-
-
-def perf_precision_of(backend: str, settings) -> str:
-    """The precision a perf case times `backend` at: --perf-precision, unless the backend runs quantized precisions
-    only (torch-fp8) or --precisions names only quantized ones it runs (`--candidate tensorrt --precisions fp8`
-    times the fp8 engine): then the first of those."""
-    runs = BACKENDS[backend].precisions
-    asked = [p for p in settings.precisions if p in runs]
-    if all(is_quantized(p) for p in runs) or (asked and all(is_quantized(p) for p in settings.precisions)):
-        return (asked or list(runs))[0]
-    return settings.perf_precision
 
 
 def card_memory(settings) -> tuple[int, str]:

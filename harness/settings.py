@@ -27,7 +27,7 @@ from harness.shapes import VideoShape, check_fits, check_steps, parse_shapes
 DEFAULT_SHAPES = {"tiny": "16x16x9", "proxy": "480p", "checkpoint": "480p"}
 GPU_BACKENDS = ("torch", "inductor", "torch-fp8", "onnxruntime", "tensorrt", "tensorrt_rtx")
 # Inductor's CPU code generation takes minutes per component and precision on 2 cores (the VAE alone
-# ~200 s), so the CPU default leaves it out; cases/test_backends.py still proves it on the CPU.
+# ~200 s), so the CPU default leaves it out; tests/test_backends.py still proves it on the CPU.
 CPU_BACKENDS = ("torch", "torch-fp8", "onnxruntime", "tensorrt", "tensorrt_rtx")
 
 

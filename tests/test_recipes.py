@@ -1,6 +1,6 @@
 """--fp8-recipe: one table of which blocks fp8/int8 quantize, read the same way by torch-fp8's filter and by ModelOpt's
 config (and so by the TensorRT engines built from its Q/DQ export), checked on a 40-layer A14B expert built on the
-meta device: its structure and names, no weights. The engine side is cases/test_modelopt.py's recipe proof."""
+meta device: its structure and names, no weights. The engine side is tests/test_modelopt.py's recipe proof."""
 from __future__ import annotations
 
 import functools

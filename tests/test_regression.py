@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shlex
 from pathlib import Path
 
 import tempfile
@@ -14,7 +13,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from harness.__main__ import build_parser, main
+from harness.__main__ import main
 from harness.errors import HarnessError
 from harness.regression import (Baseline, Entry, compare, compare_run, dumps_baseline, exit_code, load_baseline,
                                 load_rules, run_entries, save_baseline)
@@ -389,34 +388,3 @@ def test_thresholds_cover_every_parity_and_quality_metric():
                    "ssim_mean", "ssim_min", "lpips_mean", "lpips_max"):
         assert rules.for_metric(metric) is not None, metric
     assert 0 < rules.perf_tolerance < 1
-
-
-WORKFLOW = Path(__file__).resolve().parent.parent / ".github" / "workflows" / "gpu-regression.yml"
-
-
-def workflow_commands(prefix: str) -> list[list[str]]:
-    """Every shell command in the workflow's steps that starts with `prefix`, with variables filled in."""
-    yaml = pytest.importorskip("yaml", reason="PyYAML (a transformers dependency) parses the workflow")
-    steps = yaml.safe_load(WORKFLOW.read_text())["jobs"]["gpu-regression"]["steps"]
-    commands = []
-    for step in steps:
-        script = re.sub(r"\$\{\{[^}]*\}\}|\$\{?[A-Z_]+\}?", "X", step.get("run", "").replace("\\\n", " "))
-        commands += [shlex.split(line) for line in script.splitlines() if line.strip().startswith(prefix)]
-    return commands
-
-
-def test_workflow_harness_commands_parse():
-    commands = workflow_commands("python -m harness")
-    assert {c[3] for c in commands} >= {"compare"}
-    for command in commands:
-        build_parser().parse_args(command[3:])  # exits (SystemExit) on an unknown command or option
-
-
-def test_workflow_pytest_options_exist(request):
-    (command,) = workflow_commands("python -m pytest")
-    args = command[3:]
-    for option in [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]:
-        request.config.getoption(option)  # ValueError when no plugin or conftest registers it
-    registered = {m.split(":")[0] for m in request.config.getini("markers")}
-    marks = args[args.index("-m") + 1]
-    assert set(re.findall(r"\w+", marks)) - {"or", "and", "not"} <= registered

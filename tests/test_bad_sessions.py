@@ -1,0 +1,85 @@
+"""Bad options to whole pytest sessions and to `bench`: one usage error, before any case runs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_one_usage_error, pytest_session, run
+
+
+@pytest.mark.parametrize("option, needle", [
+    ("--backends=foo", "--backends: unknown backend 'foo'"),
+    ("--candidate=foo", "--candidate: unknown backend 'foo'"),
+    ("--precisions=fp4", "--precisions: unknown precision 'fp4'"),
+    ("--model-source=proxy --proxy-layers=0", "--proxy-layers 0 must be a whole number >= 1"),
+    ("--proxy-layers=3", "--proxy-layers is read by --model-source proxy only"),
+    ("--steps=-1", "--steps -1 must be a whole number from 1 to 1000"),
+    ("--perf-rounds=0", "--perf-rounds 0 must be a whole number >= 1"),
+    ("--shapes=16x528x1", "rope_max_seq_len is 32"),
+    ("--engine-weights=none", "--engine-weights 'none': choose one of stripped, full, inputs"),
+    ("--fp8-scales=dynamic", "--fp8-scales 'dynamic': choose one of row, static"),
+    ("--backends=torch,onnxruntime --fp8-scales=static",
+     "--fp8-scales static: no backend among --backends torch,onnxruntime reads it; add one of torch-fp8"),
+    ("--backends=torch,onnxruntime --compile-scope=forward",
+     "--compile-scope forward: no backend among --backends torch,onnxruntime reads it; add one of inductor"),
+    ("--compile-scope=model", "--compile-scope 'model': choose one of blocks, forward"),
+    ("--fp8-recipe=middle", "--fp8-recipe 'middle': choose one of all-blocks, nvidia"),
+    ("--backends=torch --fp8-recipe=nvidia", "--fp8-recipe nvidia: no backend among --backends torch reads it; add "
+                                             "one of torch-fp8, modelopt, tensorrt, tensorrt_rtx"),
+    ("--model-source=proxy --proxy-layers=6 --fp8-recipe=nvidia", "an expert of 6 layers would quantize nothing; "
+                                                                  "use --fp8-recipe all-blocks"),
+    ("--backends=torch,onnxruntime --precisions=fp8", "--precisions fp8: no backend among --backends"),
+    ("--scale-layers=-3", "--scale-layers -3 must be a whole number >= 1"),
+    ("--model-path=/nowhere", "--model-path is read by --model-source checkpoint only"),
+    # /proc exists and os.access calls it writable for root, yet mkdir fails: only making a folder proves it.
+    ("--results-dir=/proc/wan-results", "--results-dir /proc/wan-results: cannot make a folder in /proc"),
+    ("--cache-dir=/proc/wan-cache", "--cache-dir /proc/wan-cache: cannot make a folder in /proc"),
+])
+def test_a_bad_option_stops_pytest_once(tmp_path, option, needle):
+    assert_one_usage_error(pytest_session(tmp_path, "-m", "parity", *option.split()), needle)
+
+
+def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "harness", "bench", f"--results-dir={tmp_path / 'results'}",
+                f"--cache-dir={tmp_path / 'cache'}", *args])
+
+
+@pytest.mark.parametrize("late", [["--steps", "0"], ["--shapes=32x32x9"]])
+def test_bench_refuses_run_options_after_the_separator(tmp_path, late):
+    # After --, a run option would override the one bench checked, unchecked, and its summary path would be wrong.
+    proc = bench(tmp_path, "--", *late)
+    assert proc.returncode == 2 and f"{late[0]} comes after --" in proc.stderr, proc.stdout + proc.stderr
+    assert "passed" not in proc.stdout and "summary" not in proc.stdout and not (tmp_path / "results").exists()
+
+
+def test_bench_takes_checkpoint_options_as_its_own(tiny_checkpoint, tmp_path):
+    proc = bench(tmp_path, "--model-source", "checkpoint", f"--model-path={tiny_checkpoint}", "--shapes", "32x48x5",
+                 "--backends", "torch,onnxruntime", "--", "-k", "parity and text_encoder and fp32")
+    summary = tmp_path / "results" / "run-bad-input" / "summary.md"
+    assert proc.returncode == 0 and f"summary: {summary}" in proc.stdout, proc.stdout[-3000:] + proc.stderr
+    text = summary.read_text()
+    assert "| text_encoder-checkpoint-32x48x5-fp32-b1 | onnxruntime |" in text
+    header = next(line for line in text.splitlines() if line.startswith("| case"))  # the parity table's
+    assert " case_peak_host_gib |" in header and "| verdict " in header  # each case's peak beside its verdict
+    # The TorchScript export of the text encoder warns about aten::index; pytest.ini filters it.
+    assert "warnings summary" not in proc.stdout and "Warning:" not in proc.stdout + proc.stderr
+
+
+def test_bench_with_no_rows_prints_no_summary_path(tmp_path):
+    proc = bench(tmp_path, "--backends", "torch", "--", "-k", "no_case_has_this_name")
+    assert "no rows were recorded" in proc.stdout and "summary:" not in proc.stdout
+    assert not (tmp_path / "results" / "run-bad-input" / "summary.md").exists()
+
+
+def test_export_labels_cases_and_table_with_the_checkpoint_and_shape(tiny_checkpoint, tmp_path):
+    proc = pytest_session(tmp_path, "-m", "export", "--model-source=checkpoint", f"--model-path={tiny_checkpoint}",
+                          "--shapes=32x48x5", "--precisions=fp32", "-k", "test_export_check_and_trt_build and "
+                          "text_encoder", "-v", "cases/test_export.py")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert "text_encoder-checkpoint-32x48x5-fp32-b1" in proc.stdout
+    table = (tmp_path / "results" / "run-bad-input" / "export-cpu.md").read_text()
+    assert table.startswith("# ONNX export and TensorRT-RTX build (checkpoint source, 32x48x5)")
+    assert "| text_encoder | fp32 | static |" in table and "| text_encoder | fp32 | dynamic |" in table
