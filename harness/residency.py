@@ -109,10 +109,6 @@ class Residency:
         move = partial(_to_device, device=self.device)
         return tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}
 
-    def onload(self, module: torch.nn.Module) -> None:
-        """Bring `module` onto the device (sending every other managed component away first)."""
-        self._onload(self._entries[id(module)])
-
     def _onload(self, entry: _Entry) -> None:
         if not entry.on_device:
             # Weights are made outside any inference mode the caller is in: inference tensors would refuse the
@@ -121,12 +117,7 @@ class Residency:
                 self._bring(entry)
 
     def _bring(self, entry: _Entry) -> None:
-        for other in self._entries.values():
-            if other.on_device:
-                self._send_away(other)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # one expert's 28.6 GB goes back as one block, not cached in fragments
+        self.release()
         start = time.perf_counter()
         self.phase = f"loading {entry.label} ({entry.nbytes / GiB:.1f} GiB) onto {self.device}"
         if entry.host is None:
@@ -151,13 +142,12 @@ class Residency:
         entry.on_device = False
 
     def release(self) -> None:
-        """Send every component away: after an out-of-memory failure, so that the next case starts clean."""
+        """Send every component away: before another comes, and after an out-of-memory failure, so that the next
+        case starts clean."""
         for entry in self._entries.values():
             if entry.on_device:
                 self._send_away(entry)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_device_memory()
         self.phase = "nothing on the device"
 
     def private_copy(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -166,7 +156,7 @@ class Residency:
         entry = self._entries[id(module)]
         if entry.on_device:
             self._send_away(entry)
-            gc.collect()
+            free_device_memory()
         self.phase = f"building a private copy of {entry.label}"
         with torch.inference_mode(False), torch.no_grad():
             return entry.recipe(self.device)
@@ -181,6 +171,14 @@ class _DecodeHook:
     def pre_forward(self, module, *args, **kwargs):
         self._residency._onload(self._entry)
         return args, kwargs
+
+
+def free_device_memory() -> None:
+    """Collect what nothing holds any more and give the allocator's cache back, so that an expert's 28.6 GB returns
+    as one block rather than cached fragments the next component cannot use."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _to_device(value, device: torch.device):

@@ -8,7 +8,6 @@ turns that into a skip, the CLI into exit 2).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import traceback
 from functools import cached_property
 from typing import Callable
@@ -30,7 +29,7 @@ from harness.parallel import Job, launch, unsupported
 from harness.plan import GiB, MemoryPlan, memory_plan
 from harness.pipeline import (NEGATIVE_PROMPT, PROMPTS, Generation, Runners, build_runners, cfg_noise, cfg_noise_split,
                               generate, initial_latents)
-from harness.residency import Residency
+from harness.residency import Residency, free_device_memory
 from harness.results import Result, RunRecorder, result_rows
 from harness.settings import Settings
 from harness.shapes import VideoShape
@@ -75,9 +74,7 @@ class Session:
         traceback.clear_frames(exc.__traceback__)  # the frames hold the case's tensors
         if self.residency is not None:
             self.residency.release()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_device_memory()
         planned = self.plan.peak(family) if family else None
         plan = (f"planned peak {planned.nbytes / GiB:.1f} GiB ({planned.label})" if planned else "no plan for it")
         return (f"out of device memory while {phase}; {plan} of {self.plan.usable_bytes / GiB:.1f} GiB usable on "
@@ -174,9 +171,7 @@ class Session:
         actual = self.build(backend, self.component(case), case)(*inputs)
         result = judge_parity(actual, expected, case.precision, eager)
         del actual
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_device_memory()
         return result
 
     # ------------------------------------------------------------------ whole-pipeline runs
