@@ -216,7 +216,7 @@ def test_unknown_source_and_bad_layer_count():
 
 @pytest.mark.perf
 def test_tiny_build_and_two_step_pipeline(benchmark):
-    """Issue 2's budget (< 10 s on the CPU) is read from this benchmark's numbers, not asserted."""
+    """The tiny build-and-generate budget (< 10 s on the CPU) is read from this benchmark's numbers, not asserted."""
     def build_and_generate():
         pipe = load_model("tiny").pipeline()
         pipe.set_progress_bar_config(disable=True)
