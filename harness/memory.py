@@ -54,6 +54,15 @@ def _status() -> dict[str, int]:
     return values
 
 
+def meminfo(key: str) -> int | None:
+    """A field of /proc/meminfo in bytes (MemTotal, MemAvailable), or None where there is no /proc (macOS)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(f"{key}:")), None)
+
+
 def _have_proc() -> bool:
     return STATUS.is_file()
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from harness.backends import BACKENDS, QUANTIZED_BYTES, load
 from harness.case import COMPONENTS, DIT_COMPONENTS, PRECISIONS, eager_precision, is_dit, is_quantized, quality_reference
 from harness.errors import HarnessError
+from harness.memory import meminfo
 from harness.models import skeletons
 from harness.perf import perf_precision_of
 from harness.recipes import expert_layers, quantized_blocks
@@ -172,8 +172,8 @@ def _backends_running(settings, precision: str) -> list[str]:
 class _Planner:
     """Walks a run's case families in their order, keeping what stays on the device as they go."""
 
-    def __init__(self, settings, offloads: bool):
-        self.s, self.offloads, self.w = settings, offloads, _Weights(settings)
+    def __init__(self, settings, offloads: bool, weights: _Weights):
+        self.s, self.offloads, self.w = settings, offloads, weights
         self.phases: list[Phase] = []
 
     def _resident(self, precisions) -> list[Part]:
@@ -257,31 +257,24 @@ def card_memory(settings) -> tuple[int, str]:
     if settings.device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return props.total_memory, props.name
-    return host_memory(), "this machine's host memory (--device cpu)"
+    return meminfo("MemTotal") or 1 << 50, "this machine's host memory (--device cpu)"  # none: nothing to refuse by
 
 
-def host_memory() -> int:
-    """MemTotal of /proc/meminfo; where it is absent, a figure that fits everything (nothing to refuse by)."""
-    try:
-        return next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                    if line.startswith("MemTotal:"))
-    except (OSError, StopIteration):
-        return 1 << 50
+def _walk(settings, offloads: bool, weights: "_Weights") -> _Planner:
+    planner = _Planner(settings, offloads, weights)
+    for shape in settings.shapes:
+        for family in FAMILIES:
+            getattr(planner, family)(shape)
+    return planner
 
 
 def memory_plan(settings) -> MemoryPlan:
     """The plan of a run: resident if every model it needs fits at once, else taking turns (harness.residency)."""
     card_bytes, card = card_memory(settings)
-    resident = _Planner(settings, offloads=False)
-    for shape in settings.shapes:
-        for family in FAMILIES:
-            getattr(resident, family)(shape)
+    weights = _Weights(settings)  # the meta-device builds, made once for both walks
+    resident = _walk(settings, False, weights)
     if all(p.nbytes <= card_bytes - RESERVED for p in resident.phases):
         return MemoryPlan(card_bytes, card, False, tuple(resident.phases), 0)
-    turns = _Planner(settings, offloads=True)
-    for shape in settings.shapes:
-        for family in FAMILIES:
-            getattr(turns, family)(shape)
-    host = sum(turns.w.nbytes(c, p) for c in COMPONENTS for p in dict.fromkeys(map(eager_precision, settings.precisions)))
+    turns = _walk(settings, True, weights)
+    host = sum(weights.nbytes(c, p) for c in COMPONENTS for p in dict.fromkeys(map(eager_precision, settings.precisions)))
     return MemoryPlan(card_bytes, card, True, tuple(turns.phases), host)
-

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from harness.memory import meminfo
 
 log = logging.getLogger(__name__)
 GiB = 2 ** 30
@@ -50,13 +51,9 @@ def _placeholder(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def host_room(nbytes: int) -> bool:
-    """Whether host memory can keep `nbytes` more and still leave HOST_MARGIN free (MemAvailable, Linux)."""
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return False
-    return available - nbytes >= HOST_MARGIN
+    """Whether host memory can keep `nbytes` more and still leave HOST_MARGIN free."""
+    available = meminfo("MemAvailable")
+    return available is not None and available - nbytes >= HOST_MARGIN
 
 
 @dataclass(eq=False)
