@@ -18,7 +18,7 @@ from harness.plan import FAMILIES  # noqa: E402
 from harness.report import tables_markdown, write_summary  # noqa: E402
 from harness.residency import out_of_memory  # noqa: E402
 from harness.session import Session, check_asked_kernels  # noqa: E402
-from harness.settings import OPTIONS, check_layers, settings_from  # noqa: E402
+from harness.settings import OPTIONS, Validated, check_layers, settings_from  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -36,9 +36,14 @@ def pytest_configure(config):
     from harness.__main__ import quiet_third_party
 
     quiet_third_party()  # the check of a checkpoint folder imports diffusers here, before pytest captures output
+    handed = next((p for p in config.pluginmanager.get_plugins() if isinstance(p, Validated)), None)
     try:
-        settings = settings_from({o.dest: config.getoption(f"wan_{o.dest}") for o in OPTIONS})
-        check_asked_kernels(settings)
+        if handed:
+            settings, command = handed.settings, handed.command
+        else:
+            settings = settings_from({o.dest: config.getoption(f"wan_{o.dest}") for o in OPTIONS})
+            check_asked_kernels(settings)
+            command = shlex.join(["pytest", *config.invocation_params.args])
         if config.getoption("wan_scale_layers") is not None:
             check_layers(config.getoption("wan_scale_layers"), "--scale-layers")
         # Made here, not in a fixture: under xdist the controller runs no fixtures, yet it owns the run
@@ -47,7 +52,7 @@ def pytest_configure(config):
 
         recorder = workers.session_recorder(settings.results_dir, getattr(config, "workerinput", None), os.environ,
                                             torch.cuda.device_count(), settings=settings.summary(),
-                                            command=shlex.join(["pytest", *config.invocation_params.args]))
+                                            command=command)
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.wan_session = Session(settings, recorder)

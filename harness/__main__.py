@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -121,6 +122,7 @@ def cmd_bench(args) -> int:
     import pytest
 
     from harness.results import RUN_ID_ENV, new_run_id
+    from harness.settings import Validated
 
     settings = _settings(args)  # a bad option fails here, in one line, before pytest starts
     flags = {o.flag for o in OPTIONS}
@@ -128,8 +130,13 @@ def cmd_bench(args) -> int:
     if late:
         raise HarnessError(f"{late[0]} comes after --, where bench cannot check it; give run options before --")
     os.environ.setdefault(RUN_ID_ENV, new_run_id())
+    # The session takes these settings as they are (conftest.py looks for the Validated plugin), so nothing is
+    # checked twice and the run folder records the bench command. The flags still go along for pytest-xdist's
+    # workers: separate processes, which read their options from the command line.
     given = [f"{o.flag}={getattr(args, o.dest)}" for o in OPTIONS if getattr(args, o.dest) is not None]
-    code = pytest.main(["-m", "parity or quality or perf", "-p", "no:cacheprovider", *given, *args.pytest_args])
+    handed = Validated(settings, shlex.join(["python", "-m", "harness", *sys.argv[1:]]))
+    code = pytest.main(["-m", "parity or quality or perf", "-p", "no:cacheprovider", *given, *args.pytest_args],
+                       plugins=[handed])
     if code == pytest.ExitCode.USAGE_ERROR:  # a bad option after --: pytest printed it in one line
         return 2
     summary = settings.results_dir / os.environ[RUN_ID_ENV] / "summary.md"

@@ -146,6 +146,15 @@ class Settings:
                 "parallel": self.parallel.spec}
 
 
+@dataclass(frozen=True)
+class Validated:
+    """A pytest plugin object that hands settings `python -m harness bench` has validated to the session, with the
+    command that gave them."""
+
+    settings: Settings
+    command: str
+
+
 def settings_from(values: dict) -> Settings:
     """Validate option values (keyed by Option.dest; None = not given) into Settings, or raise HarnessError.
 

@@ -62,6 +62,8 @@ def test_bench_takes_checkpoint_options_as_its_own(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0 and f"summary: {summary}" in proc.stdout, proc.stdout[-3000:] + proc.stderr
     text = summary.read_text()
     assert "| text_encoder-checkpoint-32x48x5-fp32-b1 | onnxruntime |" in text
+    # The session ran on the settings bench validated, and its run folder names the bench command that gave them.
+    assert f"- command: `python -m harness bench --results-dir={tmp_path / 'results'}" in text
     header = next(line for line in text.splitlines() if line.startswith("| case"))  # the parity table's
     assert " case_peak_host_gib |" in header and "| verdict " in header  # each case's peak beside its verdict
     # The TorchScript export of the text encoder warns about aten::index; pytest.ini filters it.
