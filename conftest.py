@@ -96,9 +96,10 @@ def pytest_runtest_makereport(item, call):
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected: only the families that will run are planned
 def pytest_collection_modifyitems(config, items):
     """A run whose memory plan does not fit the card is refused here, in one line, before any case runs."""
-    families = tuple(f for f in FAMILIES if any(item.get_closest_marker(f) for item in items))
+    session = config.wan_session
+    session.families = tuple(f for f in FAMILIES if any(item.get_closest_marker(f) for item in items))
     try:
-        config.wan_session.plan.check(families)
+        session.plan.check(session.families)
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from None
 

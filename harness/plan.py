@@ -9,7 +9,7 @@ the order the cases run in, so a phase counts the copies built before it, not ev
 
 The weights are exact: each component is built on the meta device and counted. Activations are estimates: for a
 DiT forward, the tensors alive at its peak counted by hand; for the VAE decoder, its measured peaks less its weights
-(docs/hardware.md, "Memory"). No 40-layer peak has been measured against them yet.
+(docs/hardware.md, "Memory", which also holds the peaks measured against the plan at 2 and 40 layers).
 """
 from __future__ import annotations
 
@@ -175,22 +175,18 @@ class _Planner:
     def __init__(self, settings, offloads: bool, weights: _Weights):
         self.s, self.offloads, self.w = settings, offloads, weights
         self.phases: list[Phase] = []
+        self.loaded: dict[str, None] = {}  # the precisions whose whole model the session has built so far, in order
 
-    def _resident(self, precisions) -> list[Part]:
-        """Every model the run needs, whole: what stays on the device where nothing takes turns."""
-        return [Part(f"{c} {p}", self.w.nbytes(c, p)) for p in dict.fromkeys(map(eager_precision, precisions))
-                for c in COMPONENTS]
-
-    def _phase(self, family: str, shape: VideoShape, label: str, running: list[Part], held: dict, act: int) -> None:
-        parts = running if self.offloads else self._resident(self._precisions())
+    def _phase(self, family: str, shape: VideoShape, label: str, running: list[tuple[str, str]], held: dict,
+               act: int) -> None:
+        """`running`: the (component, precision) pairs this phase runs eagerly. Where nothing takes turns, the session
+        keeps the whole model of every precision it has built (harness.session.Session.model), from the first
+        phase that ran one of its components on."""
+        self.loaded.update(dict.fromkeys(eager_precision(p) for _, p in running))
+        pairs = running if self.offloads else [(c, p) for p in self.loaded for c in COMPONENTS]
+        parts = [Part(f"{c} {eager_precision(p)}", self.w.nbytes(c, p)) for c, p in pairs]
         self.phases.append(Phase(family, shape, label, tuple(parts) + tuple(Part(k, v) for k, v in held.items() if v)
                                  + (Part("activations", act),)))
-
-    def _precisions(self) -> tuple[str, ...]:
-        return ("fp32", *self.s.precisions, self.s.perf_precision)
-
-    def _weights(self, component: str, precision: str) -> Part:
-        return Part(f"{component} {eager_precision(precision)}", self.w.nbytes(component, precision))
 
     def _hold(self, held: dict, backend: str, component: str, precision: str) -> None:
         held[f"{backend} {component} {precision}"] = self.w.held(backend, component, precision)
@@ -204,8 +200,7 @@ class _Planner:
                     continue
                 held: dict[str, int] = {}
                 for reference in dict.fromkeys(("fp32", eager_precision(precision))):
-                    self._phase("parity", shape, f"{component} in {reference}, eager",
-                                [self._weights(component, reference)], held,
+                    self._phase("parity", shape, f"{component} in {reference}, eager", [(component, reference)], held,
                                 self.w.activation(component, reference, shape))
                 if is_quantized(precision):  # calibrated on the eager loop's inputs
                     self._loop("parity", shape, eager_precision(precision), held)
@@ -217,8 +212,8 @@ class _Planner:
     def _loop(self, family: str, shape: VideoShape, precision: str, held: dict) -> None:
         """An eager generation: each component in turn, its activations at the run's shape."""
         for component in COMPONENTS:
-            self._phase(family, shape, f"{component} in {precision}, eager loop", [self._weights(component, precision)],
-                        held, self.w.activation(component, precision, shape))
+            self._phase(family, shape, f"{component} in {precision}, eager loop", [(component, precision)], held,
+                        self.w.activation(component, precision, shape))
 
     def quality(self, shape: VideoShape) -> None:
         held: dict[str, int] = {}
@@ -240,14 +235,13 @@ class _Planner:
                     continue  # the quantized backends time the experts only (cases/test_perf.py)
                 self._hold(held, backend, component, precision)
                 self._phase("perf", shape, f"{component}: eager {eager_precision(precision)} and {backend}",
-                            [self._weights(component, precision)], held,
-                            self.w.activation(component, precision, shape))
+                            [(component, precision)], held, self.w.activation(component, precision, shape))
 
     def export(self, shape: VideoShape) -> None:
         for component in COMPONENTS:
             for precision in self.s.precisions:
-                self._phase("export", shape, f"{component} {precision}, exported",
-                            [self._weights(component, precision)], {}, self.w.activation(component, precision, shape))
+                self._phase("export", shape, f"{component} {precision}, exported", [(component, precision)], {},
+                            self.w.activation(component, precision, shape))
 
 
 def card_memory(settings) -> tuple[int, str]:
@@ -260,21 +254,22 @@ def card_memory(settings) -> tuple[int, str]:
     return meminfo("MemTotal") or 1 << 50, "this machine's host memory (--device cpu)"  # none: nothing to refuse by
 
 
-def _walk(settings, offloads: bool, weights: "_Weights") -> _Planner:
+def _walk(settings, families: tuple[str, ...], offloads: bool, weights: "_Weights") -> _Planner:
     planner = _Planner(settings, offloads, weights)
     for shape in settings.shapes:
-        for family in FAMILIES:
+        for family in (f for f in FAMILIES if f in families):
             getattr(planner, family)(shape)
     return planner
 
 
-def memory_plan(settings) -> MemoryPlan:
-    """The plan of a run: resident if every model it needs fits at once, else taking turns (harness.residency)."""
+def memory_plan(settings, families: tuple[str, ...] = FAMILIES) -> MemoryPlan:
+    """The plan of a run of `families` (the case families it selected): resident if every model they need fits at
+    once, else taking turns (harness.residency)."""
     card_bytes, card = card_memory(settings)
     weights = _Weights(settings)  # the meta-device builds, made once for both walks
-    resident = _walk(settings, False, weights)
+    resident = _walk(settings, families, False, weights)
     if all(p.nbytes <= card_bytes - RESERVED for p in resident.phases):
         return MemoryPlan(card_bytes, card, False, tuple(resident.phases), 0)
-    turns = _walk(settings, True, weights)
+    turns = _walk(settings, families, True, weights)
     host = sum(weights.nbytes(c, p) for c in COMPONENTS for p in dict.fromkeys(map(eager_precision, settings.precisions)))
     return MemoryPlan(card_bytes, card, True, tuple(turns.phases), host)

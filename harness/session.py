@@ -26,7 +26,7 @@ from harness.kernels import KERNEL_CHECK
 from harness.machine import device_name, versions_string
 from harness.models import EXPERT_SEEDS, WanModel, load_model, managed_model
 from harness.parallel import Job, launch, unsupported
-from harness.plan import GiB, MemoryPlan, memory_plan
+from harness.plan import FAMILIES, GiB, MemoryPlan, memory_plan
 from harness.pipeline import (NEGATIVE_PROMPT, PROMPTS, Generation, Runners, build_runners, cfg_noise, cfg_noise_split,
                               generate, initial_latents)
 from harness.residency import Residency, free_device_memory
@@ -50,13 +50,14 @@ class Session:
         self._parallel: dict[tuple, object] = {}
         self._results: list[tuple[str, str, str, Result]] = []
         self.test = ""  # the test now running (conftest.py sets pytest's node id): each row it records names it
+        self.families = FAMILIES  # the case families the run selected (conftest.py narrows it before any case)
 
     # ------------------------------------------------------------------ memory
 
     @cached_property
     def plan(self) -> MemoryPlan:
         """What each case family holds on the device (harness.plan); made on first use, from meta-device builds."""
-        plan = memory_plan(self.settings)
+        plan = memory_plan(self.settings, self.families)
         if self.settings.device == "cuda" and self.settings.gpu_memory is not None:
             # Held to the card it plans for: a bigger card then fails where the smaller one would, not later.
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory

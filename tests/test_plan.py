@@ -1,8 +1,10 @@
 """The memory plan and the components taking turns on the device: the same numbers as a resident model, one
 component at a time, and a run that cannot fit refused in one line before any case."""
+import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +73,34 @@ def test_the_full_model_fits_76_gib_at_480p_in_every_family():
     # The fp32 reference of one expert alone is its 14.29 B parameters in four bytes each.
     reference = next(p for p in plan.phases if p.label == "transformer in fp32, eager")
     assert reference.parts[0].nbytes == pytest.approx(14.29e9 * 4, rel=0.002)
+
+
+MEASURED = Path(__file__).parent.parent / "results" / "gpu-h100-2026-12-07-full-size"
+
+
+@pytest.mark.parametrize("stage, family, layers", [("perf-40", "perf", 40), ("parity-40", "parity", 40),
+                                                   ("perf-2", "perf", 2), ("quality-2", "quality", 2)])
+def test_the_plan_holds_the_peaks_measured_on_an_h100_within_10_percent(stage, family, layers):
+    """Each stage of gpu/full-size.sh was one pytest session of one case family on an H100 80GB (its summary.md
+    names the command): the plan of that family at that size against CUDA's peak allocated memory of its cases.
+    Weights taking turns (40 layers) and the whole models resident (2 layers) are both held."""
+    rows = list(csv.DictReader((MEASURED / stage / f"{family}.csv").open()))
+    measured = max(float(r["value"]) for r in rows if r["metric"] == "case_peak_gpu_gib") * GiB
+    settings = settings_from({**FULL_SIZE, "proxy_layers": layers, "shapes": "480p", "gpu_memory": 79.2,
+                              "attention": "fa3-fp8", "fp8_scales": "static"})
+    planned = memory_plan(settings, (family,)).peak(family).nbytes
+    assert planned == pytest.approx(measured, rel=0.10), (planned / GiB, measured / GiB)
+
+
+def test_a_run_is_planned_for_the_families_it_selects():
+    """On a 141 GB card the bf16 model and both fp8 copies fit at once, the fp32 reference beside them does not: a
+    perf-only run stays resident, a run with parity takes turns; and a resident plan counts only the precisions its
+    families build (a perf-only session never builds the fp32 model)."""
+    settings = settings_from({**FULL_SIZE, "shapes": "480p", "gpu_memory": 139})
+    assert not memory_plan(settings, ("perf",)).offloads
+    assert memory_plan(settings, ("parity", "perf")).offloads
+    perf = memory_plan(settings, ("perf",)).peak("perf")
+    assert not any("fp32" in part.what for part in perf.parts), perf.describe()
 
 
 def test_a_card_too_small_is_one_line_naming_the_largest_phase():
