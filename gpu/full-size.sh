@@ -5,6 +5,7 @@
 # Usage: bash gpu/full-size.sh RESULTS STAGE LAYERS [pytest arguments...]
 #   STAGE: perf (the CFG step and the gate), parity (both experts' forwards), quality (one prompt, 4 steps)
 #   e.g. bash gpu/full-size.sh /tmp/r perf 40
+#   TAG=nvidia bash gpu/full-size.sh /tmp/r perf 40 --fp8-recipe=nvidia   (TAG names the variant's folder: perf-40-nvidia)
 set -uo pipefail
 out=${1:?results folder}
 stage=${2:?perf, parity or quality}
@@ -18,7 +19,7 @@ case "$stage" in
 esac
 mkdir -p "$out"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # experts of 28.6 GB come and go: no fragments
-run="$stage-$layers"
+run="$stage-$layers${TAG:+-$TAG}"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$out/memory-$run.csv" &
 sampler=$!
 start=$(date +%s)
