@@ -97,9 +97,10 @@ def test_a_run_is_planned_for_the_families_it_selects():
     perf-only run stays resident, a run with parity takes turns; and a resident plan counts only the precisions its
     families build (a perf-only session never builds the fp32 model)."""
     settings = settings_from({**FULL_SIZE, "shapes": "480p", "gpu_memory": 139})
-    assert not memory_plan(settings, ("perf",)).offloads
+    perf_only = memory_plan(settings, ("perf",))
+    assert not perf_only.offloads
     assert memory_plan(settings, ("parity", "perf")).offloads
-    perf = memory_plan(settings, ("perf",)).peak("perf")
+    perf = perf_only.peak("perf")
     assert not any("fp32" in part.what for part in perf.parts), perf.describe()
 
 
