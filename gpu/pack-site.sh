@@ -3,13 +3,16 @@
 # .gpusite/site.tar.xz for gpu/tier.sh: one `pip install --target` tree, xz-compressed. Unpacked and recompressed,
 # diffusers, torchao, fa3-fwd and imageio-ffmpeg (whose ffmpeg carries libvmaf, for VMAF) take about 59 MiB, where
 # their wheels take 104 MB: the only way all four fit a 64 MiB transfer beside the checkout.
-# Usage: bash gpu/pack-site.sh WHEELS   (a folder holding those wheels for Python 3.12, manylinux x86_64)
+# Usage: bash gpu/pack-site.sh WHEELS [NAME]   (a folder of wheels for Python 3.12, manylinux x86_64; the archive is
+#   .gpusite/NAME.tar.xz, NAME "site" by default. Another NAME packs another set, e.g. ModelOpt's for the sensitivity
+#   report, carried by itself as `.gpusite/NAME.tar.xz` when both would not fit one transfer.)
 set -euo pipefail
 wheels=${1:?folder of wheels}
+name=${2:-site}
 tree=$(mktemp -d)
 trap 'rm -rf "$tree"' EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$tree" "$wheels"/*.whl
 mkdir -p .gpusite
-tar cf - -C "$tree" . | xz -T0 -9e > .gpusite/site.tar.xz.part
-mv .gpusite/site.tar.xz.part .gpusite/site.tar.xz
-du -h .gpusite/site.tar.xz
+tar cf - -C "$tree" . | xz -T0 -9e > ".gpusite/$name.tar.xz.part"
+mv ".gpusite/$name.tar.xz.part" ".gpusite/$name.tar.xz"
+du -h ".gpusite/$name.tar.xz"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU tier, a thin driver over one pytest session: make the carried packages importable (wheels in
-# .whl/, or an unpacked `pip install --target` tree packed as .gpusite/site.tar.xz, which is half the size),
+# .whl/, or `pip install --target` trees packed as .gpusite/*.tar.xz by gpu/pack-site.sh, half the size),
 # run the session into RESULTS/RUN_ID with its pytest-benchmark JSON, then print the short table of verdicts.
 # Usage: bash gpu/tier.sh RESULTS RUN_ID [pytest arguments...]
 #   e.g. bash gpu/tier.sh $OUT fp8 -m "parity or quality or perf" --model-source=proxy --candidate=torch-fp8 --shapes=480p,720p
@@ -9,9 +9,11 @@ out=${1:?results folder}
 run=${2:?run id}
 shift 2
 site=/tmp/site
-if [ ! -d "$site" ] && [ -f .gpusite/site.tar.xz ]; then
-  mkdir -p "$site" && tar xJf .gpusite/site.tar.xz -C "$site"
-elif [ ! -d "$site" ] && compgen -G ".whl/*.whl" > /dev/null; then
+for pack in .gpusite/*.tar.xz; do  # each archive once per machine: a warm machine keeps /tmp/site between calls
+  [ -f "$pack" ] && [ ! -f "$site/.unpacked-$(basename "$pack")" ] || continue
+  mkdir -p "$site" && tar xJf "$pack" -C "$site" && touch "$site/.unpacked-$(basename "$pack")"
+done
+if [ ! -d "$site" ] && compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
 fi
 [ -d "$site" ] && export PYTHONPATH=$site:$PWD
