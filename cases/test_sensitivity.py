@@ -33,8 +33,7 @@ def report(session: Session, case: Case) -> Sensitivity:
     recipe = session.settings.backend_options.fp8_recipe
     component = session.component(case)
     module, _ = quantized_module(component, case, DiskCache(session.settings.cache_dir), recipe=recipe)
-    reference = case.with_precision("fp32")
-    count = len(session.component(reference).loop_inputs(reference, True))
+    count = len(session.held_out_loop(case))
     calls = [session.inputs(case, seed, loop=True) for seed in range(count)]
     eager = [session.output("torch", case.with_precision("bf16"), seed, loop=True) for seed in range(count)]
     return measure(module, functools.partial(quantizing_only, module), enabled_quantizers(module), calls, eager,

@@ -107,11 +107,15 @@ class Session:
         would take minutes for inputs that only need to be realistic."""
         if not loop:
             return self.component(case).inputs(case, seed)
-        reference = case.with_precision("bf16")
-        calls = self.component(reference).loop_inputs(reference, True)
+        calls = self.held_out_loop(case)
         if seed >= len(calls):
             raise HarnessError(f"the held-out loop has {len(calls)} calls of {case.component}; seed {seed} is past them")
         return tuple(t.to(case.dtype) if t.is_floating_point() else t for t in calls[seed])
+
+    def held_out_loop(self, case: Case) -> list[tuple[torch.Tensor, ...]]:
+        """Every call of the case's expert in the held-out loop, as recorded in the bf16 eager loop, in bf16."""
+        reference = case.with_precision("bf16")
+        return self.component(reference).loop_inputs(reference, True)
 
     # ------------------------------------------------------------------ backends and runners
 
