@@ -22,4 +22,6 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 WAN_BENCH_RUN_ID=$run python3 -m pytest -p no:cacheprovider --results-dir="$out" --benchmark-json="$out/benchmark-$run.json" \
   -q -rs --durations=10 "$@" 2>&1 | tee "$out/$run.log" | tail -n 40
+code=${PIPESTATUS[0]}  # pytest's status, not tail's: a failed case fails the stage
 if [ -d "$out/$run" ]; then python3 -m harness summary "$out/$run"; else echo "no rows recorded in $out/$run (see the log above)"; fi
+exit "$code"

@@ -79,7 +79,8 @@ MEASURED = Path(__file__).parent.parent / "results" / "gpu-h100-2026-12-07-full-
 
 
 @pytest.mark.parametrize("stage, family, layers", [("perf-40", "perf", 40), ("parity-40", "parity", 40),
-                                                   ("perf-2", "perf", 2), ("quality-2", "quality", 2)])
+                                                   ("perf-2", "perf", 2), ("quality-2", "quality", 2),
+                                                   ("quality-40", "quality", 40)])
 def test_the_plan_holds_the_peaks_measured_on_an_h100_within_10_percent(stage, family, layers):
     """Each stage of gpu/full-size.sh was one pytest session of one case family on an H100 80GB (its summary.md
     names the command): the plan of that family at that size against CUDA's peak allocated memory of its cases.
