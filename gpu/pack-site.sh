@@ -11,7 +11,10 @@ wheels=${1:?folder of wheels}
 name=${2:-site}
 tree=$(mktemp -d)
 trap 'rm -rf "$tree"' EXIT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$tree" "$wheels"/*.whl
+# The GPU machine's Python is 3.12 whatever this one's is: pick wheels by its tags.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$tree" --only-binary=:all: \
+  --implementation cp --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "$wheels"/*.whl
 mkdir -p .gpusite
 tar cf - -C "$tree" . | xz -T0 -9e > ".gpusite/$name.tar.xz.part"
 mv ".gpusite/$name.tar.xz.part" ".gpusite/$name.tar.xz"
