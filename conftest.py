@@ -137,6 +137,9 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", s.backends)
     if "shape" in metafunc.fixturenames:
         metafunc.parametrize("shape", s.shapes, ids=[x.id for x in s.shapes])
+    if "attributed_precision" in metafunc.fixturenames:
+        skip = pytest.mark.skip(reason="no --attribution: pass e.g. --attribution bf16 (four more eager videos)")
+        metafunc.parametrize("attributed_precision", s.attribution or [pytest.param(None, marks=skip)])
     if "reduced_precision" in metafunc.fixturenames:
         # Whole-pipeline cases compare each precision against the fp32 reference, so fp32 itself is not one.
         metafunc.parametrize("reduced_precision", [p for p in s.precisions if p != "fp32"])

@@ -17,7 +17,9 @@ import pytest
 
 from harness.backends import BACKENDS
 from harness.case import DIT_COMPONENTS, Case
-from harness.compare import judge_parallel, judge_parallel_loop, video_quality
+from harness.compare import judge_parallel, judge_parallel_loop
+from harness.pipeline import REFERENCE, Precisions
+from harness.quality import judge_video
 from harness.report import write_summary
 from harness.results import Measured, RunRecorder, load_run
 from harness.session import Session
@@ -62,10 +64,11 @@ def judge_run(session: Session, backend: str, precision: str) -> tuple[Case, obj
     s = session.settings
     shape = s.shapes[0]
     got = outputs(session, backend, precision, shape)
-    single, reference = session.generation(backend, precision, shape), session.generation("torch", "fp32", shape)
+    single = session.generation(backend, Precisions.judged(precision), shape)
+    reference = session.generation("torch", REFERENCE, shape)
     base = Case("denoising_loop", shape, precision, batch=session.cfg_batch(backend), source=s.source, layout=s.parallel)
     loop = judge_parallel_loop(got["latents"], single.step_latents, reference.step_latents, precision)
-    video = video_quality(got["frames"], single.frames, precision)
+    video = judge_video(got["frames"], single.frames, reference.frames, precision)  # one GPU's video sets the band
     return base, loop, dataclasses.replace(base, component="video", variant="prompt0"), video
 
 

@@ -72,7 +72,7 @@ def _settings(args, **values):
 
 def cmd_generate(args) -> int:
     """Text to video with one backend; writes an H.264 mp4 and prints per-stage times."""
-    from harness.pipeline import NEGATIVE_PROMPT
+    from harness.pipeline import NEGATIVE_PROMPT, Precisions
     from harness.session import Session
     from harness.video import check_video_path, write_mp4
 
@@ -95,7 +95,7 @@ def cmd_generate(args) -> int:
         print(f"note: the {session.model(precision).label} model: the video is structured "
               "noise, useful for timing and plumbing, not for looking at")
     try:
-        run = session.generate(args.backend, precision, shape, args.prompt, seed=args.seed,
+        run = session.generate(args.backend, Precisions.as_run(precision), shape, args.prompt, seed=args.seed,
                                negative_prompt=args.negative_prompt or NEGATIVE_PROMPT, progress=True)
     except BackendUnavailable as exc:
         raise HarnessError(f"backend {args.backend} cannot run here: {exc}") from None

@@ -24,6 +24,11 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 QUANTIZED = ("fp8", "int8")
 
 
+def precision_of(dtype: torch.dtype) -> str:
+    """The eager precision computing in `dtype` (fp8 and int8 compute in bf16 too, but have no eager run)."""
+    return next(name for name, d in PRECISIONS.items() if d == dtype and not is_quantized(name))
+
+
 def is_quantized(precision: str) -> bool:
     return precision in QUANTIZED
 
@@ -31,16 +36,6 @@ def is_quantized(precision: str) -> bool:
 def eager_precision(precision: str) -> str:
     """The eager precision a case runs beside and is judged against: fp8 and int8 have no eager run, so bf16."""
     return "bf16" if is_quantized(precision) else precision
-
-
-def quality_reference(precision: str) -> str:
-    """The eager precision whose video a candidate's video is judged against.
-
-    fp32 for every precision that has an eager run of its own, so the bands measure distance from the
-    exact video; fp8 and int8 against the bf16 eager video, the one people run today, so their bands measure
-    what quantization alone changes.
-    """
-    return "fp32" if eager_precision(precision) == precision else eager_precision(precision)
 
 
 def is_dit(component: str) -> bool:

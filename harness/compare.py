@@ -1,4 +1,4 @@
-"""Parity and video-quality comparisons, returned as result objects that are truthy when they pass.
+"""Parity comparisons, returned as result objects that are truthy when they pass (whole videos: harness/quality.py).
 
 One object feeds both the assertion message and the result rows (Polygraphy's OutputCompareResult idea);
 the message has one fixed format and never dumps whole tensors (diffusers' assert_tensors_close habit).
@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from harness.thresholds import band, thresholds
-from harness.video import vmaf, vmaf_unavailable
-
-QUALITY_METRICS = ("psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "lpips_mean", "lpips_max", "vmaf_mean", "vmaf_min")
 
 
 def drift_tolerance(eager_error: float, precision: str) -> float:
@@ -212,188 +206,3 @@ def judge_parallel_loop(candidate: list[torch.Tensor], single: list[torch.Tensor
     """Per-step latents of a parallel loop against one GPU's loop from the same seed; the verdict on the last."""
     steps = tuple(rel_l2(got, want) for got, want in zip(candidate, single))
     return LoopParityResult(judge_parallel(candidate[-1], single[-1], reference[-1], precision), steps)
-
-
-# --------------------------------------------------------------------------------------------- quality
-
-@dataclass(frozen=True)
-class QualityResult:
-    """Per-frame PSNR/SSIM/VMAF (and LPIPS) of a video against a reference, judged against a precision's bands.
-
-    `vmaf` is None where VMAF was skipped; `vmaf_note` then says why ("skipped: ..."), else what scored it.
-    """
-
-    precision: str
-    psnr: tuple[float, ...]
-    ssim: tuple[float, ...]
-    lpips: tuple[float, ...] | None
-    bands: dict[str, float] = field(default_factory=dict)
-    vmaf: tuple[float, ...] | None = None
-    vmaf_note: str = ""
-
-    def metrics(self) -> dict[str, float | None]:
-        """psnr_mean/min, ssim_mean/min, vmaf_mean/min and, with LPIPS, lpips_mean/max: mean and worst frame.
-        A skipped VMAF is None (not measured): its rows stay, carrying the reason."""
-        out = {"psnr_mean": float(np.mean(self.psnr)), "psnr_min": min(self.psnr),
-               "ssim_mean": float(np.mean(self.ssim)), "ssim_min": min(self.ssim)}
-        if self.lpips is not None:
-            out.update(lpips_mean=float(np.mean(self.lpips)), lpips_max=max(self.lpips))
-        scored = self.vmaf is not None
-        out.update(vmaf_mean=float(np.mean(self.vmaf)) if scored else None, vmaf_min=min(self.vmaf) if scored else None)
-        return out
-
-    def thresholds(self) -> dict[str, float]:
-        return dict(self.bands)
-
-    def checks(self) -> dict[str, bool | None]:
-        """metric -> within its band (a NaN never is), None where it was not measured (a skipped VMAF);
-        LPIPS metrics appear only when LPIPS ran."""
-        return {name: None if value is None else
-                (value <= self.bands[name] if name.startswith("lpips") else value >= self.bands[name])
-                for name, value in self.metrics().items()}
-
-    def notes(self) -> dict[str, str]:
-        """What the VMAF rows carry beside their numbers: the libvmaf and model versions, or why they are blank."""
-        return {"vmaf_mean": self.vmaf_note, "vmaf_min": self.vmaf_note}
-
-    @property
-    def passed(self) -> bool:
-        """Every measured metric within its band: a skipped metric never fails a case."""
-        return all(ok is not False for ok in self.checks().values())
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def message(self) -> str:
-        """One line per verdict: each metric with its band, failing ones marked, and the worst frames."""
-        parts = []
-        for name, value in self.metrics().items():
-            if value is None:
-                continue  # a skipped VMAF: its reason closes the line
-            sign = "<=" if name.startswith("lpips") else ">="
-            mark = "" if self.checks()[name] else " FAIL"
-            parts.append(f"{name} {value:.4g} (needs {sign} {self.bands[name]:g}){mark}")
-        worst = f"worst PSNR at frame {int(np.argmin(self.psnr))}, worst SSIM at frame {int(np.argmin(self.ssim))}"
-        if self.vmaf is not None:
-            worst += f", worst VMAF at frame {int(np.argmin(self.vmaf))}"
-        verdict = "passed" if self.passed else "FAILED"
-        return (f"quality {verdict} at {self.precision} over {len(self.psnr)} frames: {'; '.join(parts)}; {worst}; "
-                f"vmaf: {self.vmaf_note}")
-
-
-def _frames_float(frames) -> np.ndarray:
-    """[F, H, W, 3] as float64 in [0, 1], from uint8 or float frames, numpy or torch."""
-    if isinstance(frames, torch.Tensor):
-        frames = frames.detach().cpu()
-        frames = frames.numpy() if frames.dtype == torch.uint8 else frames.float().numpy()
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be [F, H, W, 3], got shape {frames.shape}")
-    return frames.astype(np.float64) / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float64)
-
-
-def _psnr(reference: np.ndarray, candidate: np.ndarray, cap: float) -> float:
-    from skimage.metrics import peak_signal_noise_ratio
-
-    with np.errstate(divide="ignore"):  # identical frames: MSE 0 -> inf, capped below
-        return min(float(peak_signal_noise_ratio(reference, candidate, data_range=1.0)), cap)
-
-
-def _ssim(reference: np.ndarray, candidate: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(reference, candidate, data_range=1.0, channel_axis=-1))
-
-
-@torch.inference_mode()
-def lpips_per_frame(model: torch.nn.Module, candidate: np.ndarray, reference: np.ndarray) -> tuple[float, ...]:
-    """LPIPS of each frame pair; frames shorter than the band's minimum side are upsampled to it."""
-    def prepare(frames: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(frames).float().permute(0, 3, 1, 2) * 2 - 1  # LPIPS wants [-1, 1], NCHW
-        min_side = thresholds()["quality"]["lpips_min_side"]
-        if min(x.shape[-2:]) < min_side:
-            scale = min_side / min(x.shape[-2:])
-            x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-        return x.to(next(model.parameters()).device)
-
-    return tuple(float(v) for v in model(prepare(candidate), prepare(reference)).flatten())
-
-
-def vmaf_skip_reason(height: int, width: int) -> str:
-    """Why VMAF is not computed for frames of this size on this machine ('' when it is)."""
-    min_side = thresholds()["quality"]["vmaf_min_side"]
-    if min(height, width) < min_side:
-        return (f"frames {height}x{width} are below the {min_side} px short side VMAF needs to mean anything "
-                "(harness/thresholds.toml [quality] vmaf_min_side)")
-    return vmaf_unavailable()
-
-
-def _vmaf(candidate: np.ndarray, reference: np.ndarray) -> tuple[tuple[float, ...] | None, str]:
-    """Per-frame VMAF and what scored it, or None and "skipped: <why>": a missing score never fails a case."""
-    reason = vmaf_skip_reason(*reference.shape[1:3])
-    if not reason:
-        try:
-            scored = vmaf(candidate, reference, thresholds()["quality"]["vmaf_model"])
-            return scored.scores, str(scored)
-        except RuntimeError as exc:
-            reason = str(exc)
-    return None, f"skipped: {reason}"
-
-
-def video_quality(candidate_frames, reference_frames, precision: str,
-                  lpips_model: torch.nn.Module | None = None) -> QualityResult:
-    """Frame-by-frame PSNR and SSIM (scikit-image) and VMAF (ffmpeg's libvmaf, harness.video), plus LPIPS when a
-    model is given, against `precision`'s bands."""
-    cand, ref = _frames_float(candidate_frames), _frames_float(reference_frames)
-    if cand.shape != ref.shape:
-        raise ValueError(f"videos differ in shape: candidate {cand.shape} vs reference {ref.shape}")
-    bands = {name: float(band("quality", precision)[name]) for name in QUALITY_METRICS}
-    cap = thresholds()["quality"]["psnr_cap_db"]
-    psnr = tuple(_psnr(r, c, cap) for r, c in zip(ref, cand))
-    ssim = tuple(_ssim(r, c) for r, c in zip(ref, cand))
-    lpips = None if lpips_model is None else lpips_per_frame(lpips_model, cand, ref)
-    if lpips is None:
-        bands = {k: v for k, v in bands.items() if not k.startswith("lpips")}
-    return QualityResult(precision, psnr, ssim, lpips, bands, *_vmaf(cand, ref))
-
-
-# ----------------------------------------------------------------------------------------------- LPIPS
-
-def alexnet_weights_path() -> Path:
-    """Where torchvision looks for LPIPS's AlexNet backbone before it would try the network."""
-    from torchvision.models import AlexNet_Weights
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.IMAGENET1K_V1.url).name
-
-
-def load_lpips() -> tuple[torch.nn.Module | None, str]:
-    """Real LPIPS (net="alex") when its backbone is already cached locally, else (None, what is missing).
-
-    The file is checked before construction: lpips.LPIPS(net="alex") would otherwise try to download it.
-    """
-    try:
-        import lpips
-    except ImportError as exc:
-        return None, f"lpips not importable: {exc}"
-    weights = alexnet_weights_path()
-    if not weights.is_file():
-        return None, (f"LPIPS AlexNet backbone weights {weights.name} are not in the local torch hub cache "
-                      f"({weights} is missing); copy them there to enable LPIPS")
-    with _quiet_torchvision():
-        return lpips.LPIPS(net="alex", verbose=False).eval(), ""
-
-
-def lpips_untrained() -> torch.nn.Module:
-    """LPIPS with an untrained AlexNet backbone (pnet_rand=True): exercises the plumbing, measures nothing."""
-    import lpips
-
-    with _quiet_torchvision():
-        return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
-
-
-@contextmanager
-def _quiet_torchvision():
-    """lpips 0.1.4 passes torchvision's deprecated `pretrained=`; its two UserWarnings are noise here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
-        yield

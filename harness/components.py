@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from harness.case import COMPONENTS, DIT_COMPONENTS, Case, check_component, is_dit
+from harness.case import COMPONENTS, DIT_COMPONENTS, Case, check_component, is_dit, precision_of
 from harness.models import A14B_TRANSFORMER, WanModel, expert_timestep, load_expert, random_fingerprint
 from harness.residency import execution_device
 from harness.shapes import TEXT_TOKENS, VideoShape
@@ -221,14 +221,14 @@ def capture_loop(model: WanModel, shape: VideoShape, dtype: torch.dtype, prompts
     The runners are eager inference-mode calls of the model's own modules, so the shared model (the eager
     baseline) is only read.
     """
-    from harness.pipeline import CALIBRATION_STEPS, Runners, generate
+    from harness.pipeline import CALIBRATION_STEPS, Precisions, Runners, generate
 
     record: dict[str, list[tuple[torch.Tensor, ...]]] = {name: [] for name in DIT_COMPONENTS}
     runners = Runners(**{name: _eager(make_component(model, name).module, record.get(name)) for name in COMPONENTS})
     device = execution_device(model.transformer) or next(model.transformer.parameters()).device
     for i, prompt in enumerate(prompts):
-        generate(model, runners, prompt, shape=shape, steps=CALIBRATION_STEPS, seed=seed + i, dtype=dtype,
-                 device=device, decode_video=False)
+        generate(model, runners, prompt, shape=shape, steps=CALIBRATION_STEPS, seed=seed + i,
+                 precisions=Precisions.as_run(precision_of(dtype)), device=device, decode_video=False)
     return record
 
 

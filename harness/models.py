@@ -12,7 +12,7 @@ import os
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,8 +42,9 @@ DIT_SIZES = ("in_channels", "out_channels", "num_attention_heads", "attention_he
              "ffn_dim", "num_layers", "rope_max_seq_len")
 EXPERTS_AGREE_ON = ("patch_size", "in_channels", "out_channels", "num_attention_heads", "attention_head_dim",
                     "text_dim")
-# Bumped whenever the random-init recipe changes, so cached exports of old weights are not reused.
-INIT_RECIPE = "seeded-normal-v2"
+# Bumped whenever the random sources' recipe changes (their weights' initialisation, tokenizer or scheduler), so
+# cached exports, engines, calibrations and videos of the old models are not reused.
+INIT_RECIPE = "seeded-normal-v3"
 # Seeds of the random sources' experts: they differ, as the real high- and low-noise experts do.
 EXPERT_SEEDS = {"transformer": 0, "transformer_2": 1}
 # CPU parameters are drawn this many fp32 elements at a time (16 MiB of scratch per thread), by this many threads.
@@ -146,18 +147,66 @@ def _param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
-def _shape_draw(draw: torch.Tensor, name: str, shape: torch.Size) -> torch.Tensor:
-    """Turn an N(0, 1) fp32 draw for parameter `name` into its values, in place.
+@dataclass(frozen=True)
+class Init:
+    """How one parameter's values come from its N(0, 1) draw: mean + std x draw."""
 
-    Element by element, so a chunk of a draw gets exactly the values the whole draw would.
-    """
+    std: float
+    mean: float = 0.0
+
+    def apply(self, draw: torch.Tensor) -> torch.Tensor:
+        """In place and element by element, so a chunk of a draw gets exactly the values the whole draw would."""
+        return draw.mul_(self.std).add_(self.mean) if self.mean else draw.mul_(self.std)
+
+
+NORM_WEIGHT = Init(0.02, 1.0)  # a norm's scale starts at 1, as every norm layer initialises it
+SMALL = Init(0.02)  # biases and other vectors: near their zero start, but not exactly, so a dropped term shows
+
+
+def _generic_init(name: str, shape: torch.Size) -> Init:
+    """By shape: fan-in scaling keeps activations O(1) through depth; embeddings are N(0, 1) rows."""
     if len(shape) >= 2 and "embed_tokens" not in name and name != "shared.weight":
-        draw /= math.prod(shape[1:]) ** 0.5  # fan-in scaling keeps activations O(1) through depth
-    elif "norm" in name and name.endswith("weight"):
-        draw.mul_(0.02).add_(1.0)
-    elif len(shape) < 2:
-        draw *= 0.02
-    return draw
+        return Init(math.prod(shape[1:]) ** -0.5)
+    if "norm" in name and name.endswith("weight"):
+        return NORM_WEIGHT
+    return Init(1.0) if len(shape) >= 2 else SMALL
+
+
+def _architecture_inits(module: torch.nn.Module) -> dict[str, Init]:
+    """The scales each architecture's own initialisation sets where generic fan-in scaling would be wrong, by module
+    class and with the config at hand.
+
+    UMT5 (transformers' UMT5PreTrainedModel._init_weights, Mesh TensorFlow's): attention logits carry no 1/sqrt(d_kv),
+    the scale lives in the query weights (std (d_model x d_kv)^-1/2) and the relative position bias starts at std
+    d_model^-1/2. With fan-in queries the logits are d_kv^1/2 = 8x too large, softmax saturates, and a random encoder
+    turns bf16 rounding into unrelated embeddings within 24 layers (docs/hardware.md, "A random model that rounds like
+    a trained one"). The Wan VAE's RMS norms start at gamma 1, bias 0 (WanRMS_norm), not as a matrix. The DiT's
+    modulation tables start at std dim^-1/2 (WanTransformerBlock, WanTransformer3DModel).
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
+    from transformers.models.umt5.modeling_umt5 import UMT5Attention
+
+    inits: dict[str, Init] = {}
+    for prefix, sub in module.named_modules():
+        at = f"{prefix}." if prefix else ""
+        if isinstance(sub, UMT5Attention):
+            d_model, d_kv = sub.d_model, sub.key_value_proj_dim
+            inits[f"{at}q.weight"] = Init((d_model * d_kv) ** -0.5)
+            if sub.has_relative_attention_bias:
+                inits[f"{at}relative_attention_bias.weight"] = Init(d_model ** -0.5)
+        elif isinstance(sub, WanRMS_norm):
+            inits[f"{at}gamma"] = NORM_WEIGHT
+            inits[f"{at}bias"] = SMALL
+        elif isinstance(sub, (WanTransformerBlock, WanTransformer3DModel)):
+            inits[f"{at}scale_shift_table"] = Init(sub.scale_shift_table.shape[-1] ** -0.5)
+    return inits
+
+
+def init_plan(module: torch.nn.Module) -> dict[str, Init]:
+    """Every parameter's Init, by the name seeded_init draws it by (tied parameters appear once)."""
+    special = _architecture_inits(module)
+    return {name: special.get(name) or _generic_init(name, param.shape) for name, param in module.named_parameters()}
 
 
 @torch.no_grad()
@@ -167,16 +216,17 @@ def seeded_init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     Building in bf16 or fp32 therefore gives the same weights up to rounding, which the parity
     cases rely on, and 40 A14B layers can be initialised directly in bf16 on the GPU.
     """
+    plan = init_plan(module)
     for name, param in module.named_parameters():
         gen = torch.Generator(device=param.device).manual_seed(_param_seed(seed, name))
         draw = torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32)
-        param.copy_(_shape_draw(draw, name, param.shape))
+        param.copy_(plan[name].apply(draw))
         del draw
     return module
 
 
 @torch.no_grad()
-def _fill_in_chunks(name: str, param: torch.Tensor, seed: int) -> None:
+def _fill_in_chunks(name: str, param: torch.Tensor, init: Init, seed: int) -> None:
     """seeded_init's values for one CPU parameter, drawn FILL_CHUNK elements at a time (a small fp32 scratch).
 
     The same numbers as one whole draw: the CPU normal_ fills uniforms in order and transforms them in blocks of
@@ -192,7 +242,7 @@ def _fill_in_chunks(name: str, param: torch.Tensor, seed: int) -> None:
         if total - start - size < 16:  # never leave a last chunk shorter than 16: fold it into this one
             size = total - start
         draw = scratch[:size].normal_(generator=gen)
-        flat[start:start + size].copy_(_shape_draw(draw, name, param.shape))
+        flat[start:start + size].copy_(init.apply(draw))
         start += size
 
 
@@ -251,9 +301,10 @@ def _build(cls, config: dict, seed: int, device: str, dtype: torch.dtype):
     if torch.device(device).type != "meta":
         params = _materialize(module, device)
         if torch.device(device).type == "cpu":
+            plan = init_plan(module)
             params.sort(key=lambda item: -item[1].numel())  # largest first, so the threads finish together
             with ThreadPoolExecutor(FILL_THREADS) as pool:
-                list(pool.map(lambda item: _fill_in_chunks(*item, seed), params))
+                list(pool.map(lambda item: _fill_in_chunks(item[0], item[1], plan[item[0]], seed), params))
         else:
             seeded_init(module, seed)
     return module.eval().requires_grad_(False)
@@ -314,6 +365,21 @@ def _random_parts(source: str, layers: int = 2) -> tuple[str, dict[str, tuple[Ca
                    "transformer_2": (WanTransformer3DModel, dit, EXPERT_SEEDS["transformer_2"]),
                    "vae": (AutoencoderKLWan, vae, 2),
                    "text_encoder": (lambda **c: UMT5EncoderModel(UMT5Config(**c)), umt5, 3)}
+
+
+def model_identity(source: str, *, layers: int = 2, path=None) -> dict:
+    """What a model's outputs depend on, read without building it: each component's fingerprint (a random source's
+    config, seed and init recipe, which covers its tokenizer and scheduler too; where a checkpoint's files are and
+    when they last changed) and the pipeline settings WanModel adds. Cached videos are keyed on it."""
+    pipeline = {f.name: f.default for f in fields(WanModel)
+                if f.name in ("boundary_ratio", "guidance_scale", "guidance_scale_2", "max_sequence_length")}
+    if source == "checkpoint":
+        root = Path(path).expanduser()
+        return {"pipeline": pipeline, "model_index": _read_json(root / "model_index.json"),
+                **{sub: _checkpoint_fingerprint(root / sub) for sub in SUBFOLDERS}}
+    _, parts = _random_parts(source, layers)
+    return {"pipeline": pipeline, "recipe": INIT_RECIPE, "tokenizer_corpus": TOKENIZER_CORPUS,
+            **{name: random_fingerprint(cfg, seed) for name, (_, cfg, seed) in parts.items()}}
 
 
 def _random_model(source: str, layers: int, device: str, dtype: torch.dtype) -> WanModel:

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from harness.case import DIT_COMPONENTS, Case, eager_precision
+from harness.pipeline import Precisions
 from harness.session import Session
 from harness.shapes import VideoShape
 from harness.timing import RoundRecorder, alternate
@@ -25,7 +26,7 @@ def outputs(session: Session, backend: str, precision: str, shape: VideoShape, v
             forwards[expert] = session.runner(backend, case)(*session.inputs(case)).cpu()
     out = {"forward": forwards, "cfg_step": session.cfg_step(backend, precision, shape, layout)().cpu()}
     if video:
-        run = session.generation(backend, precision, shape, layout=layout)
+        run = session.generation(backend, Precisions.judged(precision), shape, layout=layout)
         out.update(latents=run.step_latents, frames=run.frames)
     return out
 

@@ -8,6 +8,7 @@ import torch
 
 from harness.backends import BACKENDS
 from harness.case import Case, is_dit, is_quantized
+from harness.pipeline import Precisions
 from harness.shapes import A14B_LAYERS, forward_flops
 from harness.timing import SpeedupResult
 
@@ -31,7 +32,7 @@ def workload(session, stage, backend, precision, shape):
     """A zero-argument callable doing one unit of `stage`, and its FLOPs where they are known."""
     model = session.model(precision)
     if stage == "end_to_end":
-        return (lambda: session.generate(backend, precision, shape, "a timing run")), None
+        return (lambda: session.generate(backend, Precisions.as_run(precision), shape, "a timing run")), None
     component = "transformer" if stage == "cfg_step" else stage
     case = Case(component, shape, precision, source=session.settings.source)
     if stage != "cfg_step":

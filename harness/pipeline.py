@@ -8,13 +8,18 @@ A unit case proves it matches WanPipeline exactly with eager runners.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from harness.case import COMPONENTS, ONE_GPU, Layout
+from harness.case import (COMPONENTS, DIT_COMPONENTS, ONE_GPU, PRECISIONS, Case, Layout, eager_precision, is_dit,
+                          is_quantized)
 from harness.errors import HarnessError
 from harness.models import WanModel
 from harness.shapes import VideoShape
@@ -60,26 +65,100 @@ class Generation:
     step_latents: list[torch.Tensor] = field(default_factory=list)
     experts: list[str] = field(default_factory=list)
     stage_ms: dict[str, float] = field(default_factory=dict)
+    origin: str = ""  # where a stored run came from (read from the cache, or made), for the rows that judge it
 
 
-def build_runners(get_runner: Callable, backend: str, precision: str, shape: VideoShape, source: str,
+def code_digest() -> str:
+    """A digest of the code every run's numbers come from (this loop and the component wrappers every runner calls),
+    in the key of stored videos: a change to either makes them again."""
+    code = Path(__file__).read_bytes() + Path(__file__).with_name("components.py").read_bytes()
+    return hashlib.sha256(code).hexdigest()[:16]
+
+
+def write_generation(run: Generation, folder: Path) -> None:
+    """A finished run as files (a cache entry's content): its float frames and every step's latents exactly as
+    computed, not re-quantized to 8 bits, so a video read back judges exactly as the fresh one did."""
+    np.save(folder / "frames.npy", run.frames.numpy(), allow_pickle=False)
+    np.save(folder / "latents.npy", torch.stack(run.step_latents).numpy() if run.step_latents else np.empty(0),
+            allow_pickle=False)
+    (folder / "run.json").write_text(json.dumps({"experts": run.experts, "stage_ms": run.stage_ms}))
+
+
+def read_generation(folder: Path) -> Generation:
+    """What write_generation wrote (the cache has checked every file's size and sha256 against its manifest)."""
+    about = json.loads((folder / "run.json").read_text())
+    latents = torch.from_numpy(np.load(folder / "latents.npy", allow_pickle=False))
+    return Generation(frames=torch.from_numpy(np.load(folder / "frames.npy", allow_pickle=False)),
+                      step_latents=list(latents) if latents.numel() else [], experts=about["experts"],
+                      stage_ms=about["stage_ms"])
+
+
+def under_test(precision: str) -> tuple[str, ...]:
+    """The components a candidate backend runs at `precision`: the experts, where the time goes, and the text encoder
+    except for fp8 and int8 (there is no quantized text encoder). The VAE decoder is never a candidate's: it stays
+    eager PyTorch, as in NVIDIA's Wan2.2 TensorRT demo (its own parity and perf cases judge each backend's VAE
+    separately, and Inductor takes minutes to compile its per-frame cache loop)."""
+    return DIT_COMPONENTS if is_quantized(precision) else ("text_encoder", *DIT_COMPONENTS)
+
+
+@dataclass(frozen=True)
+class Precisions:
+    """The precision each component of one pipeline run computes in (both experts share one)."""
+
+    text_encoder: str
+    experts: str
+    vae_decoder: str
+
+    def of(self, component: str) -> str:
+        return self.experts if is_dit(component) else getattr(self, component)
+
+    @property
+    def id(self) -> str:
+        """`bf16` where every component runs in it, else each one's: `te-fp32+dit-bf16+vae-fp32`."""
+        parts = (self.text_encoder, self.experts, self.vae_decoder)
+        if len(set(parts)) == 1:
+            return self.experts
+        return f"te-{self.text_encoder}+dit-{self.experts}+vae-{self.vae_decoder}"
+
+    @property
+    def eager(self) -> "Precisions":
+        """What eager PyTorch runs in its place: bf16 for fp8 and int8, which have no eager run."""
+        return Precisions(*(eager_precision(p) for p in (self.text_encoder, self.experts, self.vae_decoder)))
+
+    @classmethod
+    def as_run(cls, precision: str) -> "Precisions":
+        """A user's pipeline at `precision`: the experts in it, the text encoder and VAE in its eager precision."""
+        rest = eager_precision(precision)
+        return cls(rest, precision, rest)
+
+    @classmethod
+    def judged(cls, precision: str) -> "Precisions":
+        """A pipeline judged against the fp32 video: the components under test in `precision`, every other one in
+        fp32 as in the reference, so another component's rounding cannot widen the band for an expert's error."""
+        tested = under_test(precision)
+        return cls(*(precision if c in tested else "fp32" for c in ("text_encoder", "transformer", "vae_decoder")))
+
+    @classmethod
+    def only(cls, component: str, precision: str) -> "Precisions":
+        """One component (`text_encoder`, `experts` or `vae_decoder`) in `precision`, the rest in fp32: where a
+        reduced precision's drift of the video comes from."""
+        return cls(**{"text_encoder": "fp32", "experts": "fp32", "vae_decoder": "fp32", component: precision})
+
+
+REFERENCE = Precisions("fp32", "fp32", "fp32")  # the pipeline every video and loop is judged against
+
+
+def build_runners(get_runner: Callable, backend: str, precisions: Precisions, shape: VideoShape, source: str,
                   cfg_batch: int = 1, layout: Layout = ONE_GPU) -> Runners:
-    """Runners for all four components from `get_runner(backend, case)`.
-
-    The candidate runs the text encoder and both experts, where the time goes; the VAE decoder stays
-    eager PyTorch, as in NVIDIA's Wan2.2 TensorRT demo (its own parity and perf cases judge each
-    backend's VAE separately, and Inductor takes minutes to compile its per-frame cache loop). fp8 and
-    int8 cover the DiT experts only; the rest runs bf16. The experts' runners are built for `cfg_batch` and
-    the layout's token split (each rank of a parallel run encodes the prompts and decodes the video whole).
-    """
-    from harness.case import Case, eager_precision, is_dit, is_quantized
+    """Runners for all four components from `get_runner(backend, case)`: `backend` runs the components under test
+    (under_test), eager PyTorch the rest, each in its precision. The experts' runners are built for `cfg_batch` and
+    the layout's token split (each rank of a parallel run encodes the prompts and decodes the video whole)."""
+    tested = under_test(precisions.experts)
 
     def runner(component):
-        eager = component == "vae_decoder" or (is_quantized(precision) and component == "text_encoder")
-        component_precision = precision if is_dit(component) else eager_precision(precision)
         batch, split = (cfg_batch, layout.forward) if is_dit(component) else (1, ONE_GPU)
-        return get_runner("torch" if eager else backend,
-                          Case(component, shape, component_precision, batch=batch, source=source, layout=split))
+        return get_runner(backend if component in tested else "torch",
+                          Case(component, shape, precisions.of(component), batch=batch, source=source, layout=split))
 
     return Runners(**{name: runner(name) for name in COMPONENTS})
 
@@ -174,8 +253,8 @@ def decode(model: WanModel, runner: Callable, latents: torch.Tensor, dtype: torc
 
 
 def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShape, steps: int,
-             seed: int = 0, negative_prompt: str = NEGATIVE_PROMPT, dtype: torch.dtype = torch.float32,
-             device="cpu", latents: torch.Tensor | None = None, progress: bool = False,
+             precisions: Precisions = Precisions("fp32", "fp32", "fp32"), seed: int = 0,
+             negative_prompt: str = NEGATIVE_PROMPT, device="cpu", latents: torch.Tensor | None = None, progress: bool = False,
              keep_latents: bool = False, cfg_batch: int = 1, cfg_group=None, decode_video: bool = True) -> Generation:
     """Text encode -> two experts with the boundary switch and CFG -> VAE decode (skipped when not
     `decode_video`, for runs that only want what the experts saw: the frames stay empty).
@@ -186,6 +265,7 @@ def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShap
 
     from harness.timing import timed_call
 
+    dtype = PRECISIONS[precisions.experts]  # of the latents the experts see and of the prompt embeddings
     run = Generation(frames=torch.empty(0))
     ids, mask = tokenize(model, [prompt, negative_prompt], device)
 
@@ -215,7 +295,7 @@ def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShap
 
     latents, run.stage_ms["denoise"] = timed_call(denoise, latents, device=device)
     if decode_video:
-        run.frames, run.stage_ms["vae_decode"] = timed_call(decode, model, runners.vae_decoder, latents, dtype,
-                                                            device=device)
+        run.frames, run.stage_ms["vae_decode"] = timed_call(decode, model, runners.vae_decoder, latents,
+                                                            PRECISIONS[precisions.vae_decoder], device=device)
         run.frames = run.frames.cpu()
     return run

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from harness.backends import BACKENDS, QUANTIZED_BYTES, load
-from harness.case import COMPONENTS, DIT_COMPONENTS, PRECISIONS, eager_precision, is_dit, is_quantized, quality_reference
+from harness.case import COMPONENTS, DIT_COMPONENTS, PRECISIONS, eager_precision, is_dit, is_quantized
 from harness.errors import HarnessError
 from harness.memory import meminfo
 from harness.models import skeletons
 from harness.perf import perf_precision_of
+from harness.pipeline import REFERENCE, Precisions
 from harness.recipes import expert_layers, quantized_blocks
 from harness.residency import module_bytes
 from harness.shapes import VideoShape
@@ -203,33 +204,37 @@ class _Planner:
                     self._phase("parity", shape, f"{component} in {reference}, eager", [(component, reference)], held,
                                 self.w.activation(component, reference, shape))
                 if is_quantized(precision):  # calibrated on the eager loop's inputs
-                    self._loop("parity", shape, eager_precision(precision), held)
+                    self._loop("parity", shape, Precisions.as_run(eager_precision(precision)), held)
                 for backend in _backends_running(self.s, precision):
                     self._hold(held, backend, component, precision)
                     self._phase("parity", shape, f"{component} {precision} on {backend}", [], held,
                                 self.w.activation(component, precision, shape))
 
-    def _loop(self, family: str, shape: VideoShape, precision: str, held: dict) -> None:
-        """An eager generation: each component in turn, its activations at the run's shape."""
+    def _loop(self, family: str, shape: VideoShape, precisions: Precisions, held: dict) -> None:
+        """An eager generation: each component in turn in its precision, its activations at the run's shape."""
         for component in COMPONENTS:
+            precision = eager_precision(precisions.of(component))
             self._phase(family, shape, f"{component} in {precision}, eager loop", [(component, precision)], held,
                         self.w.activation(component, precision, shape))
 
     def quality(self, shape: VideoShape) -> None:
+        """The fp32 video, eager's at each precision and each candidate's, the components not under test in fp32
+        (harness.pipeline.Precisions.judged; cases/test_quality.py)."""
         held: dict[str, int] = {}
         for precision in (p for p in self.s.precisions if p != "fp32"):
-            self._loop("quality", shape, quality_reference(precision), held)
+            self._loop("quality", shape, REFERENCE, held)
+            self._loop("quality", shape, Precisions.judged(precision).eager, held)
             for backend in _backends_running(self.s, precision):
                 for component in DIT_COMPONENTS:
                     self._hold(held, backend, component, precision)
-                self._loop("quality", shape, eager_precision(precision), held)
+                self._loop("quality", shape, Precisions.judged(precision).eager, held)
 
     def perf(self, shape: VideoShape) -> None:
         held: dict[str, int] = {}
         for backend in (b for b in self.s.backends if b != "torch"):
             precision = perf_precision_of(backend, self.s)
             if is_quantized(precision):
-                self._loop("perf", shape, eager_precision(precision), held)
+                self._loop("perf", shape, Precisions.as_run(eager_precision(precision)), held)
             for component in COMPONENTS:
                 if is_quantized(precision) and not is_dit(component):
                     continue  # the quantized backends time the experts only (cases/test_perf.py)

@@ -57,6 +57,11 @@ def write_summary(recorder: RunRecorder) -> Path | None:
     text = summary_header(recorder.run_id, recorder.command, recorder.settings, git_commit())
     text += "\n" + (tables_markdown(tables) or "No rows were recorded.\n")
     text += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    sheets = sorted(recorder.path.glob("contact-*.png"))
+    if sheets:
+        text += ("\n## contact sheets\n\nFirst, middle and last frames of the fp32, eager and candidate videos, and "
+                 "how far eager's and the candidate's are from fp32's, pixel by pixel.\n"
+                 + "".join(f"\n![{p.stem}]({p.name})\n" for p in sheets))
     summary = recorder.path / "summary.md"
     atomic_write_text(summary, text)
     return summary
@@ -71,7 +76,9 @@ def tables_markdown(tables: dict[str, list[Row]]) -> str:
         plain = [r for r in rows if not STEP_METRIC.fullmatch(r.metric)]
         steps = [r for r in rows if STEP_METRIC.fullmatch(r.metric)]
         note = f"{CPU_NOTE}\n\n" if table == "perf" and on_cpu(rows) else ""
-        if plain:
+        if table == "quality":
+            sections.append(_quality_markdown(plain))
+        elif plain:
             sections.append(f"## {table}\n\n{note}{tabulate(_pivot(plain), 'keys', tablefmt='github', showindex=False)}\n"
                             + _notes_markdown(plain))
         if steps:
@@ -80,6 +87,67 @@ def tables_markdown(tables: dict[str, list[Row]]) -> str:
     if any(r.metric in CASE_PEAKS for rows in tables.values() for r in rows):
         sections.append(MEMORY_NOTE + "\n")
     return "\n".join(sections)
+
+
+# The quality kinds, as harness/quality.py names their rows: <kind>_fp32 (the candidate's distance from the fp32 video,
+# gated), <kind>_frame_fp32 (at its tightest frame, gated), eager_<kind>_fp32 (eager's own), <kind>_eager (the
+# candidate's from eager); only_<part>_<kind>_fp32 for the drift attribution.
+QUALITY_KINDS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "vmaf": "VMAF", "lpips": "LPIPS"}
+FLOORS = ("nonfinite", "frame_std_min", "motion_max")
+ATTRIBUTION = re.compile(r"only_(?P<part>.+)_(?P<kind>psnr|ssim|vmaf)_fp32")
+
+
+def _quality_markdown(rows: list[Row]) -> str:
+    """Per case and backend, each kind's three distances side by side: the candidate's from the fp32 video (with its
+    band, over the video and at its tightest frame), eager's own, the candidate's from eager; then the floors, the
+    drift attribution, the notes (where the videos came from, a reference far from fp32) and the peaks."""
+    from tabulate import tabulate
+
+    found = {(r.case, r.backend, r.test, r.metric): r for r in rows}
+    body, parts = [], []
+    for case, backend, test in dict.fromkeys((r.case, r.backend, r.test) for r in rows):
+        def get(metric: str) -> Row | None:
+            return found.get((case, backend, test, metric))
+
+        for kind, label in QUALITY_KINDS.items():
+            whole, frame = get(f"{kind}_fp32"), get(f"{kind}_frame_fp32")
+            if whole is not None:
+                where = f" at {frame.note.split(',')[0]}" if frame is not None and frame.note.startswith("frame") else ""
+                body.append([case, backend, label, _cell(whole), _value(get(f"eager_{kind}_fp32")),
+                             _value(get(f"{kind}_eager")), _cell(frame) + where if frame else "", _verdict_of([whole, frame])])
+        floors = [r for r in map(get, FLOORS) if r is not None]
+        if floors:
+            body.append([case, backend, "floors", ", ".join(f"{r.metric} {_cell(r)}" for r in floors), "", "", "",
+                         _verdict_of(floors)])
+        parts += [[case, m["part"], m["kind"], _value(r)] for r in rows
+                  if (r.case, r.backend, r.test) == (case, backend, test) and (m := ATTRIBUTION.fullmatch(r.metric))]
+    text = "## quality: distance from the fp32 video\n\n"
+    if body:
+        text += tabulate(body, ["case", "backend", "metric", "candidate vs fp32 (band)", "eager vs fp32",
+                                "candidate vs eager", "tightest frame (band)", "verdict"], tablefmt="github") + "\n"
+    if parts:
+        text += ("\nWhere eager's drift comes from: the video with only that part at the case's precision, the rest "
+                 "in fp32, against the fp32 video (reported, not gated).\n\n"
+                 + tabulate(_attribution_table(parts), "keys", tablefmt="github", showindex=False) + "\n")
+    notes = _notes_markdown([r for r in rows if not r.note.startswith("frame ")])
+    return text + notes + _memory_table(rows)
+
+
+def _attribution_table(parts: list[list]):
+    import pandas as pd
+
+    frame = pd.DataFrame(parts, columns=["case", "part", "kind", "value"])
+    table = frame.pivot_table(index=["case", "part"], columns="kind", values="value", aggfunc="last", sort=False)
+    return table.fillna("").reset_index().rename_axis(columns=None)
+
+
+def _value(row: Row | None) -> str:
+    return "" if row is None else _number(row.value) or "n/a"
+
+
+def _verdict_of(rows: list[Row | None]) -> str:
+    verdicts = [r.passed for r in rows if r is not None]
+    return "FAIL" if False in verdicts else ("pass" if True in verdicts else "not measured")
 
 
 def _notes_markdown(rows: list[Row]) -> str:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from harness.cache import atomic_write_text
+from harness.cache import atomic_write_bytes, atomic_write_text
 from harness.errors import HarnessError
 from harness.memory import CASE_PEAKS
 
@@ -138,11 +138,12 @@ class RunRecorder:
             writer.writerow(_csv_fields(row))
             f.flush()
 
-    def attach(self, name: str, text: str) -> Path:
-        """A text file beside the tables (e.g. a kernel breakdown), written atomically now."""
-        self._dir.mkdir(parents=True, exist_ok=True)
-        path = self._dir / name
-        atomic_write_text(path, text)
+    def attach(self, name: str, content: str | bytes) -> Path:
+        """A file beside the tables (a kernel breakdown, a contact sheet), written atomically now; in the run folder
+        itself even from an xdist worker, so summary.md finds it (its name is the case's: no worker shares it)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / name
+        atomic_write_bytes(path, content.encode("utf-8") if isinstance(content, str) else content)
         return path
 
     def tables(self) -> dict[str, list[Row]]:

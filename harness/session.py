@@ -8,6 +8,7 @@ turns that into a skip, the CLI into exit 2).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import traceback
 from functools import cached_property
 from typing import Callable
@@ -24,16 +25,17 @@ from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, GraphCheck, export_case, validate_graph
 from harness.kernels import KERNEL_CHECK
 from harness.machine import device_name, versions_string
-from harness.models import EXPERT_SEEDS, WanModel, load_model, managed_model
+from harness.models import EXPERT_SEEDS, WanModel, load_model, managed_model, model_identity
 from harness.parallel import Job, launch, unsupported
 from harness.plan import FAMILIES, GiB, MemoryPlan, memory_plan
-from harness.pipeline import (NEGATIVE_PROMPT, PROMPTS, Generation, Runners, build_runners, cfg_noise, cfg_noise_split,
-                              generate, initial_latents)
+from harness.pipeline import (NEGATIVE_PROMPT, PROMPTS, Generation, Precisions, Runners, build_runners, cfg_noise,
+                              cfg_noise_split, code_digest, generate, initial_latents, read_generation, write_generation)
 from harness.residency import Residency, free_device_memory
 from harness.results import Result, RunRecorder, result_rows
 from harness.settings import Settings
 from harness.shapes import VideoShape
 
+log = logging.getLogger(__name__)
 
 class Session:
     """The models, backends and runners of one run, each built once, and the rows it records."""
@@ -185,28 +187,53 @@ class Session:
         """The batch of the candidate's CFG forwards; eager PyTorch runs two batch-1 calls, as WanPipeline does."""
         return 1 if backend == "torch" else self.settings.cfg_batch
 
-    def pipeline_runners(self, backend: str, precision: str, shape: VideoShape, layout: Layout = ONE_GPU) -> Runners:
-        return build_runners(self.runner, backend, precision, shape, self.settings.source, self.cfg_batch(backend),
+    def pipeline_runners(self, backend: str, precisions: Precisions, shape: VideoShape,
+                         layout: Layout = ONE_GPU) -> Runners:
+        return build_runners(self.runner, backend, precisions, shape, self.settings.source, self.cfg_batch(backend),
                              layout)
 
-    def generate(self, backend: str, precision: str, shape: VideoShape, prompt: str, *, seed: int = 0,
+    def generate(self, backend: str, precisions: Precisions, shape: VideoShape, prompt: str, *, seed: int = 0,
                  negative_prompt: str = NEGATIVE_PROMPT, steps: int | None = None, progress: bool = False,
                  keep_latents: bool = False, layout: Layout = ONE_GPU) -> Generation:
-        """Text -> video through `backend` (the VAE stays eager; see harness.pipeline.build_runners); under a
-        layout, this rank's part of the parallel run (inside harness.rank only)."""
-        return generate(self.model(precision), self.pipeline_runners(backend, precision, shape, layout), prompt,
-                        shape=shape, steps=steps or self.settings.steps, seed=seed, negative_prompt=negative_prompt,
-                        dtype=PRECISIONS[precision], device=self.settings.device, progress=progress,
+        """Text -> video through `backend` (it runs the components under test, eager PyTorch the rest: see
+        harness.pipeline.build_runners); under a layout, this rank's part of the parallel run (inside harness.rank
+        only)."""
+        return generate(self.model(precisions.experts), self.pipeline_runners(backend, precisions, shape, layout),
+                        prompt, shape=shape, steps=steps or self.settings.steps, precisions=precisions, seed=seed,
+                        negative_prompt=negative_prompt, device=self.settings.device, progress=progress,
                         keep_latents=keep_latents, cfg_batch=self.cfg_batch(backend), cfg_group=_cfg_group(layout))
 
-    def generation(self, backend: str, precision: str, shape: VideoShape, prompt_index: int = 0,
+    def generation(self, backend: str, precisions: Precisions, shape: VideoShape, prompt_index: int = 0,
                    layout: Layout = ONE_GPU) -> Generation:
-        """The fixed-prompt run that parity and quality cases share, with every step's latents, made once."""
-        key = (backend, precision, shape, prompt_index, layout)
+        """The fixed-prompt run that parity and quality cases share, with every step's latents, made once per
+        session; eager PyTorch's on one GPU also once across sessions, through the disk cache (a 40-layer fp32
+        video is minutes of fp32 forwards)."""
+        key = (backend, precisions, shape, prompt_index, layout)
         if key not in self._generations:
-            self._generations[key] = self.generate(backend, precision, shape, PROMPTS[prompt_index],
-                                                   seed=prompt_index, keep_latents=True, layout=layout)
+            def make() -> Generation:
+                return self.generate(backend, precisions, shape, PROMPTS[prompt_index], seed=prompt_index,
+                                     keep_latents=True, layout=layout)
+
+            cached = backend == "torch" and layout == ONE_GPU
+            self._generations[key] = self._cached_video(precisions, shape, prompt_index, make) if cached else make()
         return self._generations[key]
+
+    def _cached_video(self, precisions: Precisions, shape: VideoShape, prompt_index: int,
+                      make: Callable[[], Generation]) -> Generation:
+        """An eager video from the disk cache, keyed by everything it depends on, or made and stored there."""
+        s = self.settings
+        spec = {"model": model_identity(s.source, layers=s.proxy_layers, path=s.model_path), "shape": shape.id,
+                "prompt": PROMPTS[prompt_index], "negative_prompt": NEGATIVE_PROMPT, "seed": prompt_index,
+                "steps": s.steps, "precisions": precisions.id, "device": device_name(s.device),
+                "versions": versions_string(), "code": code_digest()}
+        what = f"eager {precisions.id} video of prompt {prompt_index} at {shape.id}, {s.steps} steps"
+        cached = DiskCache(s.cache_dir).fetch(
+            "videos", f"{s.source}-{shape.id}-{precisions.id}-prompt{prompt_index}-steps{s.steps}", spec,
+            lambda folder: write_generation(make(), folder), read_generation)
+        cached.value.origin = (f"read from the cache in {cached.seconds:.1f} s" if cached.hit
+                               else f"made in {cached.seconds:.1f} s and cached")
+        log.info("%s: %s (%s)", what, cached.value.origin, cached.path)
+        return cached.value
 
     def cfg_step(self, backend: str, precision: str, shape: VideoShape,
                  layout: Layout = ONE_GPU) -> Callable[[], torch.Tensor]:
@@ -333,10 +360,10 @@ class Session:
                                        device=device_name(self.settings.device), versions=versions, test=self.test):
                     self.recorder.add(table, row)
 
-    def attach(self, name: str, text: str) -> None:
-        """A text file in the run folder beside the tables (nothing without a recorder)."""
+    def attach(self, name: str, content: str | bytes) -> None:
+        """A file in the run folder beside the tables (nothing without a recorder)."""
         if self.recorder is not None:
-            self.recorder.attach(name, text)
+            self.recorder.attach(name, content)
 
     def recorded(self, table: str, case: Case, backend: str, kind: type) -> Result | None:
         """The last result of type `kind` recorded for (table, case, backend) in this session, if any."""

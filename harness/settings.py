@@ -68,6 +68,9 @@ OPTIONS = (
     Option("--steps", "denoising steps of the loop, quality and end-to-end cases (default 4 tiny, 40 otherwise)",
            type=int),
     Option("--speedup-gate", "minimum candidate/eager speed-up of one CFG step", 1.5, float),
+    Option("--attribution", "comma-separated eager precisions (fp16, bf16) whose drift of the video the quality cases "
+                            "attribute to the experts, the text encoder and the VAE: four more eager videos each "
+                            "(default: none)"),
     Option("--results-dir", "run folders are written under here", "results"),
     Option("--cache-dir", "ONNX graphs and engines (git-ignored)", ".cache", env="WAN_BENCH_CACHE"),
     Option("--device", "cuda or cpu (default: cuda when available)"),
@@ -116,6 +119,7 @@ class Settings:
     shapes: tuple[VideoShape, ...] = ()
     steps: int = 4
     speedup_gate: float = 1.5
+    attribution: tuple[str, ...] = ()  # eager precisions whose video drift is attributed to the components
     results_dir: Path = Path("results")
     cache_dir: Path = Path(".cache")
     device: str = "cpu"
@@ -138,6 +142,7 @@ class Settings:
                 "proxy layers": self.proxy_layers if self.source == "proxy" else None,
                 "backends": self.backends, "candidate": self.candidate, "precisions": self.precisions,
                 "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
+                "attribution": self.attribution or None,
                 "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
                 "cfg batch": self.cfg_batch, "gpu memory (GiB)": self.gpu_memory,
                 **{LABELLED_OPTIONS[name].lstrip("-").replace("-", " "): getattr(self.backend_options, name)
@@ -184,7 +189,7 @@ def settings_from(values: dict) -> Settings:
         backends=backends, candidate=_candidate(given.get("candidate"), backends),
         precisions=precisions, shapes=_shapes(given.get("shapes", DEFAULT_SHAPES[source]), source, path),
         steps=check_steps(given.get("steps", 4 if source == "tiny" else 40)),
-        speedup_gate=_gate(given["speedup_gate"]),
+        speedup_gate=_gate(given["speedup_gate"]), attribution=_attribution(given.get("attribution")),
         results_dir=_folder(given["results_dir"], "--results-dir"), cache_dir=cache_dir,
         device=device, perf_rounds=_positive(given["perf_rounds"], "--perf-rounds"),
         perf_precision=perf_precision,
@@ -210,6 +215,18 @@ def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]
         for shape in shapes:
             check_fits(shape, config, f"checkpoint {name}" if source == "checkpoint" else source)
     return shapes
+
+
+def _attribution(text: str | None) -> tuple[str, ...]:
+    """--attribution: eager precisions other than fp32 (fp8 and int8 have no eager video: their activations are bf16)."""
+    if text is None:
+        return ()
+    names = _names(text, check_precision, "--attribution")
+    for name in names:
+        if name == "fp32" or name in QUANTIZED:
+            raise HarnessError(f"--attribution {name}: the drift attributed is eager PyTorch's against fp32, so name fp16 "
+                               f"or bf16{' (fp8 and int8 run bf16 beside their quantized experts)' if name != 'fp32' else ''}")
+    return names
 
 
 def default_precisions(backends: tuple[str, ...]) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from harness.case import Case
 from harness.components import make_component
 from harness.errors import HarnessError
 from harness.models import load_model, managed_model
+from harness.pipeline import REFERENCE
 from harness.plan import FAMILIES, GiB, memory_plan
 from harness.residency import Residency, out_of_memory, private_copy
 from harness.results import RUN_ID_ENV
@@ -59,8 +60,8 @@ def test_a_session_whose_components_take_turns_generates_the_same_video():
     settings = settings_from({"backends": "torch", "precisions": "fp32", "device": "cpu"})
     resident, turns = Session(settings), Session(settings)
     turns.residency = Residency("cpu")  # what the plan chooses for a model larger than the card
-    a = resident.generation("torch", "fp32", SHAPE)
-    b = turns.generation("torch", "fp32", SHAPE)
+    a = resident.generation("torch", REFERENCE, SHAPE)
+    b = turns.generation("torch", REFERENCE, SHAPE)
     assert torch.equal(a.frames, b.frames) and all(torch.equal(x, y) for x, y in zip(a.step_latents, b.step_latents))
     assert isinstance(turns.model("fp32").transformer.wan_residency, Residency)
 
@@ -79,9 +80,11 @@ def test_the_full_model_fits_76_gib_at_480p_in_every_family():
 RESULTS = Path(__file__).parent.parent / "results"
 
 
+# The quality stages of 2026-12-07 (quality-2, quality-40) ran the earlier quality sequence: the fp8 video against the
+# bf16 one, with no fp32 reference; the plan now counts the fp32 reference video's loop, which no GPU run has measured
+# yet (`bash gpu/full-size.sh RESULTS quality 40` measures it), so they are not held here.
 @pytest.mark.parametrize("stage", ["gpu-h100-2026-12-07-full-size/perf-40", "gpu-h100-2026-12-07-full-size/parity-40",
-                                   "gpu-h100-2026-12-07-full-size/perf-2", "gpu-h100-2026-12-07-full-size/quality-2",
-                                   "gpu-h100-2026-12-07-full-size/quality-40",
+                                   "gpu-h100-2026-12-07-full-size/perf-2",
                                    "gpu-h100-2026-12-07-recipes/perf-40-nvidia",
                                    "gpu-h100-2026-12-07-recipes/parity-40-nvidia"])
 def test_the_plan_holds_the_peaks_measured_on_an_h100_within_10_percent(stage):

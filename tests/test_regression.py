@@ -30,8 +30,8 @@ ACCEPTED = {
     ("parity", DIT, "tensorrt", "rel_l2"): 4e-3,
     ("parity", DIT, "tensorrt", "cosine"): 0.99999,
     ("parity", DIT, "tensorrt", "rel_l2@step=4"): 1e-2,
-    ("quality", VIDEO, "tensorrt", "psnr_mean"): 38.0,
-    ("quality", VIDEO, "tensorrt", "ssim_min"): 0.97,
+    ("quality", VIDEO, "tensorrt", "psnr_fp32"): 38.0,
+    ("quality", VIDEO, "tensorrt", "ssim_frame_fp32"): 0.97,
     ("perf", DIT, "torch", "median_ms"): 150.0,
     ("perf", DIT, "torch", "iqr_ms"): 1.0,
     ("perf", DIT, "tensorrt", "median_ms"): 100.0,
@@ -106,15 +106,15 @@ def test_step_error_and_cosine_follow_their_rules(baseline, tmp_path):
 
 def test_cpu_float_noise_is_not_flagged(baseline, tmp_path):
     # Another CPU's SIMD path moves bf16 errors by some percent and PSNR by a hundredth of a dB.
-    noisy = with_changes(tensorrt__rel_l2=4.3e-3, tensorrt__max_abs=2.4e-2, tensorrt__psnr_mean=37.97,
-                         tensorrt__ssim_min=0.968)
+    noisy = with_changes(tensorrt__rel_l2=4.3e-3, tensorrt__max_abs=2.4e-2, tensorrt__psnr_fp32=37.97,
+                         tensorrt__ssim_frame_fp32=0.968)
     verdicts, code = verdicts_against(baseline, tmp_path, noisy)
     assert set(verdicts.values()) == {"ok"} and code == 0
 
 
 def test_psnr_fall_of_three_db_regresses(baseline, tmp_path):
-    verdicts, code = verdicts_against(baseline, tmp_path, with_changes(tensorrt__psnr_mean=35.0))
-    assert verdicts[f"{VIDEO}|tensorrt|psnr_mean"] == "regressed" and code == 1
+    verdicts, code = verdicts_against(baseline, tmp_path, with_changes(tensorrt__psnr_fp32=35.0))
+    assert verdicts[f"{VIDEO}|tensorrt|psnr_fp32"] == "regressed" and code == 1
 
 
 def test_nan_error_regresses(baseline, tmp_path):
@@ -199,14 +199,14 @@ def test_identical_runs_never_fail(keys, data):
 
 def test_new_case_is_new_and_missing_case_fails(baseline, tmp_path):
     numbers = dict(ACCEPTED)
-    del numbers[("quality", VIDEO, "tensorrt", "ssim_min")]
+    del numbers[("quality", VIDEO, "tensorrt", "ssim_frame_fp32")]
     numbers[("parity", "vae_decoder-proxy-480p-bf16-b1", "tensorrt", "rel_l2")] = 1e-3
     rules = load_rules()
     current, _ = run_entries(write_run(tmp_path, "run-current", numbers), rules)
     verdicts = compare(load_baseline(baseline, rules), current, rules)
     by_key = {v.key: v.verdict for v in verdicts}
     assert by_key["vae_decoder-proxy-480p-bf16-b1|tensorrt|rel_l2"] == "new"
-    assert by_key[f"{VIDEO}|tensorrt|ssim_min"] == "missing"
+    assert by_key[f"{VIDEO}|tensorrt|ssim_frame_fp32"] == "missing"
     assert exit_code(verdicts) == 1 and exit_code(verdicts, allow_missing=True) == 0
 
 
@@ -255,9 +255,9 @@ def test_case_peak_memory_rows_are_neither_gated_nor_stored(baseline, tmp_path):
 
 
 def test_identical_frames_psnr_inf_round_trips(tmp_path):
-    numbers = {("quality", VIDEO, "torch", "psnr_mean"): math.inf}
+    numbers = {("quality", VIDEO, "torch", "psnr_fp32"): math.inf}
     path = save_baseline(write_run(tmp_path, "run-inf", numbers), "inf", tmp_path)
-    assert json.loads(path.read_text())["entries"][f"{VIDEO}|torch|psnr_mean"]["value"] == "inf"
+    assert json.loads(path.read_text())["entries"][f"{VIDEO}|torch|psnr_fp32"]["value"] == "inf"
     verdicts, code = verdicts_against(path, tmp_path, numbers)
     assert set(verdicts.values()) == {"ok"} and code == 0
 
@@ -384,7 +384,7 @@ def test_cli_exit_codes(baseline, tmp_path, capsys):
 
 def test_thresholds_cover_every_parity_and_quality_metric():
     rules = load_rules()
-    for metric in ("max_abs", "rel_l2", "cosine", "p99_abs", "rel_l2@step=7", "psnr_mean", "psnr_min",
-                   "ssim_mean", "ssim_min", "lpips_mean", "lpips_max"):
+    for metric in ("max_abs", "rel_l2", "cosine", "p99_abs", "rel_l2@step=7", "psnr_fp32", "psnr_frame_fp32",
+                   "ssim_fp32", "ssim_frame_fp32", "lpips_fp32", "lpips_frame_fp32", "vmaf_fp32", "vmaf_frame_fp32"):
         assert rules.for_metric(metric) is not None, metric
     assert 0 < rules.perf_tolerance < 1

@@ -248,14 +248,15 @@ def test_the_reader_takes_what_repeats_by_design(tmp_path):
 def test_a_skipped_metric_shows_its_reason_in_the_tables_and_summaries(tmp_path):
     rec = RunRecorder(tmp_path, "run-skip")
     why = "skipped: frames 16x16 are below the 128 px short side VMAF needs"
-    rec.add("quality", row("psnr_mean", 30.0, threshold=24.0, passed=True))
-    for metric in ("vmaf_mean", "vmaf_min"):
+    rec.add("quality", row("psnr_fp32", 30.0, threshold=24.0, passed=True))
+    for metric in ("vmaf_fp32", "vmaf_frame_fp32"):
         rec.add("quality", row(metric, None, threshold=78.0, note=why))
     assert [r.note for r in load_run(rec.path)] == ["", why, why]
     text = write_summary(rec).read_text()
-    assert f"- vmaf_mean, vmaf_min: {why}" in text and "| pass " in text  # the skip fails nothing
+    assert f"- vmaf_fp32, vmaf_frame_fp32: {why}" in text and "| pass " in text  # the skip fails nothing
+    assert "| VMAF " in text and "| not measured " in text
     short = short_summary(rec.path)
-    assert summary_verdicts(short)["vmaf_min"] == "skipped" and f"- vmaf_mean, vmaf_min: {why}" in short
+    assert summary_verdicts(short)["vmaf_frame_fp32"] == "skipped" and f"- vmaf_fp32, vmaf_frame_fp32: {why}" in short
 
 
 @pytest.mark.parametrize("missing", [1, 2], ids=["before-the-test-column", "before-the-note-column"])
