@@ -3,7 +3,10 @@
 # memory sampled by nvidia-smi every 0.5 s (its peak counts the CUDA context and the allocator's cache, which
 # torch's own peaks do not). Everything lands in RESULTS/<stage>-<layers>/ and RESULTS/stages.txt.
 # Usage: bash gpu/full-size.sh RESULTS STAGE LAYERS [pytest arguments...]
-#   STAGE: perf (the CFG step and the gate), parity (both experts' forwards), quality (one prompt, 4 steps)
+#   STAGE: perf (the CFG step and the gate), parity (both experts' forwards), quality (one prompt, 4 steps: the fp8
+#   video and eager bf16's against the true-fp32 video), attribution (eager bf16's video with only the experts, only
+#   the text encoder, only the VAE in bf16: two more fp32-expert videos at 40 layers, so run it after quality, whose
+#   stored fp32 video it reads), umt5 (the 24-layer UMT5-XXL's bf16 drift from fp32, tests/test_models.py)
 #   e.g. bash gpu/full-size.sh /tmp/r perf 40
 #   TAG=nvidia bash gpu/full-size.sh /tmp/r perf 40 --fp8-recipe=nvidia   (TAG names the variant's folder: perf-40-nvidia)
 set -uo pipefail
@@ -15,7 +18,9 @@ case "$stage" in
   perf) select=(-m perf -k "(test_speed and cfg_step) or test_speedup_gate") ;;
   parity) select=(-m parity -k "component_parity") ;;
   quality) select=(-m quality -k "video_quality and prompt0" --steps=4) ;;
-  *) echo "unknown stage $stage: perf, parity or quality" >&2; exit 2 ;;
+  attribution) select=(-m quality -k "drift_attribution" --steps=4 --attribution=bf16) ;;
+  umt5) select=(tests/test_models.py -k "rounds_like_a_trained_one") ;;
+  *) echo "unknown stage $stage: perf, parity, quality, attribution or umt5" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # experts of 28.6 GB come and go: no fragments

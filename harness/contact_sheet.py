@@ -53,7 +53,20 @@ def contact_sheet(videos: dict[str, torch.Tensor], reference: str, title: str) -
     if diffs:
         fig.colorbar(image, ax=axes[len(frames):, :].ravel().tolist(), shrink=0.8, label="abs. difference (0-1)")
     fig.suptitle(title, fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    """The figure as a 256-colour PNG: a third of full colour's bytes on noisy frames (500 -> 160 KB measured on the
+    tiny model's), small enough to commit beside results, and plenty for looking at."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    full = io.BytesIO()
+    fig.savefig(full, format="png", dpi=80)
     plt.close(fig)
-    return buffer.getvalue()
+    image = Image.open(full).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                                      dither=Image.Dither.NONE)
+    small = io.BytesIO()
+    image.save(small, format="PNG", optimize=True)
+    return small.getvalue()

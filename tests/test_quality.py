@@ -253,7 +253,28 @@ def test_bench_judges_a_saved_checkpoint_by_the_same_rule_and_leaves_a_contact_s
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     (run,) = (tmp_path / "results").iterdir()
     (sheet,) = run.glob("contact-video-checkpoint-32x48x5-bf16-b1-prompt0-torch.png")
-    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sheet.stat().st_size < 600_000
+    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sheet.stat().st_size < 300_000
     summary = (run / "summary.md").read_text()
     assert "## quality: distance from the fp32 video" in summary and f"]({sheet.name})" in summary
     assert "| video-checkpoint-32x48x5-bf16-b1-prompt0 | torch     | PSNR (dB)" in summary
+
+
+def test_a_reference_video_this_machine_cannot_make_skips_the_case_saying_why(monkeypatch, tmp_path):
+    """The skip names the video that cannot be made and why (conftest turns BackendUnavailable into a skip)."""
+    import importlib.util
+    from pathlib import Path
+
+    from harness.errors import BackendUnavailable
+
+    spec = importlib.util.spec_from_file_location("quality_cases", Path(__file__).parent.parent / "cases" / "test_quality.py")
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    session = _session(tmp_path)  # an empty cache: the video must be made
+
+    def unavailable(name, **options):
+        raise BackendUnavailable(f"{name} unavailable: no {name} here")
+
+    monkeypatch.setattr(session, "backend", unavailable)
+    with pytest.raises(BackendUnavailable, match=r"^the eager fp32 video to judge against cannot be made here: "
+                                                 r"torch unavailable: no torch here$"):
+        cases.judge(session, "torch", "bf16", 0)
