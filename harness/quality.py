@@ -297,7 +297,7 @@ class DriftAttribution:
     parts: dict[str, VideoDistance]
 
     def metrics(self) -> dict[str, float | None]:
-        return {f"only_{part}_{kind}_fp32": in_unit(kind, distance.whole(kind))
+        return {f"drift_{part}_{kind}_fp32": in_unit(kind, distance.whole(kind))
                 for part, distance in self.parts.items() for kind in ("psnr", "ssim", "vmaf")}
 
     def thresholds(self) -> dict[str, float | None]:

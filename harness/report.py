@@ -91,10 +91,10 @@ def tables_markdown(tables: dict[str, list[Row]]) -> str:
 
 # The quality kinds, as harness/quality.py names their rows: <kind>_fp32 (the candidate's distance from the fp32 video,
 # gated), <kind>_frame_fp32 (at its tightest frame, gated), eager_<kind>_fp32 (eager's own), <kind>_eager (the
-# candidate's from eager); only_<part>_<kind>_fp32 for the drift attribution.
+# candidate's from eager); drift_<part>_<kind>_fp32 for the drift attribution.
 QUALITY_KINDS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "vmaf": "VMAF", "lpips": "LPIPS"}
 FLOORS = ("nonfinite", "frame_std_min", "motion_max")
-ATTRIBUTION = re.compile(r"only_(?P<part>.+)_(?P<kind>psnr|ssim|vmaf)_fp32")
+ATTRIBUTION = re.compile(r"drift_(?P<part>.+)_(?P<kind>psnr|ssim|vmaf)_fp32")
 
 
 def _quality_markdown(rows: list[Row]) -> str:

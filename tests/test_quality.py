@@ -194,8 +194,8 @@ def test_a_precision_without_a_band_names_the_bands_there_are():
 def test_the_drift_attribution_measures_each_parts_video(video):
     result = attribute_drift({"experts": plus_noise(video, 0.01), "vae_decoder": video}, video)
     metrics = result.metrics()
-    assert metrics["only_vae_decoder_psnr_fp32"] == thresholds()["quality"]["psnr_cap_db"]
-    assert 35 < metrics["only_experts_psnr_fp32"] < 45 and not result.checks()
+    assert metrics["drift_vae_decoder_psnr_fp32"] == thresholds()["quality"]["psnr_cap_db"]
+    assert 35 < metrics["drift_experts_psnr_fp32"] < 45 and not result.checks()
 
 
 # ------------------------------------------------------------------------------------------- stored videos
