@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import dataclasses
 import importlib
 import logging
 import os
@@ -115,13 +116,16 @@ def cmd_calibrate(args) -> int:
     from harness.case import DIT_COMPONENTS, Case
     from harness.session import Session
 
-    session = Session(_settings(args))
-    s = session.settings
-    jobs = _calibration_jobs(s)
-    session.families = ("perf",)  # the family whose plan holds what calibrating needs: the eager loop, a copy
+    settings = _settings(args)
+    jobs = _calibration_jobs(settings)
+    calibrating = tuple(dict.fromkeys(b for backends in jobs.values() for b in backends))
+    # Planned as the perf family of these backends alone: it holds what calibrating needs, the eager loop and a copy.
+    session = Session(dataclasses.replace(settings, backends=calibrating))
+    session.families = ("perf",)
     session.plan.check(session.families)
+    s = session.settings
     skipped, start = [], time.perf_counter()
-    for (path, precision), backends in jobs.items():
+    for (_, precision), backends in jobs.items():
         reasons = []
         for backend in backends:  # the first that can run here makes the scales all of them read
             try:

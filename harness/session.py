@@ -52,7 +52,7 @@ class Session:
         self._generations: dict[tuple, Generation] = {}
         self._parallel: dict[tuple, object] = {}
         self._results: list[tuple[str, str, str, Result]] = []
-        self._calibrations: dict[str, list[Calibration]] = {}  # by backend: made or read, not yet in a row
+        self._calibrations: dict[tuple[str, str], list[Calibration]] = {}  # by (backend, test): not yet in a row
         self.test = ""  # the test now running (conftest.py sets pytest's node id): each row it records names it
         self.families = FAMILIES  # the case families the run selected (conftest.py narrows it before any case)
 
@@ -137,14 +137,14 @@ class Session:
 
     def build(self, backend: str, component: Component, case: Case, **options) -> Runner:
         """A runner of `component` for `case`; BackendUnavailable names why this machine cannot make one. The
-        calibrations its build made or read wait for the backend's next recorded result (record)."""
+        calibrations its build made or read wait for the backend's next result this test records (record)."""
         impl = self.backend(backend, **options)
         start = len(CALIBRATIONS)
         try:
             runner = impl.build(component, case)
         except BackendUnavailable as exc:
             raise BackendUnavailable(f"{backend} cannot run {case.id}: {exc}") from None
-        self._calibrations.setdefault(backend, []).extend(CALIBRATIONS[start:])
+        self._calibrations.setdefault((backend, self.test), []).extend(CALIBRATIONS[start:])
         return runner
 
     def runner(self, backend: str, case: Case) -> Runner:
@@ -360,7 +360,7 @@ class Session:
     def record(self, table: str, case: Case, backend: str, result: Result, precision: str | None = None) -> None:
         """Keep `result` (the gate reads it back) and append its rows to the run folder now, with the case's peak
         memory so far beside them (harness.memory.case_peaks; conftest.py resets the peaks as each case starts) and
-        the calibrations the backend's builds made or read since its last result (harness.calibration)."""
+        the calibrations the backend's builds in this test made or read (harness.calibration)."""
         from harness.memory import case_peaks
         from harness.results import Measured
 
@@ -371,7 +371,7 @@ class Session:
         read = BACKENDS[backend].labelled_options if backend in BACKENDS else ()
         labels = ([f"attention={kernel}"] if kernel else []) + [f"{name}={getattr(options, name)}" for name in read]
         versions = ";".join([versions_string(), *labels])
-        calibrated = self._calibrations.pop(backend, [])
+        calibrated = self._calibrations.pop((backend, self.test), [])
         if self.recorder is not None:
             memory = Measured(case_peaks(cuda=self.settings.device == "cuda"))
             for measured in (result, memory, *([Calibrations(tuple(calibrated))] if calibrated else [])):
