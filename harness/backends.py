@@ -55,7 +55,8 @@ COMPILE_SCOPES = ("blocks", "forward")
 LABELLED_OPTIONS = {"fp8_scales": "--fp8-scales", "compile_scope": "--compile-scope", "fp8_recipe": "--fp8-recipe",
                     "calibration_prompts": "--calibration-prompts"}
 # How many of the calibration prompts static scales are calibrated on (--calibration-prompts), the default first:
-# all of them.
+# all of them (fewer held fp8 parity on the tiny model, which says little of real weights:
+# results/cpu-2026-12-08-calibration-prompts).
 PROMPT_COUNTS = tuple(range(len(CALIBRATION_PROMPTS), 0, -1))
 # What a backend keeps on the device of its own, beside the eager module it shares, per component and precision
 # (harness.plan): nothing; a copy of the module's weights; or a quantized copy, whose quantized GEMM weights take one

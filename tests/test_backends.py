@@ -128,8 +128,8 @@ def test_torch_fp8_quantizes_a_copy_and_keeps_the_bf16_weights():
 
 @pytest.mark.unit
 def test_static_fp8_scales_are_the_calibration_amax_and_keep_fp8_accuracy():
-    """torchao's observer flow on the CPU (its fp8 matmul has a CPU path): one scale per activation, amax/448 of
-    what the calibration calls fed that linear, and a forward within fp8's rounding of the bf16 one."""
+    """torchao's observers on the CPU (its fp8 matmul has a CPU path): one scale per activation, amax/448 of what the
+    calibration calls fed that linear, and a forward within fp8's rounding of the bf16 one."""
     from engines.torch_fp8 import quantized_copy, static_scales
 
     class Stack(torch.nn.Module):
@@ -145,6 +145,7 @@ def test_static_fp8_scales_are_the_calibration_amax_and_keep_fp8_accuracy():
     stack = Stack().bfloat16()
     calls = [(torch.randn(1, 32, 64).bfloat16(),), (3 * torch.randn(1, 32, 64).bfloat16(),)]
     clone, count = quantized_copy(stack, static_scales(stack, calls))
+    assert not any(m._forward_pre_hooks for m in stack.modules()), "the observers leave the shared module as it was"
     assert count == 2 and type(clone.proj_out.weight) is torch.nn.Parameter  # the output projection stays bf16
     scale = clone.blocks[0].weight.act_quant_scale.float().flatten()
     assert torch.allclose(scale, max(x.abs().amax().float() for (x,) in calls) / 448, rtol=1e-2)
