@@ -14,7 +14,7 @@ import torch
 
 from harness.case import Case
 from harness.clocks import ClockSampler
-from harness.components import proxy_expert
+from harness.components import proxy_expert, seeded_loop
 from harness.kernels import KERNELS
 from harness.profile import floor_tflops, region_times
 from harness.shapes import block_flops_by_region
@@ -41,7 +41,7 @@ def block(session):
     block = proxy_expert(1, device="cuda", dtype=torch.bfloat16)
     # Static fp8 scales calibrate on the loop's inputs, which a lone expert has not got: the block is timed,
     # not judged, so its own seeded inputs stand in (same kernels, other scale values).
-    return dataclasses.replace(block, loop_inputs=lambda case, held_out: [block.inputs(case, seed) for seed in range(2)])
+    return dataclasses.replace(block, loop_inputs=seeded_loop(block, 2))
 
 
 @pytest.mark.parametrize("stack", VARIANTS, ids=[label(*v) for v in VARIANTS])

@@ -6,7 +6,7 @@ so each call includes its activation's quantization, as in the block; each outpu
 import pytest
 import torch
 
-from engines.torch_fp8 import quantized_copy
+from engines.torch_fp8 import quantized_copy, static_scales
 from harness.backends import make_backend
 from harness.case import Case
 from harness.compare import compare
@@ -54,7 +54,8 @@ def test_gemm_kernel(gemm, scaling, shape, session):
     module = _Linear(linear)
     if precision == "fp8":
         # static: calibrated on the timed input itself, the best case for one per-tensor scale
-        module = torch.compile(quantized_copy(module, scaling, [(x,)])[0], dynamic=False)
+        scales = static_scales(module, [(x,)]) if scaling == "static" else None
+        module = torch.compile(quantized_copy(module, scales)[0], dynamic=False)
     with torch.inference_mode():
         result = compare(module(x), expected, tolerance=thresholds()["gemm"][f"max_rel_l2_{precision}"])
         del expected

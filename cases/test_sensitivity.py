@@ -30,9 +30,11 @@ def report(session: Session, case: Case) -> Sensitivity:
     from harness.cache import DiskCache
 
     session.backend("modelopt")  # unavailable (ModelOpt not importable): skips with why
-    recipe = session.settings.backend_options.fp8_recipe
+    options = session.settings.backend_options
+    recipe = options.fp8_recipe
     component = session.component(case)
-    module, _ = quantized_module(component, case, DiskCache(session.settings.cache_dir), recipe=recipe)
+    module, _ = quantized_module(component, case, DiskCache(session.settings.cache_dir), recipe=recipe,
+                                 prompts=options.calibration_prompts)
     count = len(session.held_out_loop(case))
     calls = [session.inputs(case, seed, loop=True) for seed in range(count)]
     eager = [session.output("torch", case.with_precision("bf16"), seed, loop=True) for seed in range(count)]

@@ -7,21 +7,17 @@ examples deprecate the diffusers ONNX -> TensorRT workflow in 0.48, so the versi
 
 Calibration runs the expert on the inputs it sees in the real denoising loop (Component.loop_inputs), on a
 deep copy: the shared module stays the unquantized eager baseline. The calibrated quantizer state is cached
-(kind "calibration") and every run, calibrated or not, restores it onto a fresh deep copy, so a cache hit
-and a miss give the same module. The backend's numbers stand for a quantized engine's numerics; its timings
-stand for nothing: fake quantization rounds in fp8/int8 and computes in bf16.
+through harness.calibration (keyed without running the loop) and every run, calibrated or not, restores it onto a
+fresh deep copy, so a cache hit and a miss give the same module. The backend's numbers stand for a quantized
+engine's numerics; its timings stand for nothing: fake quantization rounds in fp8/int8 and computes in bf16.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import hashlib
 import io
 import logging
-import time
 import warnings
-from pathlib import Path
 from typing import Collection
 
 import torch
@@ -29,16 +25,17 @@ import torch
 from engines.torch_eager import eager_runner
 from harness.backends import BACKENDS, Backend, BackendOptions, Runner
 from harness.cache import Cached, DiskCache
+from harness.calibration import calibrated
 from harness.case import Case
 from harness.components import Component
 from harness.errors import BackendUnavailable
+from harness.machine import version
 from harness.residency import private_copy
 from harness.recipes import FP8_RECIPES, HIGH_PRECISION_MODULES, expert_layers, quantized_blocks
 
 log = logging.getLogger(__name__)
 
 MODELOPT_VERSION = "0.47.0"
-SCALES_FILE = "scales.pt"
 
 # SmoothQuant's migration strength, the SmoothQuant paper's default: int8 measured 0.011-0.019 rel L2 on the bf16
 # tiny DiT at 128x128x9 (held-out loop calls), where fp8 measured 0.018-0.025.
@@ -159,24 +156,6 @@ def _replay(inputs: list[tuple[torch.Tensor, ...]]):
     return forward_loop
 
 
-def inputs_digest(inputs: list[tuple[torch.Tensor, ...]]) -> str:
-    """sha256 over every calibration tensor's dtype, shape and bytes."""
-    digest = hashlib.sha256()
-    for call in inputs:
-        for t in call:
-            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def calibration_spec(component: Component, case: Case, cfg: dict, inputs: list[tuple[torch.Tensor, ...]]) -> dict:
-    """Everything that changes the calibrated scales; its hash keys the cache entry."""
-    import modelopt
-
-    return {"weights": component.fingerprint, "dtype": str(case.dtype), "device": component.device.type,
-            "config": cfg, "inputs": inputs_digest(inputs), "modelopt": modelopt.__version__, "torch": torch.__version__}
-
-
 def quantized_weight_dtypes(module: torch.nn.Module) -> set[torch.dtype]:
     """The dtypes of the weights whose quantizer is on in a quantized `module`: the layers that become Q/DQ GEMMs."""
     return {sub.weight.dtype for sub in module.modules()
@@ -189,40 +168,31 @@ def _quantizer_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def calibrate(component: Component, case: Case, cache: DiskCache, scheme: str | None = None,
-              recipe: str = FP8_RECIPES[0]) -> Cached[dict]:
-    """The quantizer state of `component` calibrated on the loop's inputs, through the cache.
+              recipe: str = FP8_RECIPES[0], prompts: int | None = None) -> Cached[dict]:
+    """The quantizer state of `component` calibrated on the loop's inputs, through the calibration cache
+    (harness.calibration): a hit runs no loop.
 
     `scheme` (fp8 or int8) defaults to case.precision; name it to quantize beside the case's own activation
     precision, e.g. an fp16 expert for an ONNX Runtime check (ORT's CPU provider has no bf16 Conv). `recipe`
-    (--fp8-recipe) names the blocks quantized; its config is in the cache key.
+    (--fp8-recipe) names the blocks quantized and `prompts` (--calibration-prompts) how many calibration prompts the
+    loop runs; both are in the key, with the config and ModelOpt's version.
     """
-    if component.loop_inputs is None:
-        raise BackendUnavailable(f"{component.name} carries no denoising-loop inputs to calibrate on (an expert "
-                                 "held without a WanModel); quantize an expert of a whole model")
+    reason = modelopt_reason()
+    if reason:
+        raise BackendUnavailable(f"ModelOpt calibrates the {case.precision} scales: {reason}")
     scheme = scheme or case.precision
-    inputs = component.loop_inputs(case, False)
     cfg = quant_config(scheme, recipe, expert_layers(component.module))
 
-    def build(folder: Path) -> None:
+    def quantizer_state(calls: list[tuple[torch.Tensor, ...]]) -> dict:
         import modelopt.torch.opt as mto
 
         module = private_copy(component.module)
-        start = time.perf_counter()
         with _quiet():
-            _mtq().quantize(module, cfg, _replay(inputs))
-        blob = {"modelopt_state": mto.modelopt_state(module), "buffers": _quantizer_buffers(module),
-                "calibrate_s": time.perf_counter() - start, "forwards": len(inputs)}
-        torch.save(blob, folder / SCALES_FILE)
+            _mtq().quantize(module, cfg, _replay(calls))
+        return {"modelopt_state": mto.modelopt_state(module), "buffers": _quantizer_buffers(module)}
 
-    readable = dataclasses.replace(case, batch=1).id + ("" if scheme == case.precision else f"-{scheme}")
-    cached = cache.fetch("calibration", readable, calibration_spec(component, case, cfg, inputs), build, _load_scales)
-    log.info("calibration %s: %s (%d loop forwards, %.1f s)", readable, "cache hit" if cached.hit else "calibrated",
-             cached.value["forwards"], cached.value["calibrate_s"])
-    return cached
-
-
-def _load_scales(folder: Path) -> dict:
-    return torch.load(folder / SCALES_FILE, map_location="cpu", weights_only=False)
+    settings = {"recipe": recipe, "config": cfg, "modelopt": version("nvidia-modelopt")}
+    return calibrated(f"modelopt-{scheme}", component, case, cache, settings, quantizer_state, prompts)
 
 
 @contextlib.contextmanager
@@ -266,10 +236,10 @@ def _fold_smoothing(module: torch.nn.Module) -> None:
 
 
 def quantized_module(component: Component, case: Case, cache: DiskCache, scheme: str | None = None,
-                     recipe: str = FP8_RECIPES[0]) -> tuple[torch.nn.Module, str]:
+                     recipe: str = FP8_RECIPES[0], prompts: int | None = None) -> tuple[torch.nn.Module, str]:
     """The component's module fake-quantized (see `calibrate`), and the key of the calibration entry it restored."""
-    cached = calibrate(component, case, cache, scheme, recipe)
-    return restore(component, cached.value), cached.path.name
+    cached = calibrate(component, case, cache, scheme, recipe, prompts)
+    return restore(component, cached.value["scales"]), cached.path.name
 
 
 class ModelOpt(Backend):
@@ -281,6 +251,7 @@ class ModelOpt(Backend):
         super().__init__(options)
         self.cache = DiskCache(options.cache_dir)
         self.recipe = options.fp8_recipe
+        self.prompts = options.calibration_prompts
 
     def _available(self) -> tuple[bool, str]:
         """On CUDA ModelOpt JIT-compiles its fake-quant kernels with ninja on first use (64 s measured on an
@@ -289,5 +260,5 @@ class ModelOpt(Backend):
         return not reason, reason
 
     def _build(self, component: Component, case: Case) -> Runner:
-        module, _ = quantized_module(component, case, self.cache, recipe=self.recipe)
+        module, _ = quantized_module(component, case, self.cache, recipe=self.recipe, prompts=self.prompts)
         return eager_runner(module, case)

@@ -46,9 +46,10 @@ EXTERNAL_DATA_BYTES = 256 << 20
 
 
 def export_quantized(component: Component, case: Case, cache: DiskCache, scheme: str | None = None,
-                     recipe: str = FP8_RECIPES[0]) -> ExportedGraph:
+                     recipe: str = FP8_RECIPES[0], prompts: int | None = None) -> ExportedGraph:
     """The Q/DQ graph of `component` quantized for case.precision (fp8 or int8; or `scheme` beside the case's
-    own activation precision, see engines.modelopt.calibrate) under `recipe` (--fp8-recipe), through the ONNX cache.
+    own activation precision, see engines.modelopt.calibrate) under `recipe` (--fp8-recipe), calibrated on the first
+    `prompts` calibration prompts (--calibration-prompts), through the ONNX cache.
 
     Its cache key covers the calibration entry it was restored from, the rewrite and ModelOpt's version.
     """
@@ -64,7 +65,7 @@ def export_quantized(component: Component, case: Case, cache: DiskCache, scheme:
         raise HarnessError(f"{case.id}: a Q/DQ graph computes in fp16 or bf16 (ModelOpt exports fp8 attention for "
                            f"16-bit graphs only), and this case computes in {dtype}; quantize beside an fp16 or bf16 "
                            "case")
-    module, calibration = quantized_module(component, case, cache, scheme, recipe)
+    module, calibration = quantized_module(component, case, cache, scheme, recipe, prompts)
     layers = quantized_weight_dtypes(module)
     if layers != {dtype}:
         raise HarnessError(f"{case.id}: the layers ModelOpt quantizes hold {' and '.join(sorted(map(str, layers))) or 'no'} "

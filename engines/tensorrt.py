@@ -427,6 +427,7 @@ class _Builder:
         self.engine_weights = options.engine_weights
         self.compute_capability = options.compute_capability
         self.recipe = options.fp8_recipe
+        self.prompts = options.calibration_prompts
 
     def can_build(self) -> tuple[bool, str]:
         """TensorRT-RTX builds without a GPU; full TensorRT needs one."""
@@ -462,7 +463,7 @@ class _Builder:
         reason = modelopt_reason()
         if reason:
             raise BackendUnavailable(f"{case.precision} engines start from ModelOpt's Q/DQ graph: {reason}")
-        return export_quantized(component, case, self.cache, recipe=self.recipe)
+        return export_quantized(component, case, self.cache, recipe=self.recipe, prompts=self.prompts)
 
 
 class TensorRTBuilder(_Builder):

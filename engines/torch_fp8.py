@@ -19,13 +19,16 @@ from engines.attention.processor import install
 from engines.cuda_graph import GraphedRunner
 from engines.inductor import Inductor
 from harness.backends import BACKENDS, Backend, BackendOptions, Runner
+from harness.cache import Cached, DiskCache
+from harness.calibration import calibrated
 from harness.case import Case
 from harness.components import Component
 from harness.distributed import sequence_parallel
 from harness.errors import BackendUnavailable
 from harness.kernels import KERNELS
+from harness.machine import version
 from harness.residency import module_bytes, private_copy
-from harness.recipes import block_index, expert_layers, quantized_blocks
+from harness.recipes import FP8_RECIPES, block_index, expert_layers, quantized_blocks
 
 log = logging.getLogger(__name__)
 
@@ -72,40 +75,75 @@ def fp8_copy_bytes(module: torch.nn.Module, blocks: Collection[int] | None = Non
                        for name, m in module.named_modules() if fp8_linear(m, name, blocks))
 
 
-def quantized_copy(module: torch.nn.Module, scales: str = "row",
-                   calibration: Iterable[tuple[torch.Tensor, ...]] = (),
+def quantized_copy(module: torch.nn.Module, scales: dict[str, torch.Tensor] | None = None,
                    keep: Callable[[torch.nn.Module, str], bool] = fp8_linear) -> tuple[torch.nn.Module, int]:
     """A copy of `module` whose linears chosen by `keep` run fp8 e4m3 matmuls; and how many were quantized. The copy
     is made with harness.residency.private_copy: a component taking turns on the device is built anew from its
     recipe while the original waits in host memory, and torchao then swaps each linear's weight for its fp8 one in
     place, so a 40-layer expert never stands on the card twice.
 
-    scales "row": weights and activations per row, each call's activations scaled by their own amax.
-    scales "static": one scale per weight and one per activation, the activation's the largest |x| the
-    linear saw over the `calibration` calls (torchao's observer flow: prepare, run, convert).
-    set_inductor_config=False throughout: the Inductor backend passes its tuning per compile
+    Without `scales`: weights and activations per row, each call's activations scaled by their own amax. With
+    `scales` (static_scales, by linear name): one scale per weight and the given one per activation, as TensorRT's
+    fp8 engines take them. set_inductor_config=False throughout: the Inductor backend passes its tuning per compile
     (engines/inductor.py) instead of torchao setting it for every later compile in the process.
     """
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+    from torchao.quantization import (FqnToConfig, Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor,
+                                      quantize_)
 
     clone = private_copy(module)
-    count = sum(keep(m, name) for name, m in clone.named_modules())
-    if count and scales == "row":
+    chosen = [name for name, m in clone.named_modules() if keep(m, name)]
+    if chosen and scales is None:
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
         quantize_(clone, config, filter_fn=keep)
-    elif count:
+    elif chosen:
         from torchao.prototype.quantization.quant_api import Float8StaticActivationFloat8WeightConfig
 
-        def step(name: str) -> None:
-            config = Float8StaticActivationFloat8WeightConfig(step=name, granularity=PerTensor(), set_inductor_config=False)
-            quantize_(clone, config, filter_fn=keep)
+        configs = {name: Float8StaticActivationFloat8WeightConfig(
+            act_quant_scale=scales[name].to(clone.get_submodule(name).weight.device), granularity=PerTensor(),
+            set_inductor_config=False) for name in chosen}
+        quantize_(clone, FqnToConfig(configs), filter_fn=None)
+    return clone, len(chosen)
 
-        step("prepare")
+
+def static_scales(module: torch.nn.Module, calls: Iterable[tuple[torch.Tensor, ...]],
+                  keep: Callable[[torch.nn.Module, str], bool] = fp8_linear) -> dict[str, torch.Tensor]:
+    """One activation scale per linear chosen by `keep`: the largest |x| it saw over `calls`, over e4m3's largest
+    value, by torchao's own observer (what its prepare-calibrate-convert flow computes). The observers watch the
+    shared module through forward hooks, removed after, so no copy of the expert is made to calibrate."""
+    from torchao.quantization import PerTensor
+    from torchao.quantization.observer import AffineQuantizedMinMaxObserver
+    from torchao.quantization.quant_primitives import MappingType
+
+    observers, hooks = {}, []
+    for name, sub in module.named_modules():
+        if keep(sub, name):
+            observers[name] = AffineQuantizedMinMaxObserver(
+                mapping_type=MappingType.SYMMETRIC, target_dtype=torch.float8_e4m3fn, granularity=PerTensor(),
+                eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32, zero_point_dtype=torch.float32,
+                keepdim=True)
+            hooks.append(sub.register_forward_pre_hook(functools.partial(_observe, observers[name])))
+    try:
         with torch.inference_mode():
-            for inputs in calibration:
-                clone(*inputs)
-        step("convert")
-    return clone, count
+            for inputs in calls:
+                module(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: observer.calculate_qparams()[0].detach().cpu() for name, observer in observers.items()}
+
+
+def _observe(observer: torch.nn.Module, module: torch.nn.Module, args: tuple) -> None:
+    observer(args[0])
+
+
+def calibrate(component: Component, case: Case, cache: DiskCache, recipe: str = FP8_RECIPES[0],
+              prompts: int | None = None) -> Cached[dict]:
+    """torch-fp8's static activation scales of `component` under `recipe`, through the calibration cache
+    (harness.calibration): a hit runs no loop."""
+    keep = functools.partial(fp8_linear, blocks=quantized_blocks(recipe, expert_layers(component.module)))
+    settings = {"recipe": recipe, "torchao": version("torchao")}
+    return calibrated("torch-fp8-static", component, case, cache, settings,
+                      functools.partial(static_scales, component.module, keep=keep), prompts)
 
 
 class TorchFp8(Backend):
@@ -117,6 +155,8 @@ class TorchFp8(Backend):
         super().__init__(options)
         self.scales = options.fp8_scales
         self.recipe = options.fp8_recipe
+        self.prompts = options.calibration_prompts
+        self.cache = DiskCache(options.cache_dir)
         # Blocks only: torchao's fp8 weights are tensor subclasses, and torch 2.11's nested compile regions
         # reject them at trace time ("Expected FakeTensor, got PrototypeFloat8Tensor" on an H200), so the
         # whole-forward scope is inductor's alone (docs/hardware.md).
@@ -132,16 +172,15 @@ class TorchFp8(Backend):
     def _build(self, component: Component, case: Case) -> Runner:
         if self.cuda_graph and case.dynamic:
             raise BackendUnavailable("torch-fp8: a CUDA graph needs static shapes; this case is dynamic")
-        if self.scales == "static" and component.loop_inputs is None:
-            raise BackendUnavailable(f"torch-fp8 --fp8-scales static calibrates on the denoising loop's inputs; "
-                                     f"{component.name} carries none (an expert held without a WanModel)")
-        calibration = component.loop_inputs(case, False) if self.scales == "static" else ()
         blocks = quantized_blocks(self.recipe, expert_layers(component.module))
-        module, count = quantized_copy(component.module, self.scales, calibration,
-                                       functools.partial(fp8_linear, blocks=blocks))
-        if count == 0:  # the tiny DiT (width 24) has no linear fit for fp8 matmuls: it would be plain bf16
+        keep = functools.partial(fp8_linear, blocks=blocks)
+        if not any(keep(m, name) for name, m in component.module.named_modules()):
+            # the tiny DiT (width 24) has no linear fit for fp8 matmuls: it would be plain bf16
             raise BackendUnavailable(f"torch-fp8: no linear in {case.component}'s blocks has dims that are "
                                      f"multiples of 16, so nothing would run in fp8; use the proxy source")
+        scales = (calibrate(component, case, self.cache, self.recipe, self.prompts).value["scales"]
+                  if self.scales == "static" else None)
+        module, count = quantized_copy(component.module, scales, keep)
         log.info("torch-fp8: %d linears of %s quantized to fp8 e4m3, %s scales, recipe %s", count, case.component,
                  self.scales, self.recipe)
         if self.kernel != "sdpa":

@@ -1,23 +1,13 @@
 #!/usr/bin/env bash
-# The GPU tier, a thin driver over one pytest session: make the carried packages importable (wheels in
-# .whl/, or `pip install --target` trees packed as .gpusite/*.tar.xz by gpu/pack-site.sh, half the size),
-# run the session into RESULTS/RUN_ID with its pytest-benchmark JSON, then print the short table of verdicts.
+# The GPU tier, a thin driver over one pytest session: make the carried packages importable (gpu/site.sh), run
+# the session into RESULTS/RUN_ID with its pytest-benchmark JSON, then print the short table of verdicts.
 # Usage: bash gpu/tier.sh RESULTS RUN_ID [pytest arguments...]
 #   e.g. bash gpu/tier.sh $OUT fp8 -m "parity or quality or perf" --model-source=proxy --candidate=torch-fp8 --shapes=480p,720p
 set -uo pipefail
 out=${1:?results folder}
 run=${2:?run id}
 shift 2
-site=/tmp/site
-for pack in .gpusite/*.tar.xz; do  # each archive once per machine: a warm machine keeps /tmp/site between calls
-  [ -f "$pack" ] && [ ! -f "$site/.unpacked-$(basename "$pack")" ] || continue
-  mkdir -p "$site" && tar xJf "$pack" -C "$site" && touch "$site/.unpacked-$(basename "$pack")"
-done
-if [ ! -d "$site" ] && compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
-fi
-[ -d "$site" ] && export PYTHONPATH=$site:$PWD
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+. gpu/site.sh
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 WAN_BENCH_RUN_ID=$run python3 -m pytest -p no:cacheprovider --results-dir="$out" --benchmark-json="$out/benchmark-$run.json" \

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import dataclasses
 import importlib
 import logging
 import os
 import re
 import shlex
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -105,6 +107,61 @@ def cmd_generate(args) -> int:
     for stage, ms in run.stage_ms.items():
         print(f"  {stage:12} {ms / 1000:8.2f} s")
     return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Make the static scales of every quantizing backend among --backends (torch-fp8's for --fp8-scales static,
+    modelopt's, which the fp8/int8 engines are built from) for each expert, quantized precision and shape, or read
+    them from the cache; times nothing. Prints each one, hit or miss, and its seconds."""
+    from harness.case import DIT_COMPONENTS, Case
+    from harness.session import Session
+
+    settings = _settings(args)
+    jobs = _calibration_jobs(settings)
+    calibrating = tuple(dict.fromkeys(b for backends in jobs.values() for b in backends))
+    # Planned as the perf family of these backends alone: it holds what calibrating needs, the eager loop and a copy.
+    session = Session(dataclasses.replace(settings, backends=calibrating))
+    session.families = ("perf",)
+    session.plan.check(session.families)
+    s = session.settings
+    skipped, start = [], time.perf_counter()
+    for (_, precision), backends in jobs.items():
+        reasons = []
+        for backend in backends:  # the first that can run here makes the scales all of them read
+            try:
+                made = [session.calibrate(backend, Case(expert, shape, precision, source=s.source))
+                        for shape in s.shapes for expert in DIT_COMPONENTS]
+                break
+            except BackendUnavailable as exc:
+                reasons.append(str(exc))
+        else:
+            skipped.append(f"{precision} scales of {', '.join(backends)}: {'; '.join(reasons)}")
+            print(f"skipped {skipped[-1]}")
+            continue
+        for calibration in made:
+            print(f"{calibration.outcome:7} {calibration.seconds:8.2f} s  {calibration.key}  "
+                  f"(for {', '.join(backends)})")
+    if len(skipped) == len(jobs):
+        raise HarnessError("nothing could be calibrated here: " + "; ".join(skipped))
+    print(f"{time.perf_counter() - start:.1f} s in all; the entries are in {s.cache_dir / 'calibration'}")
+    return 0
+
+
+def _calibration_jobs(settings) -> dict[tuple[str, str], list[str]]:
+    """(what calibrates, precision) -> the backends among --backends whose scales it makes; a run that names none is
+    a user error."""
+    from harness.case import is_quantized
+
+    calibrating = [b for b, spec in BACKENDS.items() if spec.calibrates]
+    jobs: dict[tuple[str, str], list[str]] = {}
+    for backend in (b for b in settings.backends if BACKENDS[b].calibrates):
+        for precision in (p for p in settings.precisions if is_quantized(p) and p in BACKENDS[backend].precisions):
+            jobs.setdefault((BACKENDS[backend].calibrates, precision), []).append(backend)
+    if not jobs:
+        raise HarnessError(f"--backends {','.join(settings.backends)} with --precisions "
+                           f"{','.join(settings.precisions)} calibrate no static scales: give one of "
+                           f"{', '.join(calibrating)} and fp8 or int8")
+    return jobs
 
 
 def _check_precision_path(backend: str, precision: str) -> None:
@@ -348,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments, e.g. -- -k transformer -x")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__, description=cmd_calibrate.__doc__)
+    _add_run_options(p, "--model-source", "--model-path", "--proxy-layers", "--shapes", "--backends", "--precisions",
+                     "--fp8-recipe", "--calibration-prompts", "--cache-dir", "--device", "--gpu-memory", "--attention")
+    p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("plan", help=cmd_plan.__doc__, description=cmd_plan.__doc__)
     _add_run_options(p)
     p.set_defaults(func=cmd_plan)

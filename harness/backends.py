@@ -21,6 +21,7 @@ import torch
 from harness.case import QUANTIZED, Layout, is_dit, is_quantized
 from harness.errors import BackendUnavailable, HarnessError, check_choice
 from harness.kernels import KERNEL_CHECK
+from harness.pipeline import CALIBRATION_PROMPTS
 from harness.recipes import FP8_RECIPES
 
 if TYPE_CHECKING:
@@ -51,7 +52,12 @@ FP8_SCALES = ("row", "static")
 COMPILE_SCOPES = ("blocks", "forward")
 # Options that only some backends read, with their flag: such a backend's spec lists them in `labelled_options`,
 # its rows name their values, and giving a non-default value to a run with no such backend is an error.
-LABELLED_OPTIONS = {"fp8_scales": "--fp8-scales", "compile_scope": "--compile-scope", "fp8_recipe": "--fp8-recipe"}
+LABELLED_OPTIONS = {"fp8_scales": "--fp8-scales", "compile_scope": "--compile-scope", "fp8_recipe": "--fp8-recipe",
+                    "calibration_prompts": "--calibration-prompts"}
+# How many of the calibration prompts static scales are calibrated on (--calibration-prompts), the default first:
+# all of them (fewer held fp8 parity on the tiny model, which says little of real weights:
+# results/cpu-2026-12-08-calibration-prompts).
+PROMPT_COUNTS = tuple(range(len(CALIBRATION_PROMPTS), 0, -1))
 # What a backend keeps on the device of its own, beside the eager module it shares, per component and precision
 # (harness.plan): nothing; a copy of the module's weights; or a quantized copy, whose quantized GEMM weights take one
 # byte each at fp8/int8 (QUANTIZED_BYTES counts them) and which is a whole copy at other precisions.
@@ -72,6 +78,7 @@ class BackendOptions:
     fp8_scales: str = FP8_SCALES[0]  # torch-fp8's activation scales; the first choice is the default
     compile_scope: str = COMPILE_SCOPES[0]  # what torch.compile covers in a DiT expert (inductor)
     fp8_recipe: str = FP8_RECIPES[0]  # which blocks the quantizing backends quantize (harness.recipes)
+    calibration_prompts: int = PROMPT_COUNTS[0]  # how many calibration prompts static scales come from
     engine_weights: str = ENGINE_WEIGHTS[0]  # what a DiT expert's TensorRT plan holds
     # TensorRT: the compute capability an engine is built for, "major.minor"; "" is this GPU's own, or with
     # no GPU a default per precision (engines/tensorrt.py AOT_TARGETS)
@@ -92,6 +99,10 @@ class BackendSpec:
     labelled_options: tuple[str, ...] = ()  # the LABELLED_OPTIONS it reads
     untimed: str = ""  # why its timings stand for nothing, where it is a simulation (the perf cases skip with it)
     holds: str = HOLDS[0]  # what it keeps on the device of its own (HOLDS)
+    # What calibrates the static scales it runs on (harness.calibration), "module:function" taking (component, case,
+    # cache, recipe, prompts) -> the cached scales; '' where it runs none. torch-fp8's are read with --fp8-scales
+    # static; the engines' fp8/int8 graphs are exported from ModelOpt's.
+    calibrates: str = ""
 
     def kernel(self, asked: str = "") -> str:
         """The self-attention kernel it runs when `asked` for one ('' asks for its default); '' for a backend with no
@@ -104,6 +115,7 @@ class BackendSpec:
 
 
 _EAGER = ("fp32", "fp16", "bf16")
+MODELOPT_CALIBRATION = "engines.modelopt:calibrate"
 
 BACKENDS = {spec.name: spec for spec in (
     # Eager PyTorch: the fp32 reference and the baseline every candidate is measured against, on diffusers' own attention.
@@ -113,17 +125,21 @@ BACKENDS = {spec.name: spec for spec in (
     # cuDNN's fp8 attention first: it won against the Triton kernel on the H100 (notes/fp8-attention.md); fa3 and sdpa
     # keep self-attention in bf16 beside the fp8 GEMMs.
     BackendSpec("torch-fp8", "engines.torch_fp8:TorchFp8", ("fp8",), ("cudnn-fp8", "fa3-fp8", "triton-fp8", "fa3", "sdpa"),
-                shards_sequence=True, labelled_options=("fp8_scales", "fp8_recipe"), holds="quantized copy"),
+                shards_sequence=True, labelled_options=("fp8_scales", "fp8_recipe", "calibration_prompts"),
+                holds="quantized copy", calibrates="engines.torch_fp8:calibrate"),
     # The fake-quantized experts in eager PyTorch: ModelOpt's attention plugin quantizes Q/K/V around the stock SDPA.
     # It stands for a quantized engine, which runs one whole-sequence graph, and keeps bf16 weights: a whole copy.
-    BackendSpec("modelopt", "engines.modelopt:ModelOpt", QUANTIZED, labelled_options=("fp8_recipe",), holds="copy",
+    BackendSpec("modelopt", "engines.modelopt:ModelOpt", QUANTIZED,
+                labelled_options=("fp8_recipe", "calibration_prompts"), holds="copy", calibrates=MODELOPT_CALIBRATION,
                 untimed="modelopt simulates fp8/int8 in bf16 arithmetic; its timings stand for no engine"),
     # bf16 is tried and, where the provider refuses it (the CPU one does), reported with ORT's words.
     BackendSpec("onnxruntime", "engines.onnxruntime:OnnxRuntime", _EAGER),
     # fp8/int8 engines are built from ModelOpt's Q/DQ graphs of the experts and follow its --fp8-recipe. A stripped
     # plan is refitted at load, so the engine holds its weights on the device either way.
-    *(BackendSpec(name, f"engines.tensorrt:{cls}", (*_EAGER, *QUANTIZED), labelled_options=("fp8_recipe",),
-                  holds="quantized copy") for name, cls in (("tensorrt", "TensorRT"), ("tensorrt_rtx", "TensorRTRTX"))),
+    *(BackendSpec(name, f"engines.tensorrt:{cls}", (*_EAGER, *QUANTIZED),
+                  labelled_options=("fp8_recipe", "calibration_prompts"), holds="quantized copy",
+                  calibrates=MODELOPT_CALIBRATION)
+      for name, cls in (("tensorrt", "TensorRT"), ("tensorrt_rtx", "TensorRTRTX"))),
 )}
 
 

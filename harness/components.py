@@ -55,9 +55,23 @@ class TextEncoder(torch.nn.Module):
 
 # Seeded example inputs of a component for a case: (case, seed, shape or None for the case's own) -> tensors.
 Sampler = Callable[[Case, int, "VideoShape | None"], tuple[torch.Tensor, ...]]
-# The inputs an expert sees in the real denoising loop at a case's shape and dtype, one tuple per call:
-# (case, held_out) -> calls; see loop_inputs.
-LoopInputs = Callable[[Case, bool], list[tuple[torch.Tensor, ...]]]
+# One expert call's inputs: latents, timestep, text embeddings.
+Call = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class LoopInputs:
+    """The inputs an expert sees in the real denoising loop at a case's shape and dtype, one tuple per call (see
+    loop_inputs), and what they depend on besides the case, known without running the loop: calibrated scales are
+    keyed on it (harness.calibration), so a cached calibration runs no loop."""
+
+    identity: dict
+    calls: Callable[[Case, bool, int | None], list[Call]]  # (case, held_out, calibration prompts) -> calls
+
+    def __call__(self, case: Case, held_out: bool = False, prompts: int | None = None) -> list[Call]:
+        """The calls on the calibration prompts (the first `prompts` of them; None: all), or with `held_out` on the
+        quality cases' prompts."""
+        return self.calls(case, held_out, prompts)
 
 
 @dataclass
@@ -138,7 +152,7 @@ def make_component(model: WanModel, name: str) -> Component:
     if is_dit(name):
         component = dit_component(getattr(model, name), model.fingerprints[name], name, model.max_sequence_length,
                                   model.expert_timestep(name))
-        component.loop_inputs = partial(loop_inputs, model, name)
+        component.loop_inputs = LoopInputs(loop_identity(model), partial(loop_inputs, model, name))
         return component
     sample = partial(example_inputs, model)
     if name == "vae_decoder":
@@ -187,29 +201,48 @@ def dit_inputs(expert, shape: VideoShape, timestep: int, *, batch: int = 1, text
     return tuple(t.to(device) for t in (latents.to(dtype), steps, text.to(dtype)))
 
 
+def seeded_loop(component: Component, count: int) -> LoopInputs:
+    """Stand-in loop inputs for an expert held without a WanModel, where the scale values do not matter (which
+    kernels a build picks, how fast a block runs): its first `count` seeded example inputs, keyed apart from any
+    real loop's calibration."""
+    return LoopInputs({"seeded": component.fingerprint, "calls": count},
+                      lambda case, held_out, prompts: [component.inputs(case, seed) for seed in range(count)])
+
+
+def loop_identity(model: WanModel) -> dict:
+    """What the loop's calls depend on besides the case: the model (harness.models.WanModel.identity) and the
+    calibration prompts, negative prompt, seed and steps."""
+    from harness.pipeline import CALIBRATION_PROMPTS, CALIBRATION_SEED, CALIBRATION_STEPS, NEGATIVE_PROMPT
+
+    return {"model": model.identity(), "prompts": CALIBRATION_PROMPTS, "negative_prompt": NEGATIVE_PROMPT,
+            "seed": CALIBRATION_SEED, "steps": CALIBRATION_STEPS}
+
+
 # Loop records per model (keyed weakly on its high-noise expert, so they go with the model), then per
-# (shape, dtype, held_out): one capture serves both experts and every quantized backend of a session.
+# (shape, dtype, prompts, seed): one capture serves both experts and every quantized backend of a session.
 _LOOP_RECORDS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def loop_inputs(model: WanModel, name: str, case: Case, held_out: bool = False) -> list[tuple[torch.Tensor, ...]]:
+def loop_inputs(model: WanModel, name: str, case: Case, held_out: bool = False,
+                prompts: int | None = None) -> list[Call]:
     """Expert `name`'s calls in the real loop at the case's shape and dtype, on the model's device: each expert
     on its own timesteps, CALIBRATION_STEPS steps with CFG.
 
-    The calibration prompts (harness.pipeline.CALIBRATION_PROMPTS), or with `held_out` the quality cases'
-    prompts and seeds (PROMPTS), on which statically calibrated precisions are judged: seeded random inputs
-    (N(0, 1) text on all 512 positions, where the real loop has zeros past the prompt) drive the cross-attention
-    output 3-4x past any range the loop shows, so a per-forward parity on them measures clipping, not fp8.
+    The first `prompts` calibration prompts (harness.pipeline.CALIBRATION_PROMPTS; None: all), or with `held_out`
+    the quality cases' prompts and seeds (PROMPTS), on which statically calibrated precisions are judged: seeded
+    random inputs (N(0, 1) text on all 512 positions, where the real loop has zeros past the prompt) drive the
+    cross-attention output 3-4x past any range the loop shows, so a per-forward parity on them measures clipping,
+    not fp8.
     Batch 1 always, as WanPipeline runs CFG: calibrated ranges do not depend on the batch, so one
     calibration serves engines built for --cfg-batch 1 and 2.
     """
     from harness.pipeline import CALIBRATION_PROMPTS, CALIBRATION_SEED, PROMPTS
 
+    texts, seed = (PROMPTS, 0) if held_out else (CALIBRATION_PROMPTS[:prompts], CALIBRATION_SEED)
     records = _LOOP_RECORDS.setdefault(model.transformer, {})
-    key = (case.shape, case.dtype, held_out)
+    key = (case.shape, case.dtype, texts, seed)
     if key not in records:
-        prompts, seed = (PROMPTS, 0) if held_out else (CALIBRATION_PROMPTS, CALIBRATION_SEED)
-        records[key] = capture_loop(model, case.shape, case.dtype, prompts, seed)
+        records[key] = capture_loop(model, case.shape, case.dtype, texts, seed)
     return records[key][name]
 
 
@@ -233,10 +266,8 @@ def capture_loop(model: WanModel, shape: VideoShape, dtype: torch.dtype, prompts
 
 
 def _eager(module: torch.nn.Module, record: list | None) -> Callable[..., torch.Tensor]:
-    """An eager runner of `module` that appends a dense copy of each call's inputs to `record` (if given).
-
-    Dense: the loop's timestep is an expanded (stride-0) tensor, which cannot be viewed as bytes for hashing.
-    """
+    """An eager runner of `module` that appends a dense copy of each call's inputs to `record` (if given): the loop's
+    timestep is an expanded (stride-0) view, which the copy turns into a tensor of its own."""
     @torch.inference_mode()
     def run(*inputs: torch.Tensor) -> torch.Tensor:
         if record is not None:

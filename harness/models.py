@@ -80,6 +80,8 @@ TOKENIZER_CORPUS = (
 
 # Wan2.2-T2V-A14B's model_index.json: the high-noise expert runs while t >= 0.875 x the scheduler's 1000 timesteps.
 A14B_BOUNDARY_RATIO = 0.875
+# The WanModel fields beside its components that its outputs depend on.
+PIPELINE_SETTINGS = ("boundary_ratio", "guidance_scale", "guidance_scale_2", "max_sequence_length")
 
 
 def expert_timestep(name: str, boundary_ratio: float = A14B_BOUNDARY_RATIO, train_timesteps: int = 1000) -> int:
@@ -120,6 +122,12 @@ class WanModel:
     def expert_timestep(self, name: str) -> int:
         """The timestep of expert `name`'s example inputs, from this model's boundary (see expert_timestep)."""
         return expert_timestep(name, self.boundary_ratio, self.scheduler.config.num_train_timesteps)
+
+    def identity(self) -> dict:
+        """What this model's outputs depend on, read from the model itself: each component's fingerprint (a random
+        one's covers its config, seed and INIT_RECIPE; a checkpoint's its files) and the pipeline settings.
+        Calibrated scales are keyed on it (harness.calibration)."""
+        return {"fingerprints": dict(self.fingerprints), **{name: getattr(self, name) for name in PIPELINE_SETTINGS}}
 
 
 def make_scheduler(flow_shift: float = 3.0):
@@ -371,8 +379,7 @@ def model_identity(source: str, *, layers: int = 2, path=None) -> dict:
     """What a model's outputs depend on, read without building it: each component's fingerprint (a random source's
     config, seed and init recipe, which covers its tokenizer and scheduler too; where a checkpoint's files are and
     when they last changed) and the pipeline settings WanModel adds. Cached videos are keyed on it."""
-    pipeline = {f.name: f.default for f in fields(WanModel)
-                if f.name in ("boundary_ratio", "guidance_scale", "guidance_scale_2", "max_sequence_length")}
+    pipeline = {f.name: f.default for f in fields(WanModel) if f.name in PIPELINE_SETTINGS}
     if source == "checkpoint":
         root = Path(path).expanduser()
         return {"pipeline": pipeline, "model_index": _read_json(root / "model_index.json"),

@@ -18,6 +18,7 @@ import torch
 from harness.backends import (BACKENDS, ENGINE_BUILDERS, GRAPH_RUNNER, QUANTIZED_EXPORT, Backend, BackendOptions,
                               Runner, load, make_backend)
 from harness.cache import DiskCache
+from harness.calibration import CALIBRATIONS, Calibration, Calibrations
 from harness.case import DIT_COMPONENTS, ONE_GPU, PRECISIONS, Case, Layout, eager_precision, is_dit, is_quantized
 from harness.compare import ParityResult, judge_parity
 from harness.components import Component, make_component, proxy_expert
@@ -51,6 +52,7 @@ class Session:
         self._generations: dict[tuple, Generation] = {}
         self._parallel: dict[tuple, object] = {}
         self._results: list[tuple[str, str, str, Result]] = []
+        self._calibrations: dict[tuple[str, str], list[Calibration]] = {}  # by (backend, test): not yet in a row
         self.test = ""  # the test now running (conftest.py sets pytest's node id): each row it records names it
         self.families = FAMILIES  # the case families the run selected (conftest.py narrows it before any case)
 
@@ -134,12 +136,16 @@ class Session:
         return impl
 
     def build(self, backend: str, component: Component, case: Case, **options) -> Runner:
-        """A runner of `component` for `case`; BackendUnavailable names why this machine cannot make one."""
+        """A runner of `component` for `case`; BackendUnavailable names why this machine cannot make one. The
+        calibrations its build made or read wait for the backend's next result this test records (record)."""
         impl = self.backend(backend, **options)
+        start = len(CALIBRATIONS)
         try:
-            return impl.build(component, case)
+            runner = impl.build(component, case)
         except BackendUnavailable as exc:
             raise BackendUnavailable(f"{backend} cannot run {case.id}: {exc}") from None
+        self._calibrations.setdefault((backend, self.test), []).extend(CALIBRATIONS[start:])
+        return runner
 
     def runner(self, backend: str, case: Case) -> Runner:
         """The session's runner of (backend, case), built once; an unusable one raises the same reason each time."""
@@ -293,8 +299,9 @@ class Session:
         run's --fp8-recipe."""
         cache = cache or DiskCache(self.settings.cache_dir)
         if is_quantized(case.precision):
-            recipe = self.settings.backend_options.fp8_recipe
-            return load(QUANTIZED_EXPORT)(self.component(case), case, cache, recipe=recipe)
+            options = self.settings.backend_options
+            return load(QUANTIZED_EXPORT)(self.component(case), case, cache, recipe=options.fp8_recipe,
+                                          prompts=options.calibration_prompts)
         return export_case(self.component(case), case, cache)
 
     def checked_export(self, case: Case, cache: DiskCache | None = None) -> tuple[ExportedGraph, GraphCheck]:
@@ -328,6 +335,16 @@ class Session:
             raise BackendUnavailable(f"{backend} cannot build engines here: {reason}")
         return builder.build(self.engine_component(case), case)
 
+    def calibrate(self, backend: str, case: Case) -> Calibration:
+        """Make or read the static scales `backend` runs `case` on (torch-fp8's: with --fp8-scales static) through
+        harness.calibration, and nothing else: no runner, no engine. BackendUnavailable where this machine cannot
+        run the backend."""
+        self.backend(backend)
+        options = self.settings.backend_options
+        load(BACKENDS[backend].calibrates)(self.component(case), case, DiskCache(options.cache_dir),
+                                           recipe=options.fp8_recipe, prompts=options.calibration_prompts)
+        return CALIBRATIONS[-1]
+
     def engine_component(self, case: Case) -> Component:
         """What an engine of `case` is built from, where no eager run needs the model: a proxy expert is a skeleton
         (export builds it in a process of its own), so this process never holds a real-width expert's weights.
@@ -342,7 +359,8 @@ class Session:
 
     def record(self, table: str, case: Case, backend: str, result: Result, precision: str | None = None) -> None:
         """Keep `result` (the gate reads it back) and append its rows to the run folder now, with the case's peak
-        memory so far beside them (harness.memory.case_peaks; conftest.py resets the peaks as each case starts)."""
+        memory so far beside them (harness.memory.case_peaks; conftest.py resets the peaks as each case starts) and
+        the calibrations the backend's builds in this test made or read (harness.calibration)."""
         from harness.memory import case_peaks
         from harness.results import Measured
 
@@ -353,9 +371,10 @@ class Session:
         read = BACKENDS[backend].labelled_options if backend in BACKENDS else ()
         labels = ([f"attention={kernel}"] if kernel else []) + [f"{name}={getattr(options, name)}" for name in read]
         versions = ";".join([versions_string(), *labels])
+        calibrated = self._calibrations.pop((backend, self.test), [])
         if self.recorder is not None:
             memory = Measured(case_peaks(cuda=self.settings.device == "cuda"))
-            for measured in (result, memory):
+            for measured in (result, memory, *([Calibrations(tuple(calibrated))] if calibrated else [])):
                 for row in result_rows(case, backend, measured, precision=precision,
                                        device=device_name(self.settings.device), versions=versions, test=self.test):
                     self.recorder.add(table, row)

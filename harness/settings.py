@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from harness.backends import (BACKENDS, COMPILE_SCOPES, ENGINE_BUILDERS, ENGINE_WEIGHTS, FP8_SCALES, LABELLED_OPTIONS,
-                              BackendOptions, backends_running, check_backend, check_compute_capability)
+                              PROMPT_COUNTS, BackendOptions, backends_running, check_backend, check_compute_capability)
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.kernels import KERNELS
@@ -91,6 +91,10 @@ OPTIONS = (
                            + "; ".join(f"{r.name}: {r.about}" + (f" (needs experts of more than {2 * r.edge} layers, "
                                                                   "else nothing is left to quantize)" if r.edge else "")
                                        for r in RECIPES.values()), FP8_RECIPES[0]),
+    Option("--calibration-prompts", "how many of the calibration prompts (harness.pipeline.CALIBRATION_PROMPTS) the "
+                                    "static scales are calibrated on, in torch-fp8 (--fp8-scales static), modelopt and "
+                                    "the fp8/int8 TensorRT engines: fewer run a shorter eager loop",
+           PROMPT_COUNTS[0], int),
     Option("--compile-scope", "what torch.compile covers in a DiT expert (inductor): blocks (each block "
                               "on its own; the embeddings and output head stay eager) or forward (the whole forward, "
                               "blocks as nested regions compiled once)", COMPILE_SCOPES[0]),
@@ -202,6 +206,8 @@ def settings_from(values: dict) -> Settings:
                                        fp8_scales=_read_option("fp8_scales", given, FP8_SCALES, backends),
                                        compile_scope=_read_option("compile_scope", given, COMPILE_SCOPES, backends),
                                        fp8_recipe=_fp8_recipe(given, backends, source, path),
+                                       calibration_prompts=_read_option("calibration_prompts", given, PROMPT_COUNTS,
+                                                                        backends),
                                        engine_weights=_engine_weights(given["engine_weights"], backends),
                                        compute_capability=check_compute_capability(given.get("compute_capability", ""))))
 
@@ -357,7 +363,7 @@ def option_readers(name: str, backends: tuple[str, ...]) -> list[str]:
     return [b for b in backends if name in BACKENDS[b].labelled_options]
 
 
-def _read_option(name: str, given: dict, choices: tuple[str, ...], backends: tuple[str, ...]) -> str:
+def _read_option(name: str, given: dict, choices: tuple, backends: tuple[str, ...]):
     """A LABELLED_OPTIONS value: one of `choices` (the first is the default), and only a non-default value for a
     run with a backend that reads it (a value nothing reads would silently change nothing)."""
     flag, value = LABELLED_OPTIONS[name], given[name]

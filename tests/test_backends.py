@@ -128,9 +128,9 @@ def test_torch_fp8_quantizes_a_copy_and_keeps_the_bf16_weights():
 
 @pytest.mark.unit
 def test_static_fp8_scales_are_the_calibration_amax_and_keep_fp8_accuracy():
-    """torchao's observer flow on the CPU (its fp8 matmul has a CPU path): one scale per activation, amax/448 of
-    what the calibration calls fed that linear, and a forward within fp8's rounding of the bf16 one."""
-    from engines.torch_fp8 import quantized_copy
+    """torchao's observers on the CPU (its fp8 matmul has a CPU path): one scale per activation, amax/448 of what the
+    calibration calls fed that linear, and a forward within fp8's rounding of the bf16 one."""
+    from engines.torch_fp8 import quantized_copy, static_scales
 
     class Stack(torch.nn.Module):
         def __init__(self):
@@ -144,7 +144,8 @@ def test_static_fp8_scales_are_the_calibration_amax_and_keep_fp8_accuracy():
     torch.manual_seed(0)
     stack = Stack().bfloat16()
     calls = [(torch.randn(1, 32, 64).bfloat16(),), (3 * torch.randn(1, 32, 64).bfloat16(),)]
-    clone, count = quantized_copy(stack, "static", calls)
+    clone, count = quantized_copy(stack, static_scales(stack, calls))
+    assert not any(m._forward_pre_hooks for m in stack.modules()), "the observers leave the shared module as it was"
     assert count == 2 and type(clone.proj_out.weight) is torch.nn.Parameter  # the output projection stays bf16
     scale = clone.blocks[0].weight.act_quant_scale.float().flatten()
     assert torch.allclose(scale, max(x.abs().amax().float() for (x,) in calls) / 448, rtol=1e-2)
@@ -156,11 +157,14 @@ def test_static_fp8_scales_are_the_calibration_amax_and_keep_fp8_accuracy():
 
 @pytest.mark.unit
 def test_static_fp8_scales_need_the_loop_to_calibrate_on():
+    """An expert with fp8-fit linears (tiny, but 32 wide) held without a WanModel has no loop to calibrate on."""
     from engines.torch_fp8 import TorchFp8
+    from harness.components import dit_component
+    from harness.models import TINY_TRANSFORMER, load_expert
 
-    model = load_model("tiny", dtype=torch.bfloat16)
-    component = dataclasses.replace(make_component(model, "transformer"), loop_inputs=None)
-    with pytest.raises(BackendUnavailable, match="--fp8-scales static calibrates on the denoising loop's inputs"):
+    wide = {**TINY_TRANSFORMER, "attention_head_dim": 16}
+    component = dit_component(load_expert(2, device="cpu", dtype=torch.bfloat16, config=wide), "tiny-32-wide")
+    with pytest.raises(BackendUnavailable, match="carries no denoising-loop inputs to calibrate torch-fp8-static on"):
         TorchFp8(BackendOptions(fp8_scales="static")).build(component, CASE.with_precision("fp8"))
 
 

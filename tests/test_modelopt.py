@@ -26,7 +26,7 @@ from harness.backends import BackendOptions
 from harness.cache import DiskCache
 from harness.case import DIT_COMPONENTS, QUANTIZED, Case
 from harness.compare import compare
-from harness.components import dit_component, make_component
+from harness.components import dit_component, make_component, seeded_loop
 from harness.errors import BackendUnavailable, HarnessError
 from harness.models import TINY_TRANSFORMER, load_expert, load_model, random_fingerprint
 from harness.recipes import block_index
@@ -78,7 +78,7 @@ def test_calibration_is_cached_and_leaves_the_shared_expert_alone(precision, tin
     assert cache.outcomes("calibration", first.path.name) == ["miss", "hit"] and second.hit
     inputs = component.loop_inputs(case, True)[0]
     with torch.inference_mode():
-        outputs = [restore(component, c.value)(*inputs) for c in (first, second)]
+        outputs = [restore(component, c.value["scales"])(*inputs) for c in (first, second)]
         eager = component.module(*inputs)
     assert torch.equal(*outputs), "a restored copy computes the same whether the scales were just made or loaded"
     assert not torch.equal(outputs[0], eager), "the restored copy is quantized"
@@ -103,7 +103,7 @@ def test_modelopt_parity_in_the_quantized_band(component, precision, session, mo
 def test_modelopt_says_what_it_cannot_quantize(session, modelopt_ready):
     case = Case("transformer", SHAPE, "fp8")
     alone = dit_component(load_model("tiny", dtype=torch.bfloat16).transformer, "tiny-weights")
-    with pytest.raises(BackendUnavailable, match="carries no denoising-loop inputs to calibrate on"):
+    with pytest.raises(BackendUnavailable, match="carries no denoising-loop inputs to calibrate modelopt-fp8 on"):
         session.build("modelopt", alone, case)
     text = Case("text_encoder", SHAPE, "fp8")
     with pytest.raises(BackendUnavailable, match="modelopt cannot run text_encoder-.*: fp8 quantization covers the DiT experts"):
@@ -219,7 +219,7 @@ def test_an_nvidia_recipe_engine_runs_fp8_only_in_the_blocks_it_quantizes(sessio
     about which kernels run in which precision, which the scale values do not change."""
     expert = dit_component(load_expert(8, device="cpu", dtype=torch.bfloat16, config=TINY_TRANSFORMER),
                            random_fingerprint({**TINY_TRANSFORMER, "num_layers": 8}, 0))
-    component = dataclasses.replace(expert, loop_inputs=lambda c, held_out: [expert.inputs(c, seed) for seed in range(3)])
+    component = dataclasses.replace(expert, loop_inputs=seeded_loop(expert, 3))
     case = Case("transformer", SHAPE, "fp8", source="tiny")
     options = BackendOptions(cache_dir=session.settings.cache_dir, compute_capability="8.9", fp8_recipe="nvidia")
     _, engine = TensorRTRTXBuilder(options).build(component, case)
@@ -325,7 +325,7 @@ def test_real_width_fp8_engine_layer_table(session, rtx):
 
     case = Case("transformer", s.shapes[0], "fp8", source="proxy")
     expert = proxy_expert(s.proxy_layers, device="cpu", dtype=torch.bfloat16)
-    component = dataclasses.replace(expert, loop_inputs=lambda c, held_out: [expert.inputs(c, seed) for seed in range(3)])
+    component = dataclasses.replace(expert, loop_inputs=seeded_loop(expert, 3))
     expected = block_linear_flops(component.module, component.inputs(case))
     options = BackendOptions(cache_dir=s.cache_dir, compute_capability="8.9")
     graph, engine = TensorRTRTXBuilder(options).build(component, case)

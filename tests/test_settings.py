@@ -75,7 +75,8 @@ def test_rows_record_the_attention_kernel_and_the_options_their_backend_reads(tm
         session.record("perf", case, backend, Measured({"median_ms": 1.0}))
     rows = {r.backend: r.versions for r in load_run(tmp_path / "run-x")}
     assert rows["inductor"].endswith(";attention=fa3;compile_scope=forward")
-    assert rows["torch-fp8"].endswith(";attention=cudnn-fp8;fp8_scales=static;fp8_recipe=all-blocks")
+    assert rows["torch-fp8"].endswith(";attention=cudnn-fp8;fp8_scales=static;fp8_recipe=all-blocks;"
+                                      "calibration_prompts=3")
     assert "attention=" not in rows["onnxruntime"] and "scope" not in rows["onnxruntime"]
     assert {"fp8 scales": "static", "compile scope": "forward"}.items() <= settings.summary().items()
     assert session.recorded("perf", case, "inductor", Measured).metrics() == {"median_ms": 1.0}
@@ -116,7 +117,8 @@ def test_rows_and_the_summary_name_the_fp8_recipe_of_each_backend_that_quantizes
     for backend in ("torch", "torch-fp8", "modelopt", "tensorrt"):
         session.record("parity", case, backend, Measured({"rel_l2": 0.01}))
     rows = {r.backend: r.versions for r in load_run(tmp_path / "run-r")}
-    assert all(rows[b].endswith("fp8_recipe=nvidia") for b in ("torch-fp8", "modelopt", "tensorrt")), rows
+    assert all(rows[b].endswith("fp8_recipe=nvidia;calibration_prompts=3")
+               for b in ("torch-fp8", "modelopt", "tensorrt")), rows
     assert "fp8_recipe" not in rows["torch"]
     default = settings_from({"backends": "torch,modelopt", "device": "cpu"})
     assert default.backend_options.fp8_recipe == "all-blocks" and default.summary()["fp8 recipe"] == "all-blocks"
