@@ -276,3 +276,10 @@ def test_the_random_text_encoder_rounds_like_a_trained_one(config, device):
     shallow, deep = _umt5_drift(config, 6, device), _umt5_drift(config, 24, device)
     assert deep <= 0.03, (shallow, deep)
     assert deep < 4 * shallow, (shallow, deep)  # 4x the depth, less than 4x the error
+
+
+@pytest.mark.unit
+def test_the_identity_read_without_building_is_the_built_models(tiny_checkpoint):
+    """Stored videos are keyed on model_identity (no model built), calibrations on WanModel.identity(): one identity."""
+    assert models.model_identity("tiny") == load_model("tiny").identity()
+    assert models.model_identity("checkpoint", path=tiny_checkpoint) == load_model("checkpoint", path=tiny_checkpoint).identity()
