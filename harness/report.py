@@ -17,7 +17,7 @@ from pathlib import Path
 
 from harness.cache import atomic_write_bytes, atomic_write_text
 from harness.memory import CASE_PEAKS, GPU_PEAK, GPU_RESERVED_PEAK, HOST_PEAK
-from harness.results import Row, RunRecorder, run_tables
+from harness.results import Row, RunRecorder, run_tables, speedup_medians
 
 COMMIT_ENV = "WAN_BENCH_COMMIT"  # the commit, where the checkout's own git metadata is absent or stale
 
@@ -141,13 +141,10 @@ def short_summary(run: Path) -> str:
     tables = run_tables(run)
     rows = [r for table in tables.values() for r in table]
     perf = tables.get("perf", [])
-    # A speed-up divides the eager and candidate medians its own test recorded beside it, under its case id.
-    median = {(r.case, r.backend, r.test): r.value for r in perf if r.metric == "median_ms"}
-    speed = [[r.case, r.backend, _number(median.get((r.case, "torch", r.test))),
-              _number(median.get((r.case, r.backend, r.test))), "n/a" if r.value is None else f"{r.value:.3f}x",
+    speed = [[r.case, r.backend, _number(eager), _number(candidate), "n/a" if r.value is None else f"{r.value:.3f}x",
               "" if r.threshold is None else f">= {r.threshold:g}x",
               {True: "pass", False: "FAIL", None: "not gated"}[r.passed]]
-             for r in perf if r.metric == "speedup"]
+             for r, eager, candidate in speedup_medians(perf) if r.metric == "speedup"]
     checks = [[r.case, r.backend, r.metric, f"{r.value:.4g}" if r.value is not None else "n/a",
                "" if r.threshold is None else f"{r.threshold:.3g}",
                "skipped" if _skipped(r) else {True: "pass", False: "FAIL"}[r.passed]]

@@ -236,7 +236,7 @@ def run_tables(path: Path) -> dict[str, list[Row]]:
         raise HarnessError(f"no result tables in {path} (is it a run folder?); pass results/<run-id>, a folder "
                            f"holding {' / '.join(f'{t}.csv' for t in TABLES)}")
     for table, rows in tables.items():
-        problem = contradiction(rows)
+        problem = contradiction(rows) or speedup_contradiction(rows)
         if problem:
             raise HarnessError(f"{Path(path) / f'{table}.csv'} {problem}; it was edited by hand or appended to by "
                                "another run: rerun the cases into a new run folder")
@@ -257,6 +257,41 @@ def contradiction(rows: list[Row]) -> str:
             return (f"holds {r.key} more than once{f' in {r.test}' if r.test else ''}; a table has one row per "
                     "case, backend and metric of a test")
         seen.add((r.key, r.test))
+    return ""
+
+
+# A speed-up divides a baseline median by the candidate's median_ms, both recorded by its own test: eager torch's
+# median_ms under the same case (cases/test_perf.py), or the one its parallel case records under its own backend.
+SPEEDUP_BASELINES = {"speedup": "eager_median_ms", "speedup_vs_one_gpu": "one_gpu_median_ms"}
+
+
+def speedup_medians(rows: list[Row]) -> list[tuple[Row, float | None, float | None]]:
+    """Each speed-up row of a perf table with the baseline and candidate medians it divides (None: not recorded)."""
+    values = {(r.case, r.backend, r.test, r.metric): r.value for r in rows}
+
+    def baseline(r: Row) -> float | None:
+        own = (r.case, r.backend, r.test, SPEEDUP_BASELINES[r.metric])
+        if own in values or r.metric != "speedup":
+            return values.get(own)
+        return values.get((r.case, "torch", r.test, "median_ms"))
+
+    return [(r, baseline(r), values.get((r.case, r.backend, r.test, "median_ms")))
+            for r in rows if r.metric in SPEEDUP_BASELINES]
+
+
+def speedup_contradiction(rows: list[Row]) -> str:
+    """How a table's speed-ups contradict the medians beside them ('' when none does): a speed-up with no medians to
+    divide, or one that is not their ratio beyond float rounding (a median edited, a speed-up carried over). A blank
+    speed-up claims nothing."""
+    for r, base, cand in speedup_medians(rows):
+        if r.value is None:
+            continue
+        if base is None or cand is None:
+            return f"holds {r.key} with no medians beside it to divide, where every perf case records both"
+        ratio = base / cand if cand > 0 else math.nan  # as the judge divides: no time is <= 0, a NaN gives NaN
+        if not (math.isclose(r.value, ratio, rel_tol=1e-9) or (math.isnan(r.value) and math.isnan(ratio))):
+            return (f"gives {r.case} {r.backend} a {r.metric} of {r.value:.4g}x where the medians beside it "
+                    f"({base:.4g} -> {cand:.4g} ms) give {ratio:.4g}x")
     return ""
 
 

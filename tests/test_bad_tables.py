@@ -94,6 +94,25 @@ def test_a_table_that_contradicts_itself_is_one_line_for_every_command(accepted,
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("candidate", [math.nan, 1890.0], ids=["nan-median", "median-x10"])
+def test_a_speedup_its_own_medians_contradict_is_one_line_for_every_command(accepted, tmp_path, capsys, candidate):
+    """A GPU run folder whose candidate median was edited: `summary` would print 350 | 1890 | 1.852x | pass, and
+    `baseline save` keep the slower median, while the medians give 0.185x."""
+    run = perf_run(tmp_path, "run-edited", candidate, 1.0)
+    recorder = RunRecorder(tmp_path, "run-edited")
+    for backend, metric, value, threshold, passed in (("torch", "median_ms", 350.0, None, None),
+                                                      ("torch", "iqr_ms", 1.0, None, None),
+                                                      ("tensorrt", "speedup", 350.0 / 189.0, 1.5, True)):
+        recorder.add("perf", Row(PERF_CASE, "cfg_step", backend, "bf16", "480p", 32760, metric, value, threshold,
+                                 passed, H100, "torch=2.14.1;tensorrt=11.4.0.106"))
+    for argv in read_run_commands(str(run), accepted, tmp_path):
+        line = cli_error(argv, capsys)
+        assert f"perf.csv gives {PERF_CASE} tensorrt a speedup of 1.852x where the medians beside it (350 -> " in line
+        assert "rerun the cases into a new run folder" in line, argv
+    assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("damage, needle", [
     (lambda run: [p.unlink() for p in run.iterdir()], "no result tables in"),
     (lambda run: (run / "perf.csv").write_bytes(b"\xff\xfe\x00\x01garbage\n"), "perf.csv: not UTF-8 text"),
