@@ -267,7 +267,9 @@ def _add_run_options(parser: argparse.ArgumentParser, *flags: str) -> None:
 
 
 def _add_regression_commands(sub) -> None:
-    tables = dict(default="parity,quality,perf", help="comma-separated tables to include (default: %(default)s)")
+    from harness.regression import BASELINE_TABLES
+
+    tables = dict(default=",".join(BASELINE_TABLES), help="comma-separated tables to include (default: %(default)s)")
     p = sub.add_parser("baseline", help="accepted numbers for regression gating")
     save = p.add_subparsers(dest="action", required=True).add_parser("save", help=cmd_baseline_save.__doc__)
     save.add_argument("--from", dest="run", required=True, help="a run folder, results/<run-id>")

@@ -292,6 +292,21 @@ def test_nan_weights_fail_a_loop_case_with_its_one_line(wrong_checkpoint, tmp_pa
     assert "\n" not in report[1] and "Traceback" not in output, report[1]  # the one line, no traceback
 
 
+def test_a_session_stopped_by_its_first_failure_is_no_whole_run(wrong_checkpoint, tmp_path):
+    """-x after the NaN expert's parity case, the first of four: its rows are in the run folder, which says the run
+    was cut short, so that nobody reads the three cases that never ran as passed."""
+    from harness.results import SessionEnd, session_end
+
+    folder = wrong_checkpoint(_nan_weights("transformer"))
+    proc = pytest_session(tmp_path, "-x", "-m", "parity", "--model-source=checkpoint", f"--model-path={folder}",
+                          "--shapes=16x16x9", "--backends=torch", "--precisions=fp32", "-k", "test_component_parity",
+                          "cases/test_parity.py")
+    run = tmp_path / "results" / "run-bad-input"
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED and "1 failed" in proc.stdout, proc.stdout[-3000:]
+    assert session_end(run) == SessionEnd(1, 4, 1)
+    assert "**Interrupted after 1 of 4 cases** (pytest exit status 1)" in (run / "summary.md").read_text()
+
+
 @pytest.mark.perf
 def test_a_nan_expert_gets_no_speed_up(wrong_checkpoint, tmp_path):
     """Timing a model that computes NaN would report a speed-up of garbage: the perf case fails instead."""

@@ -16,7 +16,8 @@ from harness.errors import HarnessError
 from harness.memory import (GPU_PEAK, GPU_RESERVED_PEAK, HOST_PEAK, GiB, reset_gpu_peak, resident_bytes, stage,
                             start_case)
 from harness.report import MEMORY_NOTE, short_summary, tables_markdown, write_summary
-from harness.results import Measured, Row, RunRecorder, load_run, load_tables
+from harness.results import (SESSION_FILE, Measured, Row, RunRecorder, SessionEnd, load_run, load_tables,
+                             session_end)
 from harness.session import Session
 from harness.settings import settings_from
 from harness.shapes import parse_shape
@@ -46,6 +47,7 @@ def recorded_run(tmp_path) -> RunRecorder:
     rec.add("perf", row("speedup_q3", 1.5))
     rec.add("perf", row("tflops", None, note="skipped: no FLOP count for this graph",
                         test="cases/test_perf.py::test_speed"))  # last: its note, then its test, end the file
+    rec.finish(SessionEnd(1, 3, 3))  # every selected case ran, one failed
     return rec
 
 
@@ -351,6 +353,45 @@ def test_a_parallel_speedup_divides_the_medians_its_own_backend_recorded(tmp_pat
     with pytest.raises(HarnessError, match="a speedup_vs_one_gpu of 1.6x where the medians beside it \\(60 -> 40 ms\\) "
                                            "give 1.5x"):
         load_run(rec.path)
+
+
+def test_a_run_folder_records_how_its_session_ended(tmp_path):
+    """Atomically, in a folder that holds rows, by the controller alone (a worker's part would count its own share)."""
+    assert session_end(tmp_path) is None
+    RunRecorder(tmp_path, "run-empty").finish(SessionEnd(5, 0, 0))
+    assert not (tmp_path / "run-empty").exists()  # no rows, no folder
+    rec = recorded_run(tmp_path)
+    part = RunRecorder(tmp_path, rec.run_id, part="gw0")
+    part.add("parity", row("rel_l2", 1e-3))
+    part.finish(SessionEnd(0, 1, 1))
+    assert session_end(rec.path) == SessionEnd(1, 3, 3) and not (rec.path / "parts" / "gw0" / SESSION_FILE).exists()
+    assert session_end(rec.path).complete and not SessionEnd(2, 3, 1).complete and SessionEnd(1, 0, 0).complete
+    assert not [p for p in rec.path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("text", ["{", '{"exit_status": 0, "selected": 3}', '{"exit_status": 0, "selected": 3, '
+                                  '"ran": -1}', '{"exit_status": 0, "selected": 3, "ran": 2.5}', "[]"],
+                         ids=["not-json", "a-key-missing", "negative", "not-whole", "not-an-object"])
+def test_a_damaged_session_record_is_one_line(tmp_path, text):
+    rec = recorded_run(tmp_path)
+    (rec.path / SESSION_FILE).write_text(text)
+    with pytest.raises(HarnessError) as error:
+        session_end(rec.path)
+    message = str(error.value)
+    assert message.startswith(f"{rec.path / SESSION_FILE}: unreadable session record (") and "\n" not in message
+
+
+def test_the_summaries_say_a_run_was_cut_short(tmp_path):
+    """Ctrl-C, a crash or -x leave tables that look like a whole run's; summary.md and `summary` say first that they
+    are not, and a whole run, failures and all, says nothing of it."""
+    rec = recorded_run(tmp_path)
+    assert "Interrupted" not in write_summary(rec).read_text() and "Interrupted" not in short_summary(rec.path)
+    rec.finish(SessionEnd(2, 40, 1))
+    line = "**Interrupted after 1 of 40 cases** (pytest exit status 2): the tables hold only the cases that ran."
+    assert line in write_summary(rec).read_text() and short_summary(rec.path).startswith(line)
+    (rec.path / SESSION_FILE).unlink()  # killed before pytest_sessionfinish, or still running
+    assert short_summary(rec.path).startswith("**Not known to be whole**: no session.json records that its pytest "
+                                              "session finished")
 
 
 def test_the_memory_table_shows_the_largest_peak_of_a_case_whatever_the_order(tmp_path):
