@@ -150,7 +150,7 @@ def cmd_plan(args) -> int:
     card; no GPU is needed (--gpu-memory names the card). Exits 2 with one line when a family does not fit."""
     from harness.plan import memory_plan
 
-    plan = memory_plan(_settings(args))
+    plan = memory_plan(_settings(args, what_if=True))
     print(plan.table())
     plan.check()
     return 0

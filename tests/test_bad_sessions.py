@@ -42,6 +42,7 @@ from tests.helpers import REPO, assert_one_usage_error, child_env, cli_error, py
     # /proc exists and os.access calls it writable for root, yet mkdir fails: only making a folder proves it.
     ("--results-dir=/proc/wan-results", "--results-dir /proc/wan-results: cannot make a folder in /proc"),
     ("--cache-dir=/proc/wan-cache", "--cache-dir /proc/wan-cache: cannot make a folder in /proc"),
+    ("--device=cpu --gpu-memory=1e9", "--gpu-memory 1e+09: a --device cpu run has this machine's memory"),
 ])
 def test_a_bad_option_stops_pytest_once(tmp_path, option, needle):
     assert_one_usage_error(pytest_session(tmp_path, "-m", "parity", *option.split()), needle)
@@ -58,6 +59,16 @@ def test_bench_refuses_run_options_after_the_separator(tmp_path, late):
     proc = bench(tmp_path, "--", *late)
     assert proc.returncode == 2 and f"{late[0]} comes after --" in proc.stderr, proc.stdout + proc.stderr
     assert "passed" not in proc.stdout and "summary" not in proc.stdout and not (tmp_path / "results").exists()
+
+
+def test_bench_on_the_cpu_cannot_outgrow_the_machine_through_gpu_memory(tmp_path):
+    """Else the plan takes 1e9 GiB for the budget and starts building 40 layers on a 24 GiB machine."""
+    proc = bench(tmp_path, "--model-source", "proxy", "--proxy-layers", "40", "--device", "cpu", "--gpu-memory", "1e9",
+                 "--backends", "torch,onnxruntime", "--precisions", "fp32")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-3000:] + proc.stderr
+    assert lines[0].startswith("error: --gpu-memory 1e+09: a --device cpu run has this machine's memory, ")
+    assert not (tmp_path / "results").exists()
 
 
 def test_bench_takes_checkpoint_options_as_its_own(tiny_checkpoint, tmp_path):
