@@ -255,6 +255,9 @@ def cmd_build(args) -> int:
             _, engine = session.build_engine(args.backend, case)
         except BackendUnavailable as exc:
             raise HarnessError(str(exc)) from None
+        problem = engine.shortfall()  # the builder's own layer log decides whether the build did what was asked
+        if problem:
+            raise HarnessError(f"{case.id}: the {case.precision} engine is not the one --fp8-recipe asks for: {problem}")
         print(f"{case.id:48} {engine}")
     return 0
 
