@@ -17,6 +17,7 @@ from harness.errors import BackendUnavailable, HarnessError  # noqa: E402
 from harness.plan import FAMILIES  # noqa: E402
 from harness.report import tables_markdown, write_summary  # noqa: E402
 from harness.residency import out_of_memory  # noqa: E402
+from harness.results import CaseCount, SessionEnd  # noqa: E402
 from harness.session import Session, check_asked_kernels  # noqa: E402
 from harness.settings import OPTIONS, Validated, check_layers, settings_from  # noqa: E402
 
@@ -56,6 +57,8 @@ def pytest_configure(config):
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.wan_session = Session(settings, recorder)
+    config.wan_count = CaseCount()
+    config.pluginmanager.register(config.wan_count)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -145,9 +148,11 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("reduced_precision", [p for p in s.precisions if p != "fp32"])
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
+    """The run folder records whether every selected case ran (a run cut short is not a whole one), then its summary."""
     wan = getattr(session.config, "wan_session", None)
     if wan is not None:
+        wan.recorder.finish(SessionEnd(int(exitstatus), session.testscollected, session.config.wan_count.ran))
         session.config.wan_summary = write_summary(wan.recorder)
 
 

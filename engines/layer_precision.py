@@ -138,10 +138,17 @@ class PrecisionProof:
     self_attention: tuple[str, ...]  # per self-attention layer of the quantized blocks: "fused_mha fp8", ...
     target_blocks: tuple[int, ...] = ()  # every block with a GEMM (linear or attention) with an operand in `target`
     quantized_blocks: tuple[int, ...] = ()  # the blocks meant to run in `target` (the recipe's)
+    expert_gemm_flops: int = 0  # every linear GEMM of the engine: each block's, the embedders' and proj_out's
 
     @property
     def share(self) -> float:
         return self.target_gemm_flops / self.block_gemm_flops if self.block_gemm_flops else 0.0
+
+    @property
+    def expert_share(self) -> float:
+        """The share of the whole expert's GEMM work in `target`: a recipe that keeps blocks high runs less than its
+        own blocks' share."""
+        return self.target_gemm_flops / self.expert_gemm_flops if self.expert_gemm_flops else 0.0
 
     @property
     def fused_self_attention(self) -> bool:
@@ -155,9 +162,29 @@ class PrecisionProof:
 
     def __str__(self) -> str:
         kept = "" if self.blocks_as_meant else f" (meant: {block_ranges(self.quantized_blocks) or 'none'})"
-        return (f"{self.share:.1%} of {self.block_gemm_flops:,} block GEMM FLOPs in {self.target}; {self.target} "
-                f"GEMMs in blocks {block_ranges(self.target_blocks) or 'none'}{kept}; self-attention: "
+        return (f"{self.share:.1%} of the recipe's {self.block_gemm_flops:,} block GEMM FLOPs in {self.target}, "
+                f"{self.expert_share:.1%} of the expert's {self.expert_gemm_flops:,}; {self.target} GEMMs in blocks "
+                f"{block_ranges(self.target_blocks) or 'none'}{kept}; self-attention: "
                 f"{', '.join(self.self_attention) or 'none seen'}")
+
+    def verdicts(self, min_share: float) -> dict[str, bool]:
+        """The proof's two verdicts, by the metric names of the export table: at least `min_share` of the recipe's
+        blocks' GEMM work in `target`, and `target` GEMMs in exactly the recipe's blocks."""
+        return {"quantized_gemm_share": self.share >= min_share, "quantized_blocks": self.blocks_as_meant}
+
+    def shortfall(self, min_share: float) -> str:
+        """Why this engine is not the one its recipe asks for, in one line ('' when it is): the blocks meant and
+        found, and the share of the recipe's GEMM work in `target` against `min_share`."""
+        if all(self.verdicts(min_share).values()):
+            return ""
+        target, found, meant = self.target, block_ranges(self.target_blocks), block_ranges(self.quantized_blocks)
+        if not self.target_blocks:
+            what = f"nothing runs in {target}: no block has a GEMM in {target}, where the recipe means blocks {meant}"
+        elif not self.blocks_as_meant:
+            what = f"{target} GEMMs in blocks {found}, where the recipe means blocks {meant}"
+        else:
+            what = f"{target} GEMMs in blocks {found}, as the recipe means"
+        return f"{what}; {self.share:.1%} of their GEMM FLOPs in {target} (at least {min_share:.0%} needed)"
 
 
 def precision_proof(rows: list[Gemm], target: str, expected_flops: int = 0,
@@ -172,9 +199,10 @@ def precision_proof(rows: list[Gemm], target: str, expected_flops: int = 0,
     linear = [g for g in meant if g.kind == "linear"]
     attention = tuple(f"{g.kind} {g.precision}" for g in meant if g.part == "attn1" and g.kind != "linear")
     ran = tuple(sorted({block_index(g.block) for g in in_blocks if target in g.precision.split(" x ")}))
-    return PrecisionProof(target, max(sum(g.flops for g in linear), expected_flops),
-                          sum(g.flops for g in linear if g.precision == target), attention, ran,
-                          tuple(quantized_blocks))
+    block_flops = max(sum(g.flops for g in linear), expected_flops)
+    outside = sum(g.flops for g in rows if g.kind == "linear") - sum(g.flops for g in linear)  # of the recipe's blocks
+    return PrecisionProof(target, block_flops, sum(g.flops for g in linear if g.precision == target), attention, ran,
+                          tuple(quantized_blocks), block_flops + outside)
 
 
 def markdown_table(rows: list[Gemm]) -> str:

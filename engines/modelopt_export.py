@@ -31,7 +31,7 @@ from harness.case import Case
 from harness.components import Component
 from harness.errors import HarnessError
 from harness.export import ExportedGraph, export_case
-from harness.recipes import FP8_RECIPES
+from harness.recipes import FP8_RECIPES, block_ranges, expert_layers, quantized_blocks
 
 # Bumped when the rewrite changes what a graph contains.
 REWRITE = "qdq-standard-v1"
@@ -67,8 +67,13 @@ def export_quantized(component: Component, case: Case, cache: DiskCache, scheme:
                            "case")
     module, calibration = quantized_module(component, case, cache, scheme, recipe, prompts)
     layers = quantized_weight_dtypes(module)
+    if not layers:  # a graph of it would hold no Q/DQ GEMM, whatever the weights' dtype
+        raise HarnessError(f"{case.id}: nothing was quantized: every weight quantizer of the expert is off after "
+                           f"ModelOpt restored it, where --fp8-recipe {recipe} means blocks "
+                           f"{block_ranges(quantized_blocks(recipe, expert_layers(module)))}; an engine of it would run "
+                           f"no GEMM in {scheme or case.precision}")
     if layers != {dtype}:
-        raise HarnessError(f"{case.id}: the layers ModelOpt quantizes hold {' and '.join(sorted(map(str, layers))) or 'no'} "
+        raise HarnessError(f"{case.id}: the layers ModelOpt quantizes hold {' and '.join(sorted(map(str, layers)))} "
                            f"weights, not the case's {dtype}; export the expert of a model loaded in the case's "
                            "precision")
     _set_scale_dtype(module, TRT_DTYPE[dtype])

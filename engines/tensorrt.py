@@ -16,7 +16,7 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -168,8 +168,12 @@ class EngineBuild:
     def checks(self) -> dict:
         """The quantized blocks' GEMM share, and their list: exactly the blocks the recipe quantizes."""
         proof = self.quantized_proof
-        return {"quantized_gemm_share": proof.share >= min_quantized_share(),
-                "quantized_blocks": proof.blocks_as_meant} if proof else {}
+        return proof.verdicts(min_quantized_share()) if proof else {}
+
+    def shortfall(self) -> str:
+        """Why the layer proof fails this quantized engine, in one line ('' when it holds, or no proof was logged)."""
+        problem = self.quantized_proof.shortfall(min_quantized_share()) if self.quantized_proof else ""
+        return f"{problem}; {self.path.parent / LAYERS_FILE} lists each GEMM's precision" if problem else ""
 
     def __str__(self) -> str:
         plugins = f", plugins: {', '.join(self.plugin_layers)}" if self.plugin_layers else ", no plugin layers"
@@ -223,12 +227,14 @@ def engine_spec(module_name: str, module_version: str, onnx_fingerprint: str, pr
 
 def build_plan(trt: ModuleType, graph: ExportedGraph, profiles: list[Profile], cache: DiskCache, *,
                opt_level: int = 3, workspace_gib: float | None = None, weight_streaming: bool = False,
-               weights: str = "full", compute_capability: str | None = None) -> EngineBuild:
+               weights: str = "full", compute_capability: str | None = None,
+               recipe_blocks: tuple[int, ...] | None = None) -> EngineBuild:
     """Parse the ONNX into a strongly typed network and build a serialized engine, through the cache.
 
     A plan of "inputs" weights is built from the graph's weights-as-inputs twin. A graph holding ISOLATE_BYTES
     or more is built in a process of its own: only TensorRT and the mapped graph sit beside the build, and
-    TensorRT's memory goes back to the machine when it ends.
+    TensorRT's memory goes back to the machine when it ends. `recipe_blocks`: the blocks a quantized engine's
+    --fp8-recipe quantizes, which its layer proof checks (None: every block).
     """
     parsed: WeightInputs | ExportedGraph = weight_inputs(graph, cache) if weights == "inputs" else graph
     spec = engine_spec(trt.__name__, trt.__version__, graph.fingerprint, profiles, opt_level, workspace_gib,
@@ -254,7 +260,8 @@ def build_plan(trt: ModuleType, graph: ExportedGraph, profiles: list[Profile], c
                          info["plugin_layers"], spec["target"], f"{trt.__name__} {trt.__version__}",
                          info["weights"], info["onnx_content"], info["onnx_bytes"], info["stages"],
                          graph.case.precision, info["layer_info"],
-                         frozenset(w.name for w in parsed.weights) if weights == "inputs" else frozenset())
+                         frozenset(w.name for w in parsed.weights) if weights == "inputs" else frozenset(),
+                         recipe_blocks)
     if is_quantized(result.precision) and not result.layer_info:
         log.warning("%s %s logged no detailed layer information: no proof of what %s engine runs in %s",
                     trt.__name__, trt.__version__, graph.case.id, result.precision)
@@ -446,11 +453,10 @@ class _Builder:
         graph = self._graph(component, case)
         trt = importlib.import_module(self.module_name)
         weights = plan_weights_mode(self.engine_weights, case.component, torch.cuda.is_available())
+        # What the proof checks a quantized engine's layers against, in every line that reports the engine.
+        blocks = quantized_blocks(self.recipe, expert_layers(component.module)) if is_quantized(case.precision) else None
         engine = build_plan(trt, graph, [case_profile(component, case)], self.cache, weights=weights,
-                            compute_capability=target, **self.options)
-        if is_quantized(case.precision):  # what the proof checks the engine's layers against
-            blocks = quantized_blocks(self.recipe, expert_layers(component.module))
-            engine = replace(engine, quantized_blocks=blocks)
+                            compute_capability=target, recipe_blocks=blocks, **self.options)
         return graph, engine
 
     def _graph(self, component: Component, case: Case) -> ExportedGraph:

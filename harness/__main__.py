@@ -207,7 +207,7 @@ def cmd_plan(args) -> int:
     card; no GPU is needed (--gpu-memory names the card). Exits 2 with one line when a family does not fit."""
     from harness.plan import memory_plan
 
-    plan = memory_plan(_settings(args))
+    plan = memory_plan(_settings(args, what_if=True))
     print(plan.table())
     plan.check()
     return 0
@@ -312,6 +312,9 @@ def cmd_build(args) -> int:
             _, engine = session.build_engine(args.backend, case)
         except BackendUnavailable as exc:
             raise HarnessError(str(exc)) from None
+        problem = engine.shortfall()  # the builder's own layer log decides whether the build did what was asked
+        if problem:
+            raise HarnessError(f"{case.id}: the {case.precision} engine is not the one --fp8-recipe asks for: {problem}")
         print(f"{case.id:48} {engine}")
     return 0
 
@@ -324,7 +327,9 @@ def _add_run_options(parser: argparse.ArgumentParser, *flags: str) -> None:
 
 
 def _add_regression_commands(sub) -> None:
-    tables = dict(default="parity,quality,perf", help="comma-separated tables to include (default: %(default)s)")
+    from harness.regression import BASELINE_TABLES
+
+    tables = dict(default=",".join(BASELINE_TABLES), help="comma-separated tables to include (default: %(default)s)")
     p = sub.add_parser("baseline", help="accepted numbers for regression gating")
     save = p.add_subparsers(dest="action", required=True).add_parser("save", help=cmd_baseline_save.__doc__)
     save.add_argument("--from", dest="run", required=True, help="a run folder, results/<run-id>")

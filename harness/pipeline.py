@@ -231,15 +231,17 @@ def cfg_noise_split(runner: Callable, latents: torch.Tensor, timestep: torch.Ten
     return uncond + guidance * (cond - uncond)
 
 
-def check_finite(latents: torch.Tensor, step: int, steps: int, expert: str, timestep) -> None:
-    """Latents that hold a NaN or Inf stay so to the last step, and the VAE turns them into a black video that
-    looks like a result: stop at the first such step, naming it and the expert that ran it. The check costs one
-    device sync a step, small beside the expert's forwards."""
-    if not bool(torch.isfinite(latents).all()):
-        raise HarnessError(f"the denoising loop's latents became non-finite at step {step} (of {steps}) after the "
-                           f"{expert} expert (t={float(timestep):g}): its weights may hold NaN or Inf (copy the "
-                           "checkpoint again), or its precision or backend overflows: run it in fp32 eager PyTorch "
-                           "to tell which")
+def check_finite(tensor: torch.Tensor, produced_by: str, *, step: int | None = None, steps: int | None = None,
+                 timestep=None) -> None:
+    """A NaN or Inf stays to the end of the pipeline, and the VAE turns it into a black video that looks like a result:
+    stop where it first appears, naming what produced it (`produced_by`, e.g. "the text encoder") and, inside the
+    denoising loop, the step and its timestep. Each check costs one device sync, small beside a forward."""
+    if bool(torch.isfinite(tensor).all()):
+        return
+    where = "" if step is None else f" at step {step} (of {steps}, t={float(timestep):g})"
+    raise HarnessError(f"{produced_by} produced non-finite values (NaN or Inf){where}: its weights may hold NaN or "
+                       "Inf (copy the checkpoint again), or its precision or backend overflows: run it in fp32 eager "
+                       "PyTorch to tell which")
 
 
 def decode(model: WanModel, runner: Callable, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -248,6 +250,7 @@ def decode(model: WanModel, runner: Callable, latents: torch.Tensor, dtype: torc
     mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, dtype)
     std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, dtype)
     video = runner(latents.to(dtype) * std + mean)
+    check_finite(video, "the VAE decoder")  # before the clamp, which would turn an Inf into a plausible pixel
     # [B, C, F, H, W] in [-1, 1] -> [F, H, W, C] in [0, 1] for the first video
     return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
 
@@ -274,6 +277,7 @@ def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShap
 
     embeds, run.stage_ms["text_encode"] = timed_call(encode, ids, mask, device=device)
     embeds = embeds.to(dtype)
+    check_finite(embeds, "the text encoder")  # in the loop's dtype: an overflow in the cast is the encoder's too
     latents = initial_latents(model, shape, seed, device) if latents is None else latents.clone()
     scheduler = copy.deepcopy(model.scheduler)
     scheduler.set_timesteps(steps, device=device)
@@ -286,8 +290,10 @@ def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShap
             noise = (cfg_noise(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_batch)
                      if cfg_group is None else
                      cfg_noise_split(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_group))
+            at = dict(step=step, steps=len(scheduler.timesteps), timestep=t)
+            check_finite(noise, f"the {name} expert", **at)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-            check_finite(latents, step, len(scheduler.timesteps), name, t)
+            check_finite(latents, "the scheduler step", **at)
             run.experts.append(name)
             if keep_latents:
                 run.step_latents.append(latents.detach().cpu())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness.cache import atomic_write_text
 from harness.errors import HarnessError
-from harness.results import TABLES, Row, impossible, run_tables
+from harness.results import SESSION_FILE, TABLES, Row, impossible, run_tables, session_end
 from harness.thresholds import THRESHOLDS, thresholds
 
 SCHEMA = "wan-trt-bench/baseline/1"
@@ -27,6 +27,9 @@ ABOUT = ("Accepted numbers of one run, written by `python -m harness baseline sa
 PERF_METRIC, SPREAD_METRIC = "median_ms", "iqr_ms"
 MACHINE_KEYS = ("device", "tensorrt", "tensorrt_rtx", "torch")
 VERDICTS = ("ok", "regressed", "improved", "new", "missing")
+# What a baseline holds unless --tables says otherwise: the tables whose metrics have rules (export's build times have
+# none), each of which the run must hold.
+BASELINE_TABLES = ("parity", "quality", "perf")
 MAX_SHARE = 10.0  # a relative tolerance of 1000% (a median eleven times slower) or more would hide any regression
 
 
@@ -128,7 +131,11 @@ def _is_number(value) -> bool:
 
 def run_entries(run: Path, rules: Rules, tables: tuple[str, ...] = TABLES) -> tuple[dict[str, Entry], dict]:
     """The gateable numbers of a run folder, and the machine that measured them."""
-    found = run_tables(run)
+    return _found_entries(run_tables(run), run, rules, tables)
+
+
+def _found_entries(found: dict[str, list[Row]], run: Path, rules: Rules,
+                   tables: tuple[str, ...]) -> tuple[dict[str, Entry], dict]:
     rows = [(t, r) for t in tables for r in found.get(t, [])]
     return _entries(rows, rules, run), machine_from_rows([r for _, r in rows] or [r for v in found.values() for r in v])
 
@@ -179,14 +186,16 @@ def _parse_versions(text: str) -> dict[str, str]:
 
 # --- the baseline file ---
 
-def save_baseline(run: Path, name: str, folder: Path = Path("baselines"), tables: tuple[str, ...] = TABLES,
+def save_baseline(run: Path, name: str, folder: Path = Path("baselines"), tables: tuple[str, ...] = BASELINE_TABLES,
                   rules: Rules | None = None) -> Path:
     """Store a run's gateable numbers as baselines/<name>.json (atomic, sorted, one entry per line)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise HarnessError(f"baseline name {name!r}: start with a letter or digit, then use letters, digits, "
                            "'.', '_' and '-' only")
     rules = rules or load_rules()
-    entries, machine = run_entries(Path(run), rules, tables)
+    found = run_tables(Path(run))
+    check_whole(Path(run), found, tables)
+    entries, machine = _found_entries(found, Path(run), rules, tables)
     problems = {key: _unacceptable(key, entry, rules) for key, entry in entries.items()}
     bad = [f"{key} ({problem})" for key, problem in problems.items() if problem]
     if bad:
@@ -201,6 +210,24 @@ def save_baseline(run: Path, name: str, folder: Path = Path("baselines"), tables
         raise HarnessError(f"cannot write baseline {path}: {exc.filename or path}: {exc.strerror}; pass --dir a "
                            "folder you can write") from None
     return path
+
+
+def check_whole(run: Path, found: dict[str, list[Row]], tables: tuple[str, ...]) -> None:
+    """An accepted baseline is a whole run: its session ran every case it selected, and it holds every table asked
+    for (a baseline without them would judge nothing there, and say nothing of it)."""
+    end = session_end(run)
+    if end is None:
+        raise HarnessError(f"{run} holds no {SESSION_FILE} recording that its pytest session finished (it crashed or "
+                           "was killed, is still running, or ran before run folders recorded it); a baseline takes a "
+                           "whole run: rerun the cases")
+    if not end.complete:
+        raise HarnessError(f"{run} was interrupted after {end.ran} of {end.selected} cases (pytest exit status "
+                           f"{end.exit_status}); a baseline takes a whole run: rerun the cases")
+    missing = [t for t in tables if t not in found]
+    if missing:
+        raise HarnessError(f"{run} has no {' or '.join(f'{t}.csv' for t in missing)} for --tables {','.join(tables)}; "
+                           f"it holds {', '.join(found)}: pass --tables naming those, or rerun the cases that write "
+                           f"{', '.join(missing)}")
 
 
 def dumps_baseline(baseline: Baseline) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from harness.cache import atomic_write_bytes, atomic_write_text
 from harness.memory import CASE_PEAKS, GPU_PEAK, GPU_RESERVED_PEAK, HOST_PEAK
-from harness.results import Row, RunRecorder, run_tables
+from harness.results import (SESSION_FILE, Row, RunRecorder, SessionEnd, run_tables, session_end,
+                             speedup_medians)
 
 COMMIT_ENV = "WAN_BENCH_COMMIT"  # the commit, where the checkout's own git metadata is absent or stale
 
@@ -55,7 +56,8 @@ def write_summary(recorder: RunRecorder) -> Path | None:
     tables = recorder.tables()
     plots = write_plots(tables, recorder.path)
     text = summary_header(recorder.run_id, recorder.command, recorder.settings, git_commit())
-    text += "\n" + (tables_markdown(tables) or "No rows were recorded.\n")
+    text += "\n" + completion_note(session_end(recorder.path))
+    text += (tables_markdown(tables) or "No rows were recorded.\n")
     text += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
     sheets = sorted(recorder.path.glob("contact-*.png"))
     if sheets:
@@ -65,6 +67,17 @@ def write_summary(recorder: RunRecorder) -> Path | None:
     summary = recorder.path / "summary.md"
     atomic_write_text(summary, text)
     return summary
+
+
+def completion_note(end: SessionEnd | None) -> str:
+    """What a reader must know before the tables when they hold part of a run ('' for a whole one)."""
+    if end is None:
+        return (f"**Not known to be whole**: no {SESSION_FILE} records that its pytest session finished (it crashed or "
+                "was killed, is still running, or ran before run folders recorded it).\n\n")
+    if end.complete:
+        return ""
+    return (f"**Interrupted after {end.ran} of {end.selected} cases** (pytest exit status {end.exit_status}): the "
+            "tables hold only the cases that ran.\n\n")
 
 
 def tables_markdown(tables: dict[str, list[Row]]) -> str:
@@ -209,18 +222,16 @@ def short_summary(run: Path) -> str:
     tables = run_tables(run)
     rows = [r for table in tables.values() for r in table]
     perf = tables.get("perf", [])
-    # A speed-up divides the eager and candidate medians its own test recorded beside it, under its case id.
-    median = {(r.case, r.backend, r.test): r.value for r in perf if r.metric == "median_ms"}
-    speed = [[r.case, r.backend, _number(median.get((r.case, "torch", r.test))),
-              _number(median.get((r.case, r.backend, r.test))), "n/a" if r.value is None else f"{r.value:.3f}x",
+    speed = [[r.case, r.backend, _number(eager), _number(candidate), "n/a" if r.value is None else f"{r.value:.3f}x",
               "" if r.threshold is None else f">= {r.threshold:g}x",
               {True: "pass", False: "FAIL", None: "not gated"}[r.passed]]
-             for r in perf if r.metric == "speedup"]
+             for r, eager, candidate in speedup_medians(perf) if r.metric == "speedup"]
     checks = [[r.case, r.backend, r.metric, f"{r.value:.4g}" if r.value is not None else "n/a",
                "" if r.threshold is None else f"{r.threshold:.3g}",
                "skipped" if _skipped(r) else {True: "pass", False: "FAIL"}[r.passed]]
               for r in rows if r.backend != "torch" and (r.passed is not None or _skipped(r))]
-    note = CPU_NOTE + "\n\n" if on_cpu([r for r in perf if r.metric == "speedup"]) else ""
+    note = completion_note(session_end(run))
+    note += CPU_NOTE + "\n\n" if on_cpu([r for r in perf if r.metric == "speedup"]) else ""
     return (note + tabulate(speed, ["case", "candidate", "eager ms", "candidate ms", "speed-up", "gate", "verdict"],
                             tablefmt="github") + "\n\n"
             + tabulate(checks, ["case", "backend", "metric", "value", "threshold", "verdict"], tablefmt="github")

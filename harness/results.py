@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
 import math
 import re
 import shlex
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 TABLES = ("export", "parity", "quality", "perf")
 PARTS = "parts"  # xdist workers write parts/<worker>/<table>.csv; the controller merges them
 RUN_ID_ENV = "WAN_BENCH_RUN_ID"  # optional: a run id chosen by the caller (`bench`, CI naming its run folder)
+SESSION_FILE = "session.json"  # how the pytest session that wrote the run folder ended (SessionEnd)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,32 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.timezone.utc)).strftime("run-%Y%m%d-%H%M%S")
 
 
+@dataclass(frozen=True)
+class SessionEnd:
+    """How the pytest session that wrote a run folder ended: pytest's exit status, the cases it selected and how many
+    of them ran to their end. A folder's tables alone cannot tell a whole run from one cut short."""
+
+    exit_status: int
+    selected: int
+    ran: int
+
+    @property
+    def complete(self) -> bool:
+        """Every selected case ran, whether it passed or not; Ctrl-C, a crash or -x stop a session short of that."""
+        return self.ran >= self.selected
+
+
+class CaseCount:
+    """A pytest plugin object counting the cases that ran to their end, for SessionEnd; under pytest-xdist the
+    controller hears each worker's cases through the same hook."""
+
+    def __init__(self):
+        self.ran = 0
+
+    def pytest_runtest_logfinish(self, nodeid: str, location) -> None:
+        self.ran += 1
+
+
 class RunRecorder:
     """The run folder `results/<run-id>/`: one CSV per table, appended row by row (harness/report.py then writes
     the summary and plots beside them).
@@ -145,6 +173,12 @@ class RunRecorder:
         path = self.path / name
         atomic_write_bytes(path, content.encode("utf-8") if isinstance(content, str) else content)
         return path
+
+    def finish(self, end: SessionEnd) -> None:
+        """Record how the session ended, atomically, in a folder that holds rows (a worker's part records nothing:
+        its controller counts every case)."""
+        if self.part is None and self.path.is_dir():
+            atomic_write_text(self.path / SESSION_FILE, json.dumps(asdict(end)) + "\n")
 
     def tables(self) -> dict[str, list[Row]]:
         """Every row of the run so far, by table, with workers' parts merged in first."""
@@ -237,11 +271,28 @@ def run_tables(path: Path) -> dict[str, list[Row]]:
         raise HarnessError(f"no result tables in {path} (is it a run folder?); pass results/<run-id>, a folder "
                            f"holding {' / '.join(f'{t}.csv' for t in TABLES)}")
     for table, rows in tables.items():
-        problem = contradiction(rows)
+        problem = contradiction(rows) or speedup_contradiction(rows)
         if problem:
             raise HarnessError(f"{Path(path) / f'{table}.csv'} {problem}; it was edited by hand or appended to by "
                                "another run: rerun the cases into a new run folder")
     return tables
+
+
+def session_end(path: Path) -> SessionEnd | None:
+    """How the session that wrote a run folder ended; None where it recorded nothing: it crashed or was killed, is
+    still running, or ran before run folders recorded their end."""
+    file = Path(path) / SESSION_FILE
+    if not file.exists():
+        return None
+    try:
+        end = SessionEnd(**json.loads(file.read_text(encoding="utf-8")))
+        counts = (end.exit_status, end.selected, end.ran)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+            raise ValueError(f"exit_status, selected and ran must be whole numbers >= 0, not {counts}")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # json's JSONDecodeError is a ValueError
+        raise HarnessError(f"{file}: unreadable session record ({type(exc).__name__}: {exc}); it was edited by hand: "
+                           "rerun the cases into a new run folder") from None
+    return end
 
 
 def contradiction(rows: list[Row]) -> str:
@@ -258,6 +309,41 @@ def contradiction(rows: list[Row]) -> str:
             return (f"holds {r.key} more than once{f' in {r.test}' if r.test else ''}; a table has one row per "
                     "case, backend and metric of a test")
         seen.add((r.key, r.test))
+    return ""
+
+
+# A speed-up divides a baseline median by the candidate's median_ms, both recorded by its own test: eager torch's
+# median_ms under the same case (cases/test_perf.py), or the one its parallel case records under its own backend.
+SPEEDUP_BASELINES = {"speedup": "eager_median_ms", "speedup_vs_one_gpu": "one_gpu_median_ms"}
+
+
+def speedup_medians(rows: list[Row]) -> list[tuple[Row, float | None, float | None]]:
+    """Each speed-up row of a perf table with the baseline and candidate medians it divides (None: not recorded)."""
+    values = {(r.case, r.backend, r.test, r.metric): r.value for r in rows}
+
+    def baseline(r: Row) -> float | None:
+        own = (r.case, r.backend, r.test, SPEEDUP_BASELINES[r.metric])
+        if own in values or r.metric != "speedup":
+            return values.get(own)
+        return values.get((r.case, "torch", r.test, "median_ms"))
+
+    return [(r, baseline(r), values.get((r.case, r.backend, r.test, "median_ms")))
+            for r in rows if r.metric in SPEEDUP_BASELINES]
+
+
+def speedup_contradiction(rows: list[Row]) -> str:
+    """How a table's speed-ups contradict the medians beside them ('' when none does): a speed-up with no medians to
+    divide, or one that is not their ratio beyond float rounding (a median edited, a speed-up carried over). A blank
+    speed-up claims nothing."""
+    for r, base, cand in speedup_medians(rows):
+        if r.value is None:
+            continue
+        if base is None or cand is None:
+            return f"holds {r.key} with no medians beside it to divide, where every perf case records both"
+        ratio = base / cand if cand > 0 else math.nan  # as the judge divides: no time is <= 0, a NaN gives NaN
+        if not (math.isclose(r.value, ratio, rel_tol=1e-9) or (math.isnan(r.value) and math.isnan(ratio))):
+            return (f"gives {r.case} {r.backend} a {r.metric} of {r.value:.4g}x where the medians beside it "
+                    f"({base:.4g} -> {cand:.4g} ms) give {ratio:.4g}x")
     return ""
 
 

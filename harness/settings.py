@@ -19,6 +19,7 @@ from harness.backends import (BACKENDS, COMPILE_SCOPES, ENGINE_BUILDERS, ENGINE_
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
 from harness.errors import HarnessError
 from harness.kernels import KERNELS
+from harness.memory import GiB, meminfo
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
 from harness.paths import writable_folder
 from harness.recipes import FP8_RECIPES, RECIPES, quantized_blocks
@@ -167,7 +168,8 @@ class Validated:
 def settings_from(values: dict) -> Settings:
     """Validate option values (keyed by Option.dest; None = not given) into Settings, or raise HarnessError.
 
-    Commands add their own keys: `opt_level` and `compute_capability` (TensorRT builds).
+    Commands add their own keys: `opt_level` and `compute_capability` (TensorRT builds), `what_if` (`plan`, which
+    builds nothing: its --gpu-memory may name another machine's card).
     """
     explicit = {k: v for k, v in values.items() if v is not None}
     # Declared defaults, environment variables among them (WAN_MODEL_PATH, WAN_BENCH_CACHE), under what was given.
@@ -199,7 +201,7 @@ def settings_from(values: dict) -> Settings:
         perf_precision=perf_precision,
         cfg_batch=_choice(given["cfg_batch"], (1, 2), "--cfg-batch"),
         parallel=_parallel(given["parallel"], given["cfg_batch"]),
-        gpu_memory=_gpu_memory(given.get("gpu_memory"), device),
+        gpu_memory=_gpu_memory(given.get("gpu_memory"), device, given.get("what_if", False)),
         attention=attention_kernels(given.get("attention", ""), backends),
         attention_asked=tuple(b for b, _ in attention_kernels(given.get("attention", ""), backends, asked_only=True)),
         backend_options=BackendOptions(cache_dir=cache_dir, opt_level=_opt_level(given.get("opt_level", 3)),
@@ -430,17 +432,20 @@ def _gate(value) -> float:
 
 
 
-def _gpu_memory(value, device: str) -> float | None:
-    """--gpu-memory in GiB: a finite number above the memory no tensor can use, and on a CUDA machine no more than
-    the card has (a run cannot be held to memory it does not have)."""
+def _gpu_memory(value, device: str, what_if: bool) -> float | None:
+    """--gpu-memory in GiB: a finite number above the memory no tensor can use, and no more than the run's device has
+    (a run cannot be held to memory it does not have): the card's, or with --device cpu this machine's. `plan` alone
+    (`what_if`) takes any card's from a CPU run, since it builds nothing."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 2:
         raise HarnessError(f"--gpu-memory {value!r}: give the card's memory in GiB, a number above 2 (e.g. 79.6 for "
                            "an H100 80GB)")
     if device == "cuda":
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
-        if value > total + 0.05:
-            raise HarnessError(f"--gpu-memory {value:g}: this card has {total:.1f} GiB; give at most that, or plan "
-                               "for a bigger card with `python -m harness plan --device cpu --gpu-memory ...`")
+        total, has = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "this card has"
+    else:
+        total, has = (None if what_if else meminfo("MemTotal")), "a --device cpu run has this machine's memory,"
+    if total is not None and value > total / GiB + 0.05:
+        raise HarnessError(f"--gpu-memory {value:g}: {has} {total / GiB:.1f} GiB; give at most that, or plan for "
+                           "a bigger card with `python -m harness plan --device cpu --gpu-memory ...`")
     return float(value)

@@ -26,13 +26,17 @@ def cli_error(argv: list[str], capsys) -> str:
     return lines[0]
 
 
-def run(command: list[str], timeout: int = 600, **variables: str) -> subprocess.CompletedProcess:
-    """A subprocess from the repository root, with HF offline (nothing here downloads) and `variables` added to the
-    environment. Under `pytest -n` the worker's PYTEST_XDIST_* variables are left out: the child is a plain session,
-    not a second worker."""
+def child_env(**variables: str) -> dict[str, str]:
+    """A subprocess's environment: HF offline (nothing here downloads), a known run id, and `variables`. Under
+    `pytest -n` the worker's PYTEST_XDIST_* variables are left out: the child is a plain session, not a second worker."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return {**env, "HF_HUB_OFFLINE": "1", "WAN_BENCH_RUN_ID": "run-bad-input", **variables}
+
+
+def run(command: list[str], timeout: int = 600, **variables: str) -> subprocess.CompletedProcess:
+    """A subprocess from the repository root, in child_env(**variables)."""
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**env, "HF_HUB_OFFLINE": "1", "WAN_BENCH_RUN_ID": "run-bad-input", **variables})
+                          env=child_env(**variables))
 
 
 def pytest_session(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

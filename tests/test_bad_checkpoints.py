@@ -242,25 +242,40 @@ def test_a_single_expert_checkpoint_stops_pytest_once(wrong_checkpoint, tmp_path
     assert_one_usage_error(proc, "needs the two-expert A14B layout (Wan2.2-T2V-A14B)")
 
 
-def _nan_weights(expert: str):
-    """A checkpoint whose `expert` computes NaN: its output projection's weights are NaN, and nothing checks values
+# Each component's weights file and the tensor whose first value turns NaN, and the start of the line that names it:
+# the low-noise expert first runs at step 3 of 4 (t = 999, 900 | 750, 500).
+NAN_WEIGHTS = {
+    "text_encoder": ("text_encoder/model.safetensors", "encoder.final_layer_norm.weight",
+                     "error: the text encoder produced non-finite values (NaN or Inf): "),
+    "transformer": ("transformer/diffusion_pytorch_model.safetensors", "proj_out.weight",
+                    "error: the transformer expert produced non-finite values (NaN or Inf) at step 1 (of 4, t=999): "),
+    "transformer_2": ("transformer_2/diffusion_pytorch_model.safetensors", "proj_out.weight",
+                      "error: the transformer_2 expert produced non-finite values (NaN or Inf) at step 3 (of 4, "
+                      "t=750): "),
+    "vae": ("vae/diffusion_pytorch_model.safetensors", "decoder.conv_out.weight",
+            "error: the VAE decoder produced non-finite values (NaN or Inf): "),
+}
+
+
+def _nan_weights(component: str):
+    """A checkpoint whose `component` computes NaN: one value of one of its weights is NaN, and nothing checks values
     before they run."""
-    return _edit_tensors(f"{expert}/diffusion_pytorch_model.safetensors",
-                         lambda s: s.update({"proj_out.weight": torch.full_like(s["proj_out.weight"], math.nan)}))
+    relative, name, _ = NAN_WEIGHTS[component]
+    return _edit_tensors(relative, lambda s: s[name].view(-1).__setitem__(0, math.nan))
 
 
 @pytest.mark.unit
-def test_nan_weights_stop_generate_at_the_step_and_expert_in_one_line(wrong_checkpoint, capsys, tmp_path):
-    """Not an all-black video and exit 0: the low-noise expert first runs at step 3 of 4 (t = 999, 900 | 750, 500)."""
-    folder = wrong_checkpoint(_nan_weights("transformer_2"))
+@pytest.mark.parametrize("component", NAN_WEIGHTS)
+def test_nan_weights_stop_generate_at_the_component_in_one_line(wrong_checkpoint, capsys, tmp_path, component):
+    """Not an all-black video and exit 0: the line names the component that made the NaN, and no file is written."""
+    folder = wrong_checkpoint(_nan_weights(component))
     out = tmp_path / "v.mp4"
     code = main(["generate", "--prompt", "x", "--model-source", "checkpoint", "--model-path", str(folder),
                  "--shape", "16x16x9", "--steps", "4", "--out", str(out)])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line.lower()]  # after the progress bar's lines
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0].startswith("error: the denoising loop's latents became non-finite at step 3 (of 4) after the "
-                                "transformer_2 expert (t=750): "), err
+    assert errors[0].startswith(NAN_WEIGHTS[component][2]), err
     assert not out.exists()
 
 
@@ -272,9 +287,24 @@ def test_nan_weights_fail_a_loop_case_with_its_one_line(wrong_checkpoint, tmp_pa
     output = proc.stdout + proc.stderr
     assert proc.returncode == pytest.ExitCode.TESTS_FAILED and "1 failed" in output, output[-3000:]
     report = re.search(r"_ test_denoising_loop_parity\[torch-bf16\] _+\n(.*?)\n=+ short test summary", output, re.S)
-    assert report and report[1].startswith("error: the denoising loop's latents became non-finite at step 1 (of 2) "
-                                           "after the transformer expert (t=999): "), output[-3000:]
+    assert report and report[1].startswith("error: the transformer expert produced non-finite values (NaN or Inf) at "
+                                           "step 1 (of 2, t=999): "), output[-3000:]
     assert "\n" not in report[1] and "Traceback" not in output, report[1]  # the one line, no traceback
+
+
+def test_a_session_stopped_by_its_first_failure_is_no_whole_run(wrong_checkpoint, tmp_path):
+    """-x after the NaN expert's parity case, the first of four: its rows are in the run folder, which says the run
+    was cut short, so that nobody reads the three cases that never ran as passed."""
+    from harness.results import SessionEnd, session_end
+
+    folder = wrong_checkpoint(_nan_weights("transformer"))
+    proc = pytest_session(tmp_path, "-x", "-m", "parity", "--model-source=checkpoint", f"--model-path={folder}",
+                          "--shapes=16x16x9", "--backends=torch", "--precisions=fp32", "-k", "test_component_parity",
+                          "cases/test_parity.py")
+    run = tmp_path / "results" / "run-bad-input"
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED and "1 failed" in proc.stdout, proc.stdout[-3000:]
+    assert session_end(run) == SessionEnd(1, 4, 1)
+    assert "**Interrupted after 1 of 4 cases** (pytest exit status 1)" in (run / "summary.md").read_text()
 
 
 @pytest.mark.perf

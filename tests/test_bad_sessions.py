@@ -1,13 +1,18 @@
 """Bad options to whole pytest sessions and to `bench`: one usage error, before any case runs."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_one_usage_error, pytest_session, run
+from harness.__main__ import main
+from harness.results import SessionEnd, session_end
+
+from tests.helpers import REPO, assert_one_usage_error, child_env, cli_error, pytest_session, run
 
 
 @pytest.mark.parametrize("option, needle", [
@@ -37,6 +42,7 @@ from tests.helpers import assert_one_usage_error, pytest_session, run
     # /proc exists and os.access calls it writable for root, yet mkdir fails: only making a folder proves it.
     ("--results-dir=/proc/wan-results", "--results-dir /proc/wan-results: cannot make a folder in /proc"),
     ("--cache-dir=/proc/wan-cache", "--cache-dir /proc/wan-cache: cannot make a folder in /proc"),
+    ("--device=cpu --gpu-memory=1e9", "--gpu-memory 1e+09: a --device cpu run has this machine's memory"),
 ])
 def test_a_bad_option_stops_pytest_once(tmp_path, option, needle):
     assert_one_usage_error(pytest_session(tmp_path, "-m", "parity", *option.split()), needle)
@@ -55,6 +61,16 @@ def test_bench_refuses_run_options_after_the_separator(tmp_path, late):
     assert "passed" not in proc.stdout and "summary" not in proc.stdout and not (tmp_path / "results").exists()
 
 
+def test_bench_on_the_cpu_cannot_outgrow_the_machine_through_gpu_memory(tmp_path):
+    """Else the plan takes 1e9 GiB for the budget and starts building 40 layers on a 24 GiB machine."""
+    proc = bench(tmp_path, "--model-source", "proxy", "--proxy-layers", "40", "--device", "cpu", "--gpu-memory", "1e9",
+                 "--backends", "torch,onnxruntime", "--precisions", "fp32")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-3000:] + proc.stderr
+    assert lines[0].startswith("error: --gpu-memory 1e+09: a --device cpu run has this machine's memory, ")
+    assert not (tmp_path / "results").exists()
+
+
 def test_bench_takes_checkpoint_options_as_its_own(tiny_checkpoint, tmp_path):
     proc = bench(tmp_path, "--model-source", "checkpoint", f"--model-path={tiny_checkpoint}", "--shapes", "32x48x5",
                  "--backends", "torch,onnxruntime", "--", "-k", "parity and text_encoder and fp32")
@@ -68,6 +84,33 @@ def test_bench_takes_checkpoint_options_as_its_own(tiny_checkpoint, tmp_path):
     assert " case_peak_host_gib |" in header and "| verdict " in header  # each case's peak beside its verdict
     # The TorchScript export of the text encoder warns about aten::index; pytest.ini filters it.
     assert "warnings summary" not in proc.stdout and "Warning:" not in proc.stdout + proc.stderr
+    end = session_end(summary.parent)  # -k left two cases: both ran, so the run is whole
+    assert end == SessionEnd(0, 2, 2) and "Interrupted" not in text, end
+
+
+def test_a_bench_cut_at_its_first_case_says_so_and_is_no_baseline(tmp_path, capsys):
+    """Ctrl-C once the first case has recorded its rows: pytest stops cleanly, and the run folder says it holds part of
+    a run, in summary.md and `summary`, and `baseline save` refuses it. The cases after the first import nothing new:
+    a Ctrl-C that lands inside a compiled extension's import (onnxruntime's) can come back as an ImportError, which
+    the session takes for an unavailable backend and runs on."""
+    run_folder = tmp_path / "results" / "run-cut"
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "bench", f"--results-dir={tmp_path / 'results'}",
+                             f"--cache-dir={tmp_path / 'cache'}", "--backends", "torch", "--precisions", "fp32", "--",
+                             "-k", "test_component_parity"], cwd=REPO, env=child_env(WAN_BENCH_RUN_ID="run-cut"),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not any(run_folder.glob("*.csv")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    end = session_end(run_folder)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED and end.exit_status == 2 and end.ran < end.selected, output
+    line = f"**Interrupted after {end.ran} of {end.selected} cases** (pytest exit status 2)"
+    assert line in (run_folder / "summary.md").read_text()
+    assert main(["summary", str(run_folder)]) == 0 and capsys.readouterr().out.startswith(line)
+    error = cli_error(["baseline", "save", "--from", str(run_folder), "--name", "cut", "--dir", str(tmp_path)], capsys)
+    assert f"was interrupted after {end.ran} of {end.selected} cases" in error and not (tmp_path / "cut.json").exists()
 
 
 def test_bench_with_no_rows_prints_no_summary_path(tmp_path):

@@ -37,6 +37,8 @@ from harness.shapes import parse_shape
 from harness.thresholds import thresholds
 from harness.weight_inputs import weight_bytes_view, weight_inputs
 
+from tests.helpers import cli_error
+
 pytestmark = pytest.mark.export
 SHAPE = parse_shape("128x128x9")
 CHECKPOINT_SHAPE = parse_shape("16x16x9")
@@ -259,6 +261,37 @@ def test_harness_build_makes_an_fp8_engine_for_a_named_target(session, rtx, caps
     assert code == 0 and "target sm89" in out and "100.0% of" in out and "fused_mha fp8" in out, out
     assert "fp8 GEMMs in blocks 0-1;" in out, out
     assert main(["build", "--precision", "fp8", "--compute-capability", "8.9.1", "--component", "transformer"]) == 2
+
+
+def _quantizers_off(monkeypatch, blocks) -> None:
+    """A fault after ModelOpt restores the expert: every quantizer of the blocks `blocks` numbers (None: all) off."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    def restored(*args, **kwargs):
+        module, calibration = quantized_module(*args, **kwargs)
+        for name, sub in module.named_modules():
+            if isinstance(sub, TensorQuantizer) and (blocks is None or block_index(name) in blocks):
+                sub.disable()
+        return module, calibration
+
+    monkeypatch.setattr("engines.modelopt_export.quantized_module", restored)
+
+
+@pytest.mark.parametrize("blocks, needle", [
+    ((1,), "the fp8 engine is not the one --fp8-recipe asks for: fp8 GEMMs in blocks 0, where the recipe means blocks "
+           "0-1; 50.0% of their GEMM FLOPs in fp8 (at least 95% needed); "),
+    (None, "nothing was quantized: every weight quantizer of the expert is off after ModelOpt restored it, where "
+           "--fp8-recipe all-blocks means blocks 0-1; an engine of it would run no GEMM in fp8"),
+], ids=["block-1-left-high", "every-quantizer-off"])
+def test_harness_build_fails_an_engine_its_layer_proof_fails(blocks, needle, modelopt_ready, rtx, monkeypatch, capsys,
+                                                             tmp_path):
+    """The proof decides the build, not only the builder: an engine with fewer quantized blocks than the recipe means
+    is exit 2 in one line. Its own cache: the fault is in no cache key, so it must not reach the run's cache."""
+    _quantizers_off(monkeypatch, blocks)
+    line = cli_error(["build", "--precision", "fp8", "--compute-capability", "8.9", "--component", "transformer",
+                      "--shape", CHECKPOINT_SHAPE.id, "--model-source", "tiny", f"--cache-dir={tmp_path}"], capsys)
+    assert needle in line, line
+    assert blocks is None or line.endswith("layers.txt lists each GEMM's precision"), line
 
 
 @pytest.mark.unit

@@ -7,7 +7,8 @@ from harness.case import COMPONENTS, Case
 from harness.errors import HarnessError
 from harness.components import make_component
 from harness.models import load_model
-from harness.pipeline import NEGATIVE_PROMPT, PROMPTS, Runners, expert_for, generate, initial_latents
+from harness.pipeline import (NEGATIVE_PROMPT, PROMPTS, Runners, check_finite, expert_for, generate,
+                              initial_latents)
 from harness.shapes import parse_shape
 
 pytestmark = pytest.mark.unit
@@ -76,14 +77,36 @@ def test_one_batch2_forward_per_cfg_step_gives_the_same_video(tiny):
     assert one_call.experts == two_calls.experts
 
 
-@pytest.mark.parametrize("expert, step, timestep", [("transformer", 1, 999), ("transformer_2", 3, 750)])
-def test_nan_weights_stop_the_loop_at_the_step_and_expert_that_made_them(expert, step, timestep):
-    """A NaN weight would otherwise run every step and decode an all-black video, reported as a result."""
+# (component, one of its weights) -> the line's start: a NaN is blamed on the component that made it, not on a later
+# one; the low-noise expert first runs at step 3 of 4 (t = 999, 900 | 750, 500).
+NAN_WEIGHTS = {
+    "text_encoder": ("encoder.final_layer_norm.weight", "the text encoder produced non-finite values (NaN or Inf): "),
+    "transformer": ("proj_out.weight", f"the transformer expert produced non-finite values (NaN or Inf) at step 1 "
+                                       f"(of {STEPS}, t=999): "),
+    "transformer_2": ("proj_out.weight", f"the transformer_2 expert produced non-finite values (NaN or Inf) at step 3 "
+                                         f"(of {STEPS}, t=750): "),
+    "vae": ("decoder.conv_out.weight", "the VAE decoder produced non-finite values (NaN or Inf): "),
+}
+
+
+@pytest.mark.parametrize("component", NAN_WEIGHTS)
+def test_a_nan_weight_stops_the_pipeline_at_the_component_that_made_it(component):
+    """One NaN weight would otherwise run to the end and give an all-black video, reported as a result."""
     model = load_model("tiny")  # its own: the NaN must not reach the module's shared model
-    getattr(model, expert).proj_out.weight.data[0, 0] = float("nan")
+    weight, start = NAN_WEIGHTS[component]
+    getattr(model, component).get_parameter(weight).data.view(-1)[0] = float("nan")
     with pytest.raises(HarnessError) as caught:
         generate(model, eager_runners(model), PROMPTS[0], shape=SHAPE, steps=STEPS)
     message = str(caught.value)
-    assert "\n" not in message
-    assert (f"the denoising loop's latents became non-finite at step {step} (of {STEPS}) after the {expert} expert "
-            f"(t={timestep})") in message
+    assert "\n" not in message and message.startswith(start), message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_check_finite_names_the_step_and_timestep_only_inside_the_loop(value):
+    bad = torch.tensor([0.0, value])
+    with pytest.raises(HarnessError, match=r"^the scheduler step produced non-finite values \(NaN or Inf\) at step 2 "
+                                           r"\(of 4, t=900\): "):
+        check_finite(bad, "the scheduler step", step=2, steps=4, timestep=torch.tensor(900))
+    with pytest.raises(HarnessError, match=r"^the VAE decoder produced non-finite values \(NaN or Inf\): "):
+        check_finite(bad, "the VAE decoder")
+    check_finite(torch.zeros(3), "the VAE decoder")  # finite: nothing to say

@@ -7,6 +7,7 @@ import functools
 
 import pytest
 
+from engines.layer_precision import Gemm, precision_proof
 from harness.components import dit_component
 from harness.errors import HarnessError
 from harness.models import load_expert
@@ -64,3 +65,31 @@ def test_modelopt_config_follows_the_recipe_on_a_40_layer_expert(recipe, a14b_me
     assert not [n for n in per_block[3] if n.startswith("attn2") and "bmm" in n], "cross-attention's Q/K/V stay 16-bit"
     int8 = planned_quantizers(a14b_meta, "int8", recipe)
     assert {block_index(n) for n in int8} == EXPECTED[recipe], "int8 takes the same blocks"
+
+
+def _gemm(block: int | None, precision: str, flops: int = 1000) -> Gemm:
+    """One linear GEMM of the builder's layer log: in block `block`, or outside the blocks (None)."""
+    return Gemm(f"gemm-{block}-{precision}", "" if block is None else f"blocks.{block}", "" if block is None else "ffn",
+                "linear", precision, flops)
+
+
+def test_the_proof_line_gives_the_recipes_share_and_the_whole_experts():
+    """nvidia on a 7-layer expert quantizes block 3 alone: all of that block's GEMM work is fp8, a seventh of the
+    blocks', less of the expert's with proj_out; the line says both."""
+    rows = [_gemm(i, "fp8" if i == 3 else "bf16") for i in range(7)] + [_gemm(None, "bf16", 500)]
+    proof = precision_proof(rows, "fp8", quantized_blocks=quantized_blocks("nvidia", 7))
+    assert str(proof).startswith("100.0% of the recipe's 1,000 block GEMM FLOPs in fp8, 13.3% of the expert's 7,500; "
+                                 "fp8 GEMMs in blocks 3; self-attention: none seen"), str(proof)
+    assert proof.shortfall(0.95) == "" and all(proof.verdicts(0.95).values())
+
+
+@pytest.mark.parametrize("precisions, needle", [
+    (("fp8", "bf16"), "fp8 GEMMs in blocks 0, where the recipe means blocks 0-1; 50.0% of their GEMM FLOPs in fp8 "
+                      "(at least 95% needed)"),
+    (("bf16", "bf16"), "nothing runs in fp8: no block has a GEMM in fp8, where the recipe means blocks 0-1; 0.0% of"),
+    (("fp8", "fp8", "fp8"), "fp8 GEMMs in blocks 0-2, where the recipe means blocks 0-1; 100.0% of"),
+], ids=["a-block-left-out", "nothing-quantized", "a-block-kept-high-quantized"])
+def test_the_proof_says_which_blocks_were_meant_and_found(precisions, needle):
+    rows = [_gemm(i, p) for i, p in enumerate(precisions)]
+    proof = precision_proof(rows, "fp8", quantized_blocks=(0, 1))
+    assert proof.shortfall(0.95).startswith(needle), proof.shortfall(0.95)

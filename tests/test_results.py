@@ -16,7 +16,8 @@ from harness.errors import HarnessError
 from harness.memory import (GPU_PEAK, GPU_RESERVED_PEAK, HOST_PEAK, GiB, reset_gpu_peak, resident_bytes, stage,
                             start_case)
 from harness.report import MEMORY_NOTE, short_summary, tables_markdown, write_summary
-from harness.results import Measured, Row, RunRecorder, load_run, load_tables
+from harness.results import (SESSION_FILE, Measured, Row, RunRecorder, SessionEnd, load_run, load_tables,
+                             session_end)
 from harness.session import Session
 from harness.settings import settings_from
 from harness.shapes import parse_shape
@@ -40,11 +41,13 @@ def recorded_run(tmp_path) -> RunRecorder:
     for step, err in enumerate((1e-3, 3e-3, 9e-3), start=1):
         rec.add("parity", row(f"rel_l2@step={step}", err))
     rec.add("perf", row("median_ms", 12.5, backend="torch"))
+    rec.add("perf", row("median_ms", 12.5 / 1.2))
     rec.add("perf", row("speedup", 1.2, threshold=1.5, passed=None))
     rec.add("perf", row("speedup_q1", 1.1))
     rec.add("perf", row("speedup_q3", 1.5))
     rec.add("perf", row("tflops", None, note="skipped: no FLOP count for this graph",
                         test="cases/test_perf.py::test_speed"))  # last: its note, then its test, end the file
+    rec.finish(SessionEnd(1, 3, 3))  # every selected case ran, one failed
     return rec
 
 
@@ -205,8 +208,11 @@ def summary_verdicts(text: str) -> dict[str, str]:
 def test_summary_prints_the_verdicts_the_rows_carry(tmp_path):
     """The judges decided once; the summary repeats their verdicts and decides none again."""
     rec = RunRecorder(tmp_path, "run-s")
-    rec.add("perf", row("speedup", 1.2, threshold=1.5, passed=False))
-    rec.add("perf", row("speedup", 1.2, backend="inductor", threshold=1.5, passed=None))  # CPU timings: never gated
+    for backend, passed in (("tensorrt_rtx", False), ("inductor", None)):  # CPU timings: never gated
+        test = f"test_speed[{backend}]"
+        rec.add("perf", row("median_ms", 12.0, backend="torch", test=test))
+        rec.add("perf", row("median_ms", 10.0, backend=backend, test=test))
+        rec.add("perf", row("speedup", 1.2, backend=backend, threshold=1.5, passed=passed, test=test))
     rec.add("quality", row("lpips_max", 0.05, threshold=0.1, passed=False))  # not what the band gives: shown as carried
     rec.add("quality", row("psnr_mean", 30.0, threshold=24.0, passed=True))
     rec.add("parity", row("loop_rel_l2", math.nan, threshold=1e-2, passed=False))
@@ -290,6 +296,103 @@ def test_summary_pairs_each_speedup_with_its_own_eager_time(tmp_path):
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in short_summary(rec.path).splitlines()]
     times = {c[1]: (c[2], c[3]) for c in cells if len(c) == 7 and c[2][0].isdigit()}  # the speed-up table's rows
     assert times == {"onnxruntime": ("100", "10"), "inductor": ("50", "25")}, times
+
+
+def speedup_run(tmp_path, eager: float, candidate: float, speedup: float, name: str = "run-speed") -> RunRecorder:
+    """One perf case's rows as cases/test_perf.py records them, with each number given."""
+    rec = RunRecorder(tmp_path, name)
+    test = "cases/test_perf.py::test_speed[cfg_step-16x16x9-tensorrt_rtx]"
+    rec.add("perf", row("median_ms", eager, backend="torch", test=test))
+    rec.add("perf", row("median_ms", candidate, test=test))
+    rec.add("perf", row("speedup", speedup, threshold=1.5, passed=None, test=test))
+    return rec
+
+
+@pytest.mark.parametrize("eager, candidate", [(350.0, math.nan), (350.0, 1890.0), (350.0, math.inf),
+                                              (math.inf, 189.0), (350.0 * 1.01, 189.0)],
+                         ids=["nan-candidate", "candidate-x10", "inf-candidate", "inf-eager", "off-by-1%"])
+def test_the_reader_refuses_a_speedup_its_own_medians_contradict(tmp_path, eager, candidate):
+    """A speed-up of 1.852x beside medians that give 0.185x (or NaN) would be printed, gated and saved as it is."""
+    rec = speedup_run(tmp_path, eager, candidate, 350.0 / 189.0)
+    with pytest.raises(HarnessError) as error:
+        load_run(rec.path)
+    message = str(error.value)
+    assert message.startswith(f"{rec.path / 'perf.csv'} gives {CASE} tensorrt_rtx a speedup of 1.852x where the "
+                              f"medians beside it ({eager:.4g} -> {candidate:.4g} ms) give "), message
+    assert "\n" not in message and "rerun the cases into a new run folder" in message
+
+
+@pytest.mark.parametrize("eager, candidate, speedup", [(350.0, 189.0, 350.0 / 189.0), (350.0, math.nan, math.nan),
+                                                       (350.0, math.inf, 0.0), (math.inf, 189.0, math.inf)],
+                         ids=["ratio", "nan-candidate", "inf-candidate", "inf-eager"])
+def test_the_reader_takes_a_speedup_that_is_its_medians_ratio(tmp_path, eager, candidate, speedup):
+    """As the judge divides them: a NaN median gives a NaN speed-up, which is a failed case, not a contradiction."""
+    rows = load_run(speedup_run(tmp_path, eager, candidate, speedup).path)
+    assert [r.metric for r in rows] == ["median_ms", "median_ms", "speedup"]
+
+
+def test_the_reader_refuses_a_speedup_with_no_medians_to_divide(tmp_path):
+    rec = RunRecorder(tmp_path, "run-alone")
+    rec.add("perf", row("median_ms", 10.0))
+    rec.add("perf", row("speedup", 1.2))
+    with pytest.raises(HarnessError, match=f"holds {CASE}\\|tensorrt_rtx\\|speedup with no medians beside it"):
+        load_run(rec.path)
+
+
+def test_a_parallel_speedup_divides_the_medians_its_own_backend_recorded(tmp_path):
+    """A parallel case records the one-GPU eager and one-GPU candidate medians under its own backend."""
+    rec = RunRecorder(tmp_path, "run-parallel")
+    for metric, value in (("median_ms", 40.0), ("speedup", 2.5), ("eager_median_ms", 100.0),
+                          ("one_gpu_median_ms", 60.0), ("speedup_vs_one_gpu", 1.5)):
+        rec.add("perf", row(metric, value, backend="torch-fp8"))
+    assert len(load_run(rec.path)) == 5
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in short_summary(rec.path).splitlines()]
+    assert [c[2:5] for c in cells if len(c) == 7 and c[2][:1].isdigit()] == [["100", "40", "2.500x"]]
+    rec.add("perf", row("speedup_vs_one_gpu", 1.6, backend="torch-fp8", test="again"))
+    rec.add("perf", row("median_ms", 40.0, backend="torch-fp8", test="again"))
+    rec.add("perf", row("one_gpu_median_ms", 60.0, backend="torch-fp8", test="again"))
+    with pytest.raises(HarnessError, match="a speedup_vs_one_gpu of 1.6x where the medians beside it \\(60 -> 40 ms\\) "
+                                           "give 1.5x"):
+        load_run(rec.path)
+
+
+def test_a_run_folder_records_how_its_session_ended(tmp_path):
+    """Atomically, in a folder that holds rows, by the controller alone (a worker's part would count its own share)."""
+    assert session_end(tmp_path) is None
+    RunRecorder(tmp_path, "run-empty").finish(SessionEnd(5, 0, 0))
+    assert not (tmp_path / "run-empty").exists()  # no rows, no folder
+    rec = recorded_run(tmp_path)
+    part = RunRecorder(tmp_path, rec.run_id, part="gw0")
+    part.add("parity", row("rel_l2", 1e-3))
+    part.finish(SessionEnd(0, 1, 1))
+    assert session_end(rec.path) == SessionEnd(1, 3, 3) and not (rec.path / "parts" / "gw0" / SESSION_FILE).exists()
+    assert session_end(rec.path).complete and not SessionEnd(2, 3, 1).complete and SessionEnd(1, 0, 0).complete
+    assert not [p for p in rec.path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("text", ["{", '{"exit_status": 0, "selected": 3}', '{"exit_status": 0, "selected": 3, '
+                                  '"ran": -1}', '{"exit_status": 0, "selected": 3, "ran": 2.5}', "[]"],
+                         ids=["not-json", "a-key-missing", "negative", "not-whole", "not-an-object"])
+def test_a_damaged_session_record_is_one_line(tmp_path, text):
+    rec = recorded_run(tmp_path)
+    (rec.path / SESSION_FILE).write_text(text)
+    with pytest.raises(HarnessError) as error:
+        session_end(rec.path)
+    message = str(error.value)
+    assert message.startswith(f"{rec.path / SESSION_FILE}: unreadable session record (") and "\n" not in message
+
+
+def test_the_summaries_say_a_run_was_cut_short(tmp_path):
+    """Ctrl-C, a crash or -x leave tables that look like a whole run's; summary.md and `summary` say first that they
+    are not, and a whole run, failures and all, says nothing of it."""
+    rec = recorded_run(tmp_path)
+    assert "Interrupted" not in write_summary(rec).read_text() and "Interrupted" not in short_summary(rec.path)
+    rec.finish(SessionEnd(2, 40, 1))
+    line = "**Interrupted after 1 of 40 cases** (pytest exit status 2): the tables hold only the cases that ran."
+    assert line in write_summary(rec).read_text() and short_summary(rec.path).startswith(line)
+    (rec.path / SESSION_FILE).unlink()  # killed before pytest_sessionfinish, or still running
+    assert short_summary(rec.path).startswith("**Not known to be whole**: no session.json records that its pytest "
+                                              "session finished")
 
 
 def test_the_memory_table_shows_the_largest_peak_of_a_case_whatever_the_order(tmp_path):

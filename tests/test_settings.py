@@ -5,6 +5,7 @@ import pytest
 
 from harness.case import Case
 from harness.errors import HarnessError
+from harness.memory import GiB, meminfo
 from harness.results import Measured, RunRecorder, load_run
 from harness.session import Session
 from harness.settings import settings_from
@@ -106,6 +107,17 @@ def test_rows_record_the_attention_kernel_and_the_options_their_backend_reads(tm
 def test_an_option_that_would_change_nothing_or_skip_everything_is_refused(values, needle):
     with pytest.raises(HarnessError, match=re.escape(needle)):
         settings_from({"device": "cpu", **values})
+
+
+def test_a_cpu_run_cannot_be_held_to_more_memory_than_the_machine_has():
+    """--gpu-memory names the budget a --device cpu run plans against: above the machine's memory it would switch the
+    plan's refusal off and build what does not fit. `plan` (what_if) builds nothing, so it may name any card."""
+    total = meminfo("MemTotal") / GiB
+    with pytest.raises(HarnessError, match=re.escape(f"--gpu-memory 1e+09: a --device cpu run has this machine's "
+                                                     f"memory, {total:.1f} GiB; give at most that")):
+        settings_from({"device": "cpu", "gpu_memory": 1e9})
+    assert settings_from({"device": "cpu", "gpu_memory": 1e9, "what_if": True}).gpu_memory == 1e9
+    assert settings_from({"device": "cpu", "gpu_memory": 4}).gpu_memory == 4
 
 
 def test_rows_and_the_summary_name_the_fp8_recipe_of_each_backend_that_quantizes(tmp_path):
