@@ -92,6 +92,11 @@ class BackendSpec:
     labelled_options: tuple[str, ...] = ()  # the LABELLED_OPTIONS it reads
     untimed: str = ""  # why its timings stand for nothing, where it is a simulation (the perf cases skip with it)
     holds: str = HOLDS[0]  # what it keeps on the device of its own (HOLDS)
+    # It runs an exported ONNX graph, whose attention materialises each head's score matrix on the CPU (harness.plan).
+    graph: bool = False
+    # Its fp8/int8 runners are calibrated on the eager denoising loop's inputs (torch-fp8 only with --fp8-scales
+    # static, which the plan reads from its options).
+    calibrates: bool = False
 
     def kernel(self, asked: str = "") -> str:
         """The self-attention kernel it runs when `asked` for one ('' asks for its default); '' for a backend with no
@@ -117,13 +122,15 @@ BACKENDS = {spec.name: spec for spec in (
     # The fake-quantized experts in eager PyTorch: ModelOpt's attention plugin quantizes Q/K/V around the stock SDPA.
     # It stands for a quantized engine, which runs one whole-sequence graph, and keeps bf16 weights: a whole copy.
     BackendSpec("modelopt", "engines.modelopt:ModelOpt", QUANTIZED, labelled_options=("fp8_recipe",), holds="copy",
-                untimed="modelopt simulates fp8/int8 in bf16 arithmetic; its timings stand for no engine"),
-    # bf16 is tried and, where the provider refuses it (the CPU one does), reported with ORT's words.
-    BackendSpec("onnxruntime", "engines.onnxruntime:OnnxRuntime", _EAGER),
+                calibrates=True, untimed="modelopt simulates fp8/int8 in bf16 arithmetic; its timings stand for no engine"),
+    # bf16 is tried and, where the provider refuses it (the CPU one does), reported with ORT's words. Its session holds
+    # the graph's weights where it runs.
+    BackendSpec("onnxruntime", "engines.onnxruntime:OnnxRuntime", _EAGER, holds="copy", graph=True),
     # fp8/int8 engines are built from ModelOpt's Q/DQ graphs of the experts and follow its --fp8-recipe. A stripped
     # plan is refitted at load, so the engine holds its weights on the device either way.
     *(BackendSpec(name, f"engines.tensorrt:{cls}", (*_EAGER, *QUANTIZED), labelled_options=("fp8_recipe",),
-                  holds="quantized copy") for name, cls in (("tensorrt", "TensorRT"), ("tensorrt_rtx", "TensorRTRTX"))),
+                  holds="quantized copy", graph=True, calibrates=True)
+      for name, cls in (("tensorrt", "TensorRT"), ("tensorrt_rtx", "TensorRTRTX"))),
 )}
 
 
@@ -157,6 +164,11 @@ class Backend(ABC):
         if ok and self.kernel:
             return load(KERNEL_CHECK)(self.kernel)
         return ok, reason
+
+    def runs_on(self, device: str) -> str:
+        """Why this backend would not run a case on `device` ('cpu' or 'cuda') where it is available, or '': a backend
+        that would quietly run somewhere else (on the CPU during a CUDA run) is unavailable there, not timed there."""
+        return ""
 
     def refusal(self, component: str, precision: str, layout: Layout) -> str:
         """Why this backend cannot run `component` at `precision` under `layout`, or ''."""

@@ -15,6 +15,8 @@ from harness.timing import SpeedupResult
 # What one timed call does: one expert forward, one CFG step (two forwards), one decode, one prompt
 # encoding, or a whole video.
 WORKLOADS = ("transformer", "transformer_2", "cfg_step", "vae_decoder", "text_encoder", "end_to_end")
+# Calls of each side before the timed rounds: compile, autotune and allocator warm-up stay out of the numbers.
+WARMUP = 2
 
 
 def perf_precision_of(backend: str, settings) -> str:
