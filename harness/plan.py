@@ -400,8 +400,10 @@ class _Walk:
             self._end_turn(previous[1])
 
     def _let_go(self, keep: frozenset) -> None:
-        """The candidates' runners the next case does not use leave the device as a case ends (Session.after_case)."""
-        for key in [k for k in self.state.held if k not in keep]:
+        """As a case ends, the candidates' runners the next case does not use are let go, unless they hold nothing of
+        their own on the device (Inductor's share the eager weights): those stay to their turn's end (Session.after_case).
+        """
+        for key in [k for k in self.state.held if k not in keep and BACKENDS[k[0]].holds != "nothing"]:
             del self.state.held[key]
 
     def _end_turn(self, backend: str) -> None:
@@ -550,9 +552,10 @@ class _Walk:
         if is_quantized(precision):
             self._send_away(component, precision)
             copy = Part(f"{backend} {component}: a bf16 copy being quantized", self.w.nbytes(component, precision))
-            act = self.w.activation(component, precision, case.shape) if self._calibrates(backend) else 0
-            self._phase(f"{component} {precision}: {backend} quantizes a copy", act, (copy,), build_s or 0.0,
-                        unestimated)
+            calls = self._calibration_calls(component) if self._calibrates(backend) else 0
+            seconds = (build_s or 0.0) + calls * self.r.forward("torch", component, "bf16", case.shape)
+            act = self.w.activation(component, precision, case.shape) if calls else 0
+            self._phase(f"{component} {precision}: {backend} quantizes a copy", act, (copy,), seconds, unestimated)
         elif spec.holds != "nothing":
             self._eager(component, precision, 1, f"{component} {precision}: {backend} exports it",
                         unestimated=unestimated)
@@ -566,6 +569,12 @@ class _Walk:
                 else 1.0
             self._disk(f"{backend} engine {component} {precision} {case.shape.id}", int(held * share))
         return held
+
+    @staticmethod
+    def _calibration_calls(expert: str) -> int:
+        """The expert's recorded calls in the calibration loop, each run again on the copy being calibrated."""
+        high, low = step_split(CALIBRATION_STEPS)
+        return len(CALIBRATION_PROMPTS) * 2 * (high if expert == "transformer" else low)
 
     def _calibrates(self, backend: str) -> bool:
         spec = BACKENDS[backend]

@@ -121,11 +121,12 @@ class Session:
     def after_case(self, index: int) -> None:
         """After the run's `index`-th planned case: where candidates take turns, their runners the next case does not
         use are let go (the plan's look-ahead, Plan.keep_after), so what a candidate holds is what its cases at hand
-        need: one engine per component and precision of every family would not fit beside each other."""
+        need: one engine per component and precision of every family would not fit beside each other. Runners that
+        hold nothing of their own on the device (Inductor's) stay to the end of their turn."""
         if not self.plan.candidates_take_turns or index >= len(self.plan.keep_after):
             return
         keep = self.plan.keep_after[index]
-        for key in [k for k in self._runners if k[0] != "torch" and k not in keep]:
+        for key in [k for k in self._runners if BACKENDS[k[0]].holds != "nothing" and k not in keep]:
             del self._runners[key]
         free_device_memory()
 
