@@ -371,7 +371,7 @@ class _Walk:
         self.rebuilt: dict[tuple[str, str], None] = {}  # components whose host copy did not fit
         self.uses: set[tuple[str, Case]] = set()  # the candidates' runners the case now walked uses
         self.touched: list[frozenset] = []  # per case walked, the runners it used
-        self.family, self.turn, self.shape, self.step = "", "torch", settings.shapes[0], ""
+        self.family, self.turn, self.shape, self.step = "", "torch", next(iter(settings.shapes), None), ""
 
     # ---- the run
 
@@ -407,7 +407,7 @@ class _Walk:
             del self.state.held[key]
 
     def _end_turn(self, backend: str) -> None:
-        """Where anything takes turns, a backend's turn ends with its runners let go and the device cleared."""
+        """Where candidates take turns, a backend's turn ends with its runners let go and the device cleared."""
         if not self.candidates_take_turns:
             return
         st = self.state
@@ -467,7 +467,7 @@ class _Walk:
         component = "transformer" if stage == "cfg_step" else stage
         batch = s.cfg_batch if stage == "cfg_step" else 1
         target = Case(component, self.shape, precision, batch=batch, source=s.source)
-        if not (self._can_build(backend, target) and self._runner(backend, target)):
+        if not self._runner(backend, target):
             return
         forwards = 2 if stage == "cfg_step" else 1
         self._eager(component, base, rounds * forwards, f"{stage}: eager {base}, timed")

@@ -168,8 +168,8 @@ class Session:
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(["planned", "estimated_s", "ran", "actual_s"])  # side by side: where the run left the plan
-        writer.writerows((planned, f"{estimated:.1f}" if planned else "", ran, f"{actual:.1f}" if ran else "")
-                         for (planned, estimated), (ran, actual)
+        writer.writerows((planned, f"{estimated:.1f}" if planned else "", ran, f"{took:.1f}" if ran else "")
+                         for (planned, estimated), (ran, took)
                          in itertools.zip_longest(self.plan.logged_steps(), self.steps, fillvalue=("", 0.0)))
         self.attach("steps.csv", out.getvalue())
 
