@@ -14,7 +14,7 @@ workers.pin_worker(os.environ)
 
 from harness.case import COMPONENTS, Case, is_dit, is_quantized  # noqa: E402
 from harness.errors import BackendUnavailable, HarnessError  # noqa: E402
-from harness.plan import FAMILIES  # noqa: E402
+from harness.plan import FAMILIES, RUNS, Planned, run_order, turn_of  # noqa: E402
 from harness.report import tables_markdown, write_summary  # noqa: E402
 from harness.residency import out_of_memory  # noqa: E402
 from harness.results import CaseCount, SessionEnd  # noqa: E402
@@ -59,6 +59,22 @@ def pytest_configure(config):
     config.wan_session = Session(settings, recorder)
     config.wan_count = CaseCount()
     config.pluginmanager.register(config.wan_count)
+    config.wan_session.progress = _terminal_line(config)
+    config.wan_family_seconds = {}
+
+
+def _terminal_line(config):
+    """Where the session's progress lines go: the terminal, past pytest's capture, as each step of the plan starts."""
+    import contextlib
+
+    def write(line: str) -> None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None:
+            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                reporter.write_line(f"wan-trt-bench: {line}")
+
+    return write
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -72,8 +88,12 @@ def pytest_runtest_setup(item):
     both into the rows). Perf cases never time inside an xdist worker (see harness.workers.perf_skip_reason)."""
     from harness.memory import start_case
 
-    item.config.wan_session.test = item.nodeid
-    start_case(cuda=item.config.wan_session.settings.device == "cuda")
+    session = item.config.wan_session
+    session.test = item.nodeid
+    planned = getattr(item, "wan_planned", None)
+    if planned is not None and planned.test not in RUNS:
+        session.clear_device()  # a case the plan does not size starts with nothing of the session's on the device
+    start_case(cuda=session.settings.device == "cuda")
     reason = workers.perf_skip_reason(os.environ) if item.get_closest_marker("perf") else None
     if reason:
         pytest.skip(reason)
@@ -85,6 +105,10 @@ def pytest_runtest_makereport(item, call):
     error (HarnessError) fails the case with its one line, as the CLI prints it, not a traceback."""
     outcome = yield
     report = outcome.get_result()
+    family = next((f for f in FAMILIES if item.get_closest_marker(f)), None)
+    if family is not None:  # each family's actual time, beside its estimate in summary.md
+        seconds = item.config.wan_family_seconds
+        seconds[family] = seconds.get(family, 0.0) + report.duration
     if call.excinfo is not None and call.excinfo.errisinstance(BackendUnavailable):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: {call.excinfo.value}")
@@ -96,15 +120,54 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = item.config.wan_session.out_of_memory(call.excinfo.value, family)
 
 
-@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: only the families that will run are planned
+def pytest_runtest_teardown(item, nextitem):
+    """After a backend's last case of a family, its turn ends (harness.plan): where candidates take turns, what it
+    built is let go before the next backend's cases."""
+    here = getattr(item, "wan_planned", None)
+    after = getattr(nextitem, "wan_planned", None) if nextitem is not None else None
+    settings = item.config.wan_session.settings
+    if here is not None:
+        item.config.wan_session.after_case(item.wan_index)
+    if here is not None and (after is None or (after.family, turn_of(after, settings))
+                             != (here.family, turn_of(here, settings))):
+        item.config.wan_session.end_turn(turn_of(here, settings))
+
+
+def _planned(item) -> Planned | None:
+    """The plan's view of a collected case (harness.plan): its function, family and parameters; None outside the
+    case families, or for a case marked to skip."""
+    family = next((f for f in FAMILIES if item.get_closest_marker(f)), None)
+    if family is None or item.get_closest_marker("skip"):
+        return None
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    case = params.get("parity_case") or params.get("export_case_")
+    return Planned(getattr(item, "originalname", item.name), family, params.get("backend") or params.get("candidate"),
+                   case.precision if case else params.get("reduced_precision") or params.get("attributed_precision"),
+                   case.component if case else params.get("stage"), case.shape if case else params.get("shape"),
+                   params.get("prompt"))
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: only the cases that will run are planned
 def pytest_collection_modifyitems(config, items):
-    """A run whose memory plan does not fit the card is refused here, in one line, before any case runs."""
+    """The cases run family by family, each backend's together (harness.plan.run_order), and their plan is made
+    here: a run that does not fit the card is refused in one line, before any case runs."""
     session = config.wan_session
-    session.families = tuple(f for f in FAMILIES if any(item.get_closest_marker(f) for item in items))
+    planned = [_planned(item) for item in items]
+    order = run_order(planned, session.settings)
+    items[:] = [items[i] for i in order]
+    index = 0
+    for item, case in zip(items, (planned[i] for i in order)):
+        item.wan_planned, item.wan_index = case, index
+        index += case is not None
+    handed = next((p for p in config.pluginmanager.get_plugins() if isinstance(p, Validated)), None)
+    plan_only = handed is not None and handed.plan_only
     try:
-        session.plan.check(session.families)
+        session.start([planned[i] for i in order if planned[i] is not None], check=not plan_only)
     except HarnessError as exc:
         raise pytest.UsageError(str(exc)) from None
+    if plan_only:  # `python -m harness plan`: the cases were collected to be planned, not run
+        config.hook.pytest_deselected(items=list(items))
+        items[:] = []
 
 
 @pytest.fixture(scope="session")
@@ -153,6 +216,7 @@ def pytest_sessionfinish(session, exitstatus):
     wan = getattr(session.config, "wan_session", None)
     if wan is not None:
         wan.recorder.finish(SessionEnd(int(exitstatus), session.testscollected, session.config.wan_count.ran))
+        wan.finish(session.config.wan_family_seconds)
         session.config.wan_summary = write_summary(wan.recorder)
 
 

@@ -12,6 +12,7 @@ from harness.case import Case
 from harness.components import Component
 from harness.errors import BackendUnavailable
 from harness.export import export_case
+from harness.residency import send_away
 
 # Preferred first; ORT falls through the list for ops a provider lacks.
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -87,13 +88,26 @@ def cpu_graph_runner(path: Path) -> OrtRunner:
 
 
 def providers_for(device: torch.device | str) -> list[str]:
-    """CPU for CPU cases; the GPU providers this onnxruntime build has, then CPU, for CUDA cases."""
+    """CPU for CPU cases; the GPU providers this onnxruntime build has, then CPU (for the ops they lack), for CUDA
+    cases."""
     import onnxruntime
 
     if torch.device(device).type != "cuda":
         return ["CPUExecutionProvider"]
     have = set(onnxruntime.get_available_providers())
     return [p for p in _GPU_PROVIDERS if p in have] + ["CPUExecutionProvider"]
+
+
+def cpu_only_reason(device: str) -> str:
+    """Why a `device` case cannot run on this onnxruntime build, or '': its CPU build (the `onnxruntime` package)
+    has no GPU provider, and would run a CUDA case on the CPU, so timing it against eager CUDA would be meaningless."""
+    import onnxruntime
+
+    have = onnxruntime.get_available_providers()
+    if device != "cuda" or any(p in have for p in _GPU_PROVIDERS):
+        return ""
+    return (f"this onnxruntime build runs on the CPU only (providers: {', '.join(have)}), so a CUDA case would run "
+            "on the CPU, not the card: install onnxruntime-gpu for its CUDA provider")
 
 
 class OnnxRuntime(Backend):
@@ -110,6 +124,13 @@ class OnnxRuntime(Backend):
             return False, f"onnxruntime not importable: {exc}"
         return True, ""
 
+    def runs_on(self, device: str) -> str:
+        return cpu_only_reason(device)
+
     def _build(self, component: Component, case: Case) -> Runner:
+        reason = cpu_only_reason(component.device.type)
+        if reason:
+            raise BackendUnavailable(f"onnxruntime: {reason}")
         graph = export_case(component, case, self.cache)
+        send_away(component.module)  # the session holds the graph's weights: the eager original leaves the card
         return OrtRunner(graph.path, providers_for(component.device))

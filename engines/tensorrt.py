@@ -34,6 +34,7 @@ from harness.errors import BackendUnavailable, HarnessError
 from harness.export import ExportedGraph, check_inputs, export_case
 from harness.memory import StageUsage, run_isolated
 from harness.recipes import expert_layers, quantized_blocks
+from harness.residency import send_away
 from harness.thresholds import thresholds
 from harness.weight_inputs import WeightInputs, read_index, weight_bytes_view, weight_inputs
 
@@ -501,8 +502,10 @@ class _TensorRTBackend(Backend):
         return not reason, reason
 
     def _build(self, component: Component, case: Case) -> Runner:
-        """An engine runner; a cached plan that does not deserialize is evicted and rebuilt once."""
+        """An engine runner; a cached plan that does not deserialize is evicted and rebuilt once. The engine holds the
+        component's weights on the card, so the eager original (which the export traced) leaves it first."""
         graph, engine = self.builder.build(component, case)
+        send_away(component.module)
         try:
             return self._runner(graph, engine)
         except BackendUnavailable as exc:

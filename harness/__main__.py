@@ -19,6 +19,7 @@ from harness.errors import BackendUnavailable, HarnessError
 from harness.settings import OPTIONS, Option
 
 PYTEST_INI = Path(__file__).resolve().parent.parent / "pytest.ini"
+BENCH_MARKERS = "parity or quality or perf"  # the case families `bench` runs (and `plan` plans)
 # Loggers that print known, harmless third-party notes on import (torchao registering its enums with
 # torch's pytree; diffusers finding no old torchao tensor types): pytest captures them inside a case, but neither a
 # terminal nor pytest_configure (where the checkpoint folder check imports diffusers) does.
@@ -68,13 +69,15 @@ def _settings(args, **values):
 
     given = {o.dest: getattr(args, o.dest) for o in OPTIONS if hasattr(args, o.dest)}
     settings = settings_from({**given, **values})
-    check_asked_kernels(settings)
+    if not values.get("what_if"):  # a plan for a card this machine lacks cannot ask the card's kernels
+        check_asked_kernels(settings)
     return settings
 
 
 def cmd_generate(args) -> int:
     """Text to video with one backend; writes an H.264 mp4 and prints per-stage times."""
     from harness.pipeline import NEGATIVE_PROMPT, Precisions
+    from harness.plan import Planned
     from harness.session import Session
     from harness.video import check_video_path, write_mp4
 
@@ -86,9 +89,11 @@ def cmd_generate(args) -> int:
     _check_precision_path(args.backend, _one_precision(args))
     if not 0 <= args.seed < 2 ** 63:
         raise HarnessError(f"--seed {args.seed} must be from 0 to 2**63 - 1 (torch's generator takes a 64-bit seed)")
-    session = Session(_settings(args, backends=args.backend, precisions=_one_precision(args), shapes=_one_shape(args)))
+    session = Session(_settings(args, backends=args.backend, precisions=_one_precision(args), shapes=_one_shape(args),
+                                video=True))
     s = session.settings
     shape, precision = s.shapes[0], s.precisions[0]
+    session.start([Planned("generate", "generate", args.backend, precision, shape=shape)])  # refused before any build
     try:
         session.backend(args.backend)
     except BackendUnavailable as exc:
@@ -114,16 +119,18 @@ def cmd_calibrate(args) -> int:
     modelopt's, which the fp8/int8 engines are built from) for each expert, quantized precision and shape, or read
     them from the cache; times nothing. Prints each one, hit or miss, and its seconds."""
     from harness.case import DIT_COMPONENTS, Case
+    from harness.plan import Planned
     from harness.session import Session
 
     settings = _settings(args)
     jobs = _calibration_jobs(settings)
     calibrating = tuple(dict.fromkeys(b for backends in jobs.values() for b in backends))
-    # Planned as the perf family of these backends alone: it holds what calibrating needs, the eager loop and a copy.
+    # Planned as these backends' perf cases of each expert: they hold what calibrating needs, the eager loop and a copy.
     session = Session(dataclasses.replace(settings, backends=calibrating))
-    session.families = ("perf",)
-    session.plan.check(session.families)
     s = session.settings
+    session.start([Planned("test_speed", "perf", backend, precision, expert, shape)
+                   for (_, precision), backends in jobs.items() for backend in backends
+                   for shape in s.shapes for expert in DIT_COMPONENTS])
     skipped, start = [], time.perf_counter()
     for (_, precision), backends in jobs.items():
         reasons = []
@@ -182,18 +189,14 @@ def cmd_bench(args) -> int:
     from harness.settings import Validated
 
     settings = _settings(args)  # a bad option fails here, in one line, before pytest starts
-    flags = {o.flag for o in OPTIONS}
-    late = [a for a in args.pytest_args if a.split("=", 1)[0] in flags]
-    if late:
-        raise HarnessError(f"{late[0]} comes after --, where bench cannot check it; give run options before --")
+    _check_pytest_args(args)
     os.environ.setdefault(RUN_ID_ENV, new_run_id())
     # The session takes these settings as they are (conftest.py looks for the Validated plugin), so nothing is
     # checked twice and the run folder records the bench command. The flags still go along for pytest-xdist's
     # workers: separate processes, which read their options from the command line.
     given = [f"{o.flag}={getattr(args, o.dest)}" for o in OPTIONS if getattr(args, o.dest) is not None]
     handed = Validated(settings, shlex.join(["python", "-m", "harness", *sys.argv[1:]]))
-    code = pytest.main(["-m", "parity or quality or perf", "-p", "no:cacheprovider", *given, *args.pytest_args],
-                       plugins=[handed])
+    code = pytest.main(["-m", BENCH_MARKERS, "-p", "no:cacheprovider", *given, *args.pytest_args], plugins=[handed])
     if code == pytest.ExitCode.USAGE_ERROR:  # a bad option after --: pytest printed it in one line
         return 2
     summary = settings.results_dir / os.environ[RUN_ID_ENV] / "summary.md"
@@ -202,15 +205,51 @@ def cmd_bench(args) -> int:
     return int(code)
 
 
-def cmd_plan(args) -> int:
-    """The memory plan: each case family's largest set on the device at the run's size, and whether it fits the
-    card; no GPU is needed (--gpu-memory names the card). Exits 2 with one line when a family does not fit."""
-    from harness.plan import memory_plan
+def _check_pytest_args(args) -> None:
+    """Run options after -- would reach pytest unchecked: a user error, in one line."""
+    flags = {o.flag for o in OPTIONS}
+    late = [a for a in args.pytest_args if a.split("=", 1)[0] in flags]
+    if late:
+        raise HarnessError(f"{late[0]} comes after --, where {args.command} cannot check it; give run options "
+                           "before --")
 
-    plan = memory_plan(_settings(args, what_if=True))
+
+def cmd_plan(args) -> int:
+    """The run plan: the cases `bench` would run with these options (and pytest arguments after --), in the order
+    they run, and what each family needs of the card, the host and the disk, and how long it takes; no GPU needed
+    (--gpu-memory or --card names the card). Exits 2 with one line when the run does not fit."""
+    _check_pytest_args(args)
+    plan = collected_plan(_settings(args, what_if=True), args.pytest_args)
     print(plan.table())
     plan.check()
     return 0
+
+
+def collected_plan(settings, pytest_args=()):
+    """The plan of the cases `bench` would run with `settings`: pytest collects and orders them as bench does, and
+    conftest.py plans them (harness.plan); none runs."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from harness.settings import Validated
+
+    grabbed = {}
+
+    class Grab:
+        def pytest_collection_finish(self, session):
+            grabbed["plan"] = session.config.wan_session.plan
+
+    handed = Validated(settings, shlex.join(["python", "-m", "harness", *sys.argv[1:]]), plan_only=True)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = pytest.main(["-m", BENCH_MARKERS, "-p", "no:cacheprovider", "-q", *pytest_args],
+                           plugins=[handed, Grab()])
+    if "plan" not in grabbed:
+        said = [line for line in out.getvalue().splitlines() if line.strip()]
+        raise HarnessError(f"pytest could not collect the cases to plan (exit {int(code)}): "
+                           f"{said[-1] if said else 'see above'}")
+    return grabbed["plan"]
 
 
 def cmd_summary(args) -> int:
@@ -273,11 +312,14 @@ def _export_cases(args, settings) -> list:
 
 def cmd_export(args) -> int:
     """Export components to ONNX (cached), validate each, and print the validation table."""
+    from harness.plan import Planned
     from harness.session import Session
 
     session = Session(_settings(args, precisions=_one_precision(args), shapes=_one_shape(args)))
+    cases = _export_cases(args, session.settings)
+    session.start([Planned("export", "export", None, c.precision, c.component, c.shape) for c in cases])
     failed = 0
-    for case in _export_cases(args, session.settings):
+    for case in cases:
         graph, check = session.checked_export(case)
         failed += not check
         print(f"{case.id:48} {'hit ' if graph.hit else 'miss'} export {graph.export_s:6.2f} s  "
@@ -303,11 +345,14 @@ def _one_precision(args) -> str:
 
 def cmd_build(args) -> int:
     """Export (cached) and build (cached) a TensorRT engine for each component; print its summary."""
+    from harness.plan import Planned
     from harness.session import Session
 
     session = Session(_settings(args, precisions=_one_precision(args), shapes=_one_shape(args), opt_level=args.opt_level,
                                 compute_capability=args.compute_capability))
-    for case in _export_cases(args, session.settings):
+    cases = _export_cases(args, session.settings)
+    session.start([Planned("build", "export", None, c.precision, c.component, c.shape) for c in cases])
+    for case in cases:
         try:
             _, engine = session.build_engine(args.backend, case)
         except BackendUnavailable as exc:
@@ -416,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("plan", help=cmd_plan.__doc__, description=cmd_plan.__doc__)
     _add_run_options(p)
+    p.add_argument("pytest_args", nargs="*", help="after --: pytest's selection, as bench takes it, e.g. -- -k parity")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("summary", help=cmd_summary.__doc__, description=cmd_summary.__doc__)
     p.add_argument("run", help="a run folder, results/<run-id>")

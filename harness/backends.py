@@ -103,6 +103,8 @@ class BackendSpec:
     # cache, recipe, prompts) -> the cached scales; '' where it runs none. torch-fp8's are read with --fp8-scales
     # static; the engines' fp8/int8 graphs are exported from ModelOpt's.
     calibrates: str = ""
+    # It runs an exported ONNX graph, whose attention materialises each head's score matrix on the CPU (harness.plan).
+    graph: bool = False
 
     def kernel(self, asked: str = "") -> str:
         """The self-attention kernel it runs when `asked` for one ('' asks for its default); '' for a backend with no
@@ -132,12 +134,13 @@ BACKENDS = {spec.name: spec for spec in (
     BackendSpec("modelopt", "engines.modelopt:ModelOpt", QUANTIZED,
                 labelled_options=("fp8_recipe", "calibration_prompts"), holds="copy", calibrates=MODELOPT_CALIBRATION,
                 untimed="modelopt simulates fp8/int8 in bf16 arithmetic; its timings stand for no engine"),
-    # bf16 is tried and, where the provider refuses it (the CPU one does), reported with ORT's words.
-    BackendSpec("onnxruntime", "engines.onnxruntime:OnnxRuntime", _EAGER),
+    # bf16 is tried and, where the provider refuses it (the CPU one does), reported with ORT's words. Its session holds
+    # the graph's weights where it runs.
+    BackendSpec("onnxruntime", "engines.onnxruntime:OnnxRuntime", _EAGER, holds="copy", graph=True),
     # fp8/int8 engines are built from ModelOpt's Q/DQ graphs of the experts and follow its --fp8-recipe. A stripped
     # plan is refitted at load, so the engine holds its weights on the device either way.
     *(BackendSpec(name, f"engines.tensorrt:{cls}", (*_EAGER, *QUANTIZED),
-                  labelled_options=("fp8_recipe", "calibration_prompts"), holds="quantized copy",
+                  labelled_options=("fp8_recipe", "calibration_prompts"), holds="quantized copy", graph=True,
                   calibrates=MODELOPT_CALIBRATION)
       for name, cls in (("tensorrt", "TensorRT"), ("tensorrt_rtx", "TensorRTRTX"))),
 )}
@@ -173,6 +176,11 @@ class Backend(ABC):
         if ok and self.kernel:
             return load(KERNEL_CHECK)(self.kernel)
         return ok, reason
+
+    def runs_on(self, device: str) -> str:
+        """Why this backend would not run a case on `device` ('cpu' or 'cuda') where it is available, or '': a backend
+        that would quietly run somewhere else (on the CPU during a CUDA run) is unavailable there, not timed there."""
+        return ""
 
     def refusal(self, component: str, precision: str, layout: Layout) -> str:
         """Why this backend cannot run `component` at `precision` under `layout`, or ''."""

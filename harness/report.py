@@ -58,6 +58,11 @@ def write_summary(recorder: RunRecorder) -> Path | None:
     text = summary_header(recorder.run_id, recorder.command, recorder.settings, git_commit())
     text += "\n" + completion_note(session_end(recorder.path))
     text += (tables_markdown(tables) or "No rows were recorded.\n")
+    plan = recorder.path / "plan.md"
+    if plan.is_file():  # written by the session as it finished (harness.session.Session.finish)
+        text += ("\n## the plan: estimated beside actual\n\nThe run's plan (harness/plan.py), with each family's actual "
+                 "time beside its estimate; `steps.csv` lists the plan's steps beside the ones that ran.\n\n"
+                 + plan.read_text(encoding="utf-8"))
     text += "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
     sheets = sorted(recorder.path.glob("contact-*.png"))
     if sheets:

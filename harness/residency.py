@@ -147,13 +147,18 @@ class Residency:
         free_device_memory()
         self.phase = "nothing on the device"
 
-    def private_copy(self, module: torch.nn.Module) -> torch.nn.Module:
-        """A copy of `module` with weights of its own on the device, built from its recipe rather than copied, so
-        that quantizing it never holds the component twice; the original is sent away first."""
+    def send_away(self, module: torch.nn.Module) -> None:
+        """Send one managed component off the device (to its host copy, or dropped), if it is there."""
         entry = self._entries[id(module)]
         if entry.on_device:
             self._send_away(entry)
             free_device_memory()
+
+    def private_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `module` with weights of its own on the device, built from its recipe rather than copied, so
+        that quantizing it never holds the component twice; the original is sent away first."""
+        entry = self._entries[id(module)]
+        self.send_away(module)
         self.phase = f"building a private copy of {entry.label}"
         with torch.inference_mode(False), torch.no_grad():
             return entry.recipe(self.device)
@@ -193,22 +198,41 @@ def execution_device(module: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def _managed(module: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """(its name, the component) where a residency manages `module` or the one component a wrapper of it
+    (harness.components' DiT) holds; None for an unmanaged module."""
+    for name, child in [("", module), *module.named_children()]:
+        residency = getattr(child, "wan_residency", None)
+        if residency is not None and residency.manages(child):
+            return name, child
+    return None
+
+
 def private_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of `module` (or of a wrapper around one component, harness.components' DiT) to quantize or change:
     where a residency manages the component, built from its recipe while the original waits off the device, so
     the two are never there at once; else a deep copy, as an unmanaged module is wholly resident anyway."""
     import copy
 
-    for name, child in [("", module), *module.named_children()]:
-        residency = getattr(child, "wan_residency", None)
-        if residency is not None and residency.manages(child):
-            fresh = residency.private_copy(child)
-            if not name:
-                return fresh
-            wrapper = copy.copy(module)
-            wrapper._modules = {**module._modules, name: fresh}
-            return wrapper
-    return copy.deepcopy(module)
+    managed = _managed(module)
+    if managed is None:
+        return copy.deepcopy(module)
+    name, child = managed
+    fresh = child.wan_residency.private_copy(child)
+    if not name:
+        return fresh
+    wrapper = copy.copy(module)
+    wrapper._modules = {**module._modules, name: fresh}
+    return wrapper
+
+
+def send_away(module: torch.nn.Module) -> None:
+    """Where a residency manages `module` (or the component a wrapper holds), send it off the device: a backend that
+    now holds its own copy of the weights there (an engine, an ONNX Runtime session) never has the eager original
+    beside it, as a private copy never does (harness.plan counts them that way)."""
+    managed = _managed(module)
+    if managed is not None:
+        managed[1].wan_residency.send_away(managed[1])
 
 
 def out_of_memory(exc: BaseException) -> bool:

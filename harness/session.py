@@ -7,8 +7,12 @@ turns that into a skip, the CLI into exit 2).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
+import itertools
 import logging
+import time
 import traceback
 from functools import cached_property
 from typing import Callable
@@ -28,7 +32,8 @@ from harness.kernels import KERNEL_CHECK
 from harness.machine import device_name, versions_string
 from harness.models import EXPERT_SEEDS, WanModel, load_model, managed_model, model_identity
 from harness.parallel import Job, launch, unsupported
-from harness.plan import FAMILIES, GiB, MemoryPlan, memory_plan
+from harness.plan import (GiB, Plan, Planned, build_step, duration, forward_step, make_plan, release_step,
+                          video_step)
 from harness.pipeline import (NEGATIVE_PROMPT, PROMPTS, Generation, Precisions, Runners, build_runners, cfg_noise,
                               cfg_noise_split, code_digest, generate, initial_latents, read_generation, write_generation)
 from harness.residency import Residency, free_device_memory
@@ -54,24 +59,121 @@ class Session:
         self._results: list[tuple[str, str, str, Result]] = []
         self._calibrations: dict[tuple[str, str], list[Calibration]] = {}  # by (backend, test): not yet in a row
         self.test = ""  # the test now running (conftest.py sets pytest's node id): each row it records names it
-        self.families = FAMILIES  # the case families the run selected (conftest.py narrows it before any case)
+        self.steps: list[tuple[str, float]] = []  # the plan's steps as they ran: (step, seconds it took)
+        self.progress: Callable[[str], None] = log.info  # where a step's progress line goes (conftest: the terminal)
+        self._step_start = self._run_start = time.perf_counter()
+        self._videos_logged: set[tuple] = set()
+        self._planned_at = 0  # the plan's next step (logged_steps) the run has not reached
 
-    # ------------------------------------------------------------------ memory
+    # ------------------------------------------------------------------ the plan, memory and turns
 
     @cached_property
-    def plan(self) -> MemoryPlan:
-        """What each case family holds on the device (harness.plan); made on first use, from meta-device builds."""
-        plan = memory_plan(self.settings, self.families)
-        if self.settings.device == "cuda" and self.settings.gpu_memory is not None:
-            # Held to the card it plans for: a bigger card then fails where the smaller one would, not later.
-            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.settings.gpu_memory * GiB / total))
-        return plan
+    def plan(self) -> Plan:
+        """The run's plan (harness.plan); without `start`, the plan of no cases (everything resident)."""
+        return make_plan(self.settings, [])
+
+    def start(self, cases: list[Planned], check: bool = True) -> Plan:
+        """Plan the run's cases, in the order they run, before anything is built: a run that cannot fit is refused in
+        one line, and the process is held to the card planned for (--gpu-memory on a bigger one). conftest.py calls it
+        once the cases are selected and ordered; `generate`, `export` and `build` with their one case. Without
+        `check`, only planned (`python -m harness plan` prints the plan, then refuses)."""
+        self.plan = make_plan(self.settings, cases, self.unavailable_backends())
+        if check:
+            self.plan.check()
+            self.plan.card.hold()
+        self._step_start = self._run_start = time.perf_counter()
+        self._planned_at = 0
+        return self.plan
+
+    def unavailable_backends(self) -> dict[str, str]:
+        """Each backend of the run that cannot run here, with the reason (its cases will skip). Planning from a machine
+        without the CUDA card the settings name (`plan --gpu-memory`), only what rules a backend out on any card."""
+        s = self.settings
+        if s.device == "cuda" and not torch.cuda.is_available():
+            reasons = {name: make_backend(name, s.options_for(name)).runs_on("cuda") for name in s.backends}
+            return {name: reason for name, reason in reasons.items() if reason}
+        unavailable = {}
+        for name in s.backends:
+            try:
+                self.backend(name)
+            except BackendUnavailable as exc:
+                unavailable[name] = str(exc)
+        return unavailable
 
     @cached_property
     def residency(self) -> Residency | None:
         """Where the models do not fit the card at once, the components take turns on it (harness.residency)."""
-        return Residency(self.settings.device) if self.plan.offloads else None
+        return Residency(self.settings.device) if self.plan.components_take_turns else None
+
+    def end_turn(self, backend: str) -> None:
+        """After `backend`'s last case of a family: where the plan has candidates take turns, its runners, engines and
+        quantized copies are let go (engines stay in the disk cache, so a later family loads them again) and the
+        components leave the device, so the next backend has the card to itself."""
+        if not self.plan.candidates_take_turns:
+            return
+        self._step(release_step(backend))
+        for key in [k for k in self._runners if k[0] == backend]:
+            del self._runners[key]
+        if backend != "torch":
+            for key in [k for k in self._backends if k[0] == backend]:
+                del self._backends[key]
+        self.clear_device()
+        log.info("%s's turn ends: its runners let go", backend)
+
+    def after_case(self, index: int) -> None:
+        """After the run's `index`-th planned case: where candidates take turns, their runners the next case does not
+        use are let go (the plan's look-ahead, Plan.keep_after), so what a candidate holds is what its cases at hand
+        need: one engine per component and precision of every family would not fit beside each other. Runners that
+        hold nothing of their own on the device (Inductor's) stay to the end of their turn."""
+        if not self.plan.candidates_take_turns or index >= len(self.plan.keep_after):
+            return
+        keep = self.plan.keep_after[index]
+        for key in [k for k in self._runners if BACKENDS[k[0]].holds != "nothing" and k not in keep]:
+            del self._runners[key]
+        free_device_memory()
+
+    def clear_device(self) -> None:
+        """Send every component off the device and give the allocator's cache back: at a turn's end, and before a case
+        the plan does not size (conftest.py)."""
+        if self.residency is not None:
+            self.residency.release()
+        free_device_memory()
+
+    def _step(self, step: str) -> None:
+        """A step of the plan starts (harness.plan: a forward, a build, a video, a release): the last one's time is
+        kept, and where the plan has estimates, a progress line says where the run is and how long is left."""
+        now = time.perf_counter()
+        if self.steps:
+            self.steps[-1] = (self.steps[-1][0], now - self._step_start)
+        self.steps.append((step, 0.0))
+        self._step_start = now
+        planned = self.plan.logged_steps()
+        at = next((i for i in range(self._planned_at, len(planned)) if planned[i][0] == step), None)
+        if self.plan.card.kind is None or at is None:  # no estimates, or a step the plan did not foresee
+            log.info("step: %s", step)
+            return
+        self._planned_at = at + 1
+        before, total = sum(s for _, s in planned[:at]), sum(s for _, s in planned)
+        pace = (now - self._run_start) / before if before > 60 else 1.0  # the estimates corrected as the run goes
+        self.progress(f"step {at + 1}/{len(planned)}: {step} (estimated {duration(planned[at][1])}; about "
+                      f"{duration((total - before) * pace)} left in the run)")
+
+    def finish(self, actual: dict[str, float]) -> None:
+        """At the session's end: the plan with each family's actual time (seconds, from conftest.py) beside its
+        estimate (plan.md, which summary.md shows), and the plan's steps beside the ones that ran, with their estimated
+        and actual seconds (steps.csv)."""
+        if self.steps:
+            self.steps[-1] = (self.steps[-1][0], time.perf_counter() - self._step_start)
+        if self.recorder is None or self.recorder.part is not None or not self.recorder.path.is_dir():
+            return  # nothing recorded (no folder to write into), or an xdist worker's part of the run
+        self.attach("plan.md", self.plan.table(actual) + "\n")
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["planned", "estimated_s", "ran", "actual_s"])  # side by side: where the run left the plan
+        writer.writerows((planned, f"{estimated:.1f}" if planned else "", ran, f"{took:.1f}" if ran else "")
+                         for (planned, estimated), (ran, took)
+                         in itertools.zip_longest(self.plan.logged_steps(), self.steps, fillvalue=("", 0.0)))
+        self.attach("steps.csv", out.getvalue())
 
     def out_of_memory(self, exc: BaseException, family: str | None) -> str:
         """One line for a case that ran out of device memory, after freeing what it held so the session goes on."""
@@ -82,8 +184,8 @@ class Session:
         free_device_memory()
         planned = self.plan.peak(family) if family else None
         plan = (f"planned peak {planned.nbytes / GiB:.1f} GiB ({planned.label})" if planned else "no plan for it")
-        return (f"out of device memory while {phase}; {plan} of {self.plan.usable_bytes / GiB:.1f} GiB usable on "
-                f"{self.plan.card} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]})")
+        return (f"out of device memory while {phase}; {plan} of {self.plan.card.usable_bytes / GiB:.1f} GiB usable "
+                f"on {self.plan.card.name} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]})")
 
     # ------------------------------------------------------------------ models and components
 
@@ -129,7 +231,9 @@ class Session:
         key = (name, merged)
         if key not in self._backends:
             impl = make_backend(name, merged)
-            self._backends[key] = impl, impl.available()
+            ok, reason = impl.available()
+            reason = impl.runs_on(self.settings.device) if ok else reason
+            self._backends[key] = impl, (not reason, reason)
         impl, (ok, reason) = self._backends[key]
         if not ok:
             raise BackendUnavailable(f"{name} unavailable: {reason}")
@@ -154,16 +258,24 @@ class Session:
             raise BackendUnavailable(self._unavailable[key])
         if key not in self._runners:
             try:
-                self._runners[key] = self.build(backend, self.component(case), case)
+                self._runners[key] = self._built(backend, case)
             except BackendUnavailable as exc:
                 self._unavailable[key] = str(exc)
                 raise
         return self._runners[key]
 
+    def _built(self, backend: str, case: Case) -> Runner:
+        """A new runner of `case`; a candidate's build is a step of the plan (harness.plan.build_step)."""
+        if backend != "torch" and not self.backend(backend).refusal(case.component, case.precision, case.layout):
+            self._step(build_step(backend, case))
+        return self.build(backend, self.component(case), case)
+
     def output(self, backend: str, case: Case, seed: int = 0, loop: bool = False) -> torch.Tensor:
         """`backend`'s output on the case's inputs (see `inputs`), computed once (eager outputs serve many cases)."""
         key = (backend, case, seed, loop)
         if key not in self._outputs:
+            if backend == "torch":
+                self._step(forward_step(case, loop))
             self._outputs[key] = self.runner(backend, case)(*self.inputs(case, seed, loop))
         return self._outputs[key]
 
@@ -172,20 +284,14 @@ class Session:
 
         fp8 and int8 are judged on the held-out loop's inputs: their static scales are calibrated on the
         loop's ranges, which seeded random inputs exceed (harness.components.loop_inputs).
-        Where the components take turns on the device, a candidate built for this case alone is let go after it,
-        so that the next component's fp32 reference (57 GB for a 40-layer expert) has the card (harness.plan).
+        Where candidates take turns on the device, the candidate's runner is let go after the case unless the next
+        case uses it (after_case).
         """
         loop = is_quantized(case.precision)
         expected = self.output("torch", case.with_precision("fp32"), seed, loop)
         eager = self.output("torch", case.with_precision(eager_precision(case.precision)), seed, loop)
         inputs = self.inputs(case, seed, loop)
-        if self.residency is None or backend == "torch" or (backend, case) in self._runners:
-            return judge_parity(self.runner(backend, case)(*inputs), expected, case.precision, eager)
-        actual = self.build(backend, self.component(case), case)(*inputs)
-        result = judge_parity(actual, expected, case.precision, eager)
-        del actual
-        free_device_memory()
-        return result
+        return judge_parity(self.runner(backend, case)(*inputs), expected, case.precision, eager)
 
     # ------------------------------------------------------------------ whole-pipeline runs
 
@@ -195,8 +301,13 @@ class Session:
 
     def pipeline_runners(self, backend: str, precisions: Precisions, shape: VideoShape,
                          layout: Layout = ONE_GPU) -> Runners:
-        return build_runners(self.runner, backend, precisions, shape, self.settings.source, self.cfg_batch(backend),
-                             layout)
+        """A video's runners; the video is a step of the plan (harness.plan.video_step), once per case."""
+        runners = build_runners(self.runner, backend, precisions, shape, self.settings.source, self.cfg_batch(backend),
+                                layout)
+        if (self.test, backend, precisions, shape) not in self._videos_logged:
+            self._videos_logged.add((self.test, backend, precisions, shape))
+            self._step(video_step(backend, precisions, shape))
+        return runners
 
     def generate(self, backend: str, precisions: Precisions, shape: VideoShape, prompt: str, *, seed: int = 0,
                  negative_prompt: str = NEGATIVE_PROMPT, steps: int | None = None, progress: bool = False,

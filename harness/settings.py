@@ -17,19 +17,21 @@ import torch
 from harness.backends import (BACKENDS, COMPILE_SCOPES, ENGINE_BUILDERS, ENGINE_WEIGHTS, FP8_SCALES, LABELLED_OPTIONS,
                               PROMPT_COUNTS, BackendOptions, backends_running, check_backend, check_compute_capability)
 from harness.case import ONE_GPU, QUANTIZED, Layout, check_precision
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_choice
 from harness.kernels import KERNELS
 from harness.memory import GiB, meminfo
 from harness.models import SOURCES, check_checkpoint_folder, dit_configs
 from harness.paths import writable_folder
 from harness.recipes import FP8_RECIPES, RECIPES, quantized_blocks
 from harness.shapes import VideoShape, check_fits, check_steps, parse_shapes
+from harness.thresholds import thresholds
 
 DEFAULT_SHAPES = {"tiny": "16x16x9", "proxy": "480p", "checkpoint": "480p"}
 GPU_BACKENDS = ("torch", "inductor", "torch-fp8", "onnxruntime", "tensorrt", "tensorrt_rtx")
 # Inductor's CPU code generation takes minutes per component and precision on 2 cores (the VAE alone
 # ~200 s), so the CPU default leaves it out; tests/test_backends.py still proves it on the CPU.
 CPU_BACKENDS = ("torch", "torch-fp8", "onnxruntime", "tensorrt", "tensorrt_rtx")
+CARDS = tuple(thresholds()["cards"])  # the cards the plan has rates for (thresholds.toml [cards.*])
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,9 @@ OPTIONS = (
     Option("--precisions", "comma-separated: fp32, fp16, bf16, fp8, int8 (default fp32,fp16,bf16, and fp8/int8 "
                            "when a backend among --backends runs them)"),
     Option("--shapes", "presets (480p, 720p) or HxWxF, comma-separated (default 16x16x9 tiny, 480p otherwise)"),
-    Option("--steps", "denoising steps of the loop, quality and end-to-end cases (default 4 tiny, 40 otherwise)",
-           type=int),
+    Option("--steps", "denoising steps of the loop, quality and end-to-end cases (default 4 tiny; otherwise 40, the "
+                      "model card's, for experts of up to 8 layers and in `generate`, and 4 for deeper experts, where "
+                      "40 fp32 steps take most of an hour per video)", type=int),
     Option("--speedup-gate", "minimum candidate/eager speed-up of one CFG step", 1.5, float),
     Option("--attribution", "comma-separated eager precisions (fp16, bf16) whose drift of the video the quality cases "
                             "attribute to the experts, the text encoder and the VAE: four more eager videos each "
@@ -108,6 +111,10 @@ OPTIONS = (
     Option("--engine-weights", "what a DiT expert's TensorRT plan holds: stripped (no weights: refitted from the "
                                "cached ONNX at load, or bound as graph inputs where the builder has no CUDA device), "
                                "full, or inputs (graph inputs even where it could refit)", ENGINE_WEIGHTS[0]),
+    Option("--host-memory", "the runner's host memory in GiB, where the memory plan keeps the components' waiting "
+                            "copies, or plans to rebuild them (default: this machine's)", type=float),
+    Option("--card", f"the card the plan estimates time for: {', '.join(CARDS)} (default: this machine's, by its "
+                     "name; with `python -m harness plan` on a machine without it, it also names the card's memory)"),
 )
 
 
@@ -136,6 +143,8 @@ class Settings:
     parallel: Layout = ONE_GPU
     gpu_memory: float | None = None  # GiB; None: the card's own (host memory with --device cpu)
     backend_options: BackendOptions = field(default_factory=BackendOptions)
+    host_memory: float | None = None  # GiB; None: this machine's
+    card: str | None = None  # a key of thresholds.toml [cards]; None: this machine's, where it is one of them
 
     def options_for(self, backend: str) -> BackendOptions:
         """The options `backend` is built with: the shared ones and its own attention kernel."""
@@ -150,6 +159,7 @@ class Settings:
                 "attribution": self.attribution or None,
                 "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
                 "cfg batch": self.cfg_batch, "gpu memory (GiB)": self.gpu_memory,
+                "host memory (GiB)": self.host_memory, "card": self.card,
                 **{LABELLED_OPTIONS[name].lstrip("-").replace("-", " "): getattr(self.backend_options, name)
                    for name in LABELLED_OPTIONS if option_readers(name, self.backends)},
                 "attention": ", ".join(f"{b}={k}" for b, k in self.attention) or None,
@@ -163,13 +173,15 @@ class Validated:
 
     settings: Settings
     command: str
+    plan_only: bool = False  # `python -m harness plan`: collect and plan the cases, run none
 
 
 def settings_from(values: dict) -> Settings:
     """Validate option values (keyed by Option.dest; None = not given) into Settings, or raise HarnessError.
 
-    Commands add their own keys: `opt_level` and `compute_capability` (TensorRT builds), `what_if` (`plan`, which
-    builds nothing: its --gpu-memory may name another machine's card).
+    Commands add their own keys: `opt_level` and `compute_capability` (TensorRT builds); `video` (`generate`: the
+    model card's steps by default); `what_if` (`plan`: a --gpu-memory or --card names a CUDA card this machine
+    need not have, and the run is planned as on it).
     """
     explicit = {k: v for k, v in values.items() if v is not None}
     # Declared defaults, environment variables among them (WAN_MODEL_PATH, WAN_BENCH_CACHE), under what was given.
@@ -179,7 +191,8 @@ def settings_from(values: dict) -> Settings:
     path = given.get("model_path") if source == "checkpoint" else None
     if source == "checkpoint":
         check_checkpoint_folder(path)
-    device = _device(given.get("device"))
+    what_if = given.get("what_if") and "device" not in explicit and ("gpu_memory" in explicit or "card" in explicit)
+    device = "cuda" if what_if else _device(given.get("device"))
     backends = _names(given.get("backends", ",".join(GPU_BACKENDS if device == "cuda" else CPU_BACKENDS)),
                       check_backend, "--backends")
     precisions = _names(given.get("precisions", ",".join(default_precisions(backends))), check_precision, "--precisions")
@@ -194,7 +207,8 @@ def settings_from(values: dict) -> Settings:
         source=source, model_path=path, proxy_layers=check_layers(given["proxy_layers"]),
         backends=backends, candidate=_candidate(given.get("candidate"), backends),
         precisions=precisions, shapes=_shapes(given.get("shapes", DEFAULT_SHAPES[source]), source, path),
-        steps=check_steps(given.get("steps", 4 if source == "tiny" else 40)),
+        steps=check_steps(given.get("steps", default_steps(source, _expert_depth(source, given, path),
+                                                           bool(given.get("video"))))),
         speedup_gate=_gate(given["speedup_gate"]), attribution=_attribution(given.get("attribution")),
         results_dir=_folder(given["results_dir"], "--results-dir"), cache_dir=cache_dir,
         device=device, perf_rounds=_positive(given["perf_rounds"], "--perf-rounds"),
@@ -211,7 +225,29 @@ def settings_from(values: dict) -> Settings:
                                        calibration_prompts=_read_option("calibration_prompts", given, PROMPT_COUNTS,
                                                                         backends),
                                        engine_weights=_engine_weights(given["engine_weights"], backends),
-                                       compute_capability=check_compute_capability(given.get("compute_capability", ""))))
+                                       compute_capability=check_compute_capability(given.get("compute_capability", ""))),
+        host_memory=_host_memory(given.get("host_memory")), card=_card(given.get("card"), device, what_if))
+
+
+# The model card's denoising steps, and the cases' default for experts deeper than SHALLOW_LAYERS: there one fp32
+# forward of an expert takes about half a minute on an H100, so a 40-step fp32 reference video would take 45
+# minutes per prompt; 4 steps still run each expert on two of its timesteps, as calibration does (docs/hardware.md).
+MODEL_CARD_STEPS, FULL_DEPTH_STEPS, SHALLOW_LAYERS = 40, 4, 8
+
+
+def default_steps(source: str, depth: int, video: bool = False) -> int:
+    """--steps when not given: 4 on the tiny model; the model card's 40 for a video a person watches (`generate`) and
+    on experts of up to SHALLOW_LAYERS layers; FULL_DEPTH_STEPS on deeper ones."""
+    if source == "tiny":
+        return 4
+    return MODEL_CARD_STEPS if video or depth <= SHALLOW_LAYERS else FULL_DEPTH_STEPS
+
+
+def _expert_depth(source: str, given: dict, path: str | None) -> int:
+    """The DiT experts' layers: --proxy-layers for the proxy, else the deepest expert's config."""
+    if source == "proxy":
+        return check_layers(given["proxy_layers"])
+    return max(config["num_layers"] for config in dit_configs(source, path).values())
 
 
 def _shapes(specs: str, source: str, path: str | None) -> tuple[VideoShape, ...]:
@@ -441,11 +477,34 @@ def _gpu_memory(value, device: str, what_if: bool) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 2:
         raise HarnessError(f"--gpu-memory {value!r}: give the card's memory in GiB, a number above 2 (e.g. 79.6 for "
                            "an H100 80GB)")
+    if what_if:
+        return float(value)
     if device == "cuda":
         total, has = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "this card has"
     else:
-        total, has = (None if what_if else meminfo("MemTotal")), "a --device cpu run has this machine's memory,"
-    if total is not None and value > total / GiB + 0.05:
+        total, has = meminfo("MemTotal"), "a --device cpu run has this machine's memory,"
+    if value > total / GiB + 0.05:
         raise HarnessError(f"--gpu-memory {value:g}: {has} {total / GiB:.1f} GiB; give at most that, or plan for "
                            "a bigger card with `python -m harness plan --device cpu --gpu-memory ...`")
     return float(value)
+
+
+def _host_memory(value) -> float | None:
+    """--host-memory in GiB: a finite number above zero."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise HarnessError(f"--host-memory {value!r}: give the runner's host memory in GiB, a number above 0 "
+                           "(e.g. 128)")
+    return float(value)
+
+
+def _card(name: str | None, device: str, what_if: bool) -> str | None:
+    """--card: one of thresholds.toml's [cards], named for a CUDA run (a CPU run has no card to time)."""
+    if name is None:
+        return None
+    flagged("--card", lambda n: check_choice("card", n, CARDS), name)
+    if device != "cuda" and not what_if:
+        raise HarnessError(f"--card {name} names the GPU a time estimate is for, and this run is on the CPU; drop it, "
+                           f"or plan for that card with `python -m harness plan --card {name}`")
+    return name
