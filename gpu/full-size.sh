@@ -10,14 +10,16 @@
 #   stored fp32 video it reads), umt5 (the 24-layer UMT5-XXL's bf16 drift from fp32, tests/test_models.py),
 #   calibrate (`python -m harness calibrate`: the stack's static fp8 scales into the cache, nothing timed; the entries
 #   are copied to RESULTS/calibration, to carry to the next machine as .cache/calibration, where perf reads them:
-#   its log and rows then say "cache hit")
+#   its log and rows then say "cache hit"), video (seconds per video: eager bf16 and torch-fp8 whole videos at 4 steps,
+#   alternating, the components taking turns where they must, each video's parts and moves; run calibrate first, so
+#   the static scales come from the cache)
 #   e.g. bash gpu/full-size.sh /tmp/r perf 40
 #   TAG=nvidia bash gpu/full-size.sh /tmp/r perf 40 --fp8-recipe=nvidia   (TAG names the variant's folder: perf-40-nvidia)
 #   bash gpu/full-size.sh /tmp/r calibrate 40 --shapes=720p, then (on this machine, or with the entries carried)
 #   bash gpu/full-size.sh /tmp/r perf 40 --shapes=720p   (the 720p static-scale gate from the cached scales)
 set -uo pipefail
 out=${1:?results folder}
-stage=${2:?perf, parity, quality, attribution, umt5 or calibrate}
+stage=${2:?perf, parity, quality, attribution, umt5, calibrate or video}
 layers=${3:?proxy layers}
 shift 3
 case "$stage" in
@@ -26,8 +28,9 @@ case "$stage" in
   quality) select=(-m quality -k "video_quality and prompt0" --steps=4) ;;
   attribution) select=(-m quality -k "drift_attribution" --steps=4 --attribution=bf16) ;;
   umt5) select=(tests/test_models.py -k "rounds_like_a_trained_one") ;;
+  video) select=(-m perf -k "test_speed and end_to_end" --steps=4 --perf-rounds=3) ;;
   calibrate) ;;
-  *) echo "unknown stage $stage: perf, parity, quality, attribution, umt5 or calibrate" >&2; exit 2 ;;
+  *) echo "unknown stage $stage: perf, parity, quality, attribution, umt5, calibrate or video" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # experts of 28.6 GB come and go: no fragments
@@ -42,8 +45,9 @@ if [ "$stage" = calibrate ]; then
   code=${PIPESTATUS[0]}
   mkdir -p "$out/calibration" && cp -r "${WAN_BENCH_CACHE:-.cache}/calibration/." "$out/calibration/"
 else
-  bash gpu/tier.sh "$out" "$run" "${select[@]}" "${stack[@]}" --backends=torch,torch-fp8 --candidate=torch-fp8 \
-    --fp8-scales=static --perf-rounds=5 "$@"
+  # --perf-rounds=5 first, so a stage's own (video: 3) and the caller's arguments come after it and win
+  bash gpu/tier.sh "$out" "$run" --perf-rounds=5 "${select[@]}" "${stack[@]}" --backends=torch,torch-fp8 \
+    --candidate=torch-fp8 --fp8-scales=static "$@"
   code=$?
 fi
 kill "$sampler"

@@ -283,25 +283,30 @@ def generate(model: WanModel, runners: Runners, prompt: str, *, shape: VideoShap
     scheduler.set_timesteps(steps, device=device)
     scheduler.set_begin_index(0)
 
-    def denoise(latents):
-        for step, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, unit="step"), 1):
-            name, guidance = expert_for(model, t)
-            runner = getattr(runners, name)
-            noise = (cfg_noise(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_batch)
-                     if cfg_group is None else
-                     cfg_noise_split(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_group))
-            at = dict(step=step, steps=len(scheduler.timesteps), timestep=t)
-            check_finite(noise, f"the {name} expert", **at)
-            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-            check_finite(latents, "the scheduler step", **at)
-            run.experts.append(name)
-            if keep_latents:
-                run.step_latents.append(latents.detach().cpu())
-        return latents
+    log.info("text encoded in %.2f s", run.stage_ms["text_encode"] / 1e3)
 
-    latents, run.stage_ms["denoise"] = timed_call(denoise, latents, device=device)
+    def denoise_step(latents, t, name, guidance):
+        runner = getattr(runners, name)
+        return (cfg_noise(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_batch)
+                if cfg_group is None else
+                cfg_noise_split(runner, latents, t, embeds[:1], embeds[1:], guidance, dtype, cfg_group))
+
+    # Each step timed on its own, so a video's time splits into its experts' (a step's sync is small beside it).
+    for step, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress, unit="step"), 1):
+        name, guidance = expert_for(model, t)
+        noise, ms = timed_call(denoise_step, latents, t, name, guidance, device=device)
+        run.stage_ms[f"{name}_steps"] = run.stage_ms.get(f"{name}_steps", 0.0) + ms
+        at = dict(step=step, steps=len(scheduler.timesteps), timestep=t)
+        check_finite(noise, f"the {name} expert", **at)
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        check_finite(latents, "the scheduler step", **at)
+        run.experts.append(name)
+        log.info("step %d of %d (%s, t=%g) in %.2f s", step, len(scheduler.timesteps), name, float(t), ms / 1e3)
+        if keep_latents:
+            run.step_latents.append(latents.detach().cpu())
     if decode_video:
         run.frames, run.stage_ms["vae_decode"] = timed_call(decode, model, runners.vae_decoder, latents,
                                                             PRECISIONS[precisions.vae_decoder], device=device)
         run.frames = run.frames.cpu()
+        log.info("decoded in %.2f s", run.stage_ms["vae_decode"] / 1e3)
     return run

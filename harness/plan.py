@@ -37,7 +37,7 @@ from harness.case import COMPONENTS, PRECISIONS, Case, eager_precision, is_dit, 
 from harness.errors import HarnessError
 from harness.memory import meminfo
 from harness.models import skeletons
-from harness.perf import WARMUP, perf_precision_of
+from harness.perf import VIDEO_WARMUP, WARMUP, perf_precision_of
 from harness.pipeline import (CALIBRATION_STEPS, PROMPTS, REFERENCE, Precisions,
                               under_test)
 from harness.recipes import expert_layers, quantized_blocks
@@ -455,14 +455,12 @@ class _Walk:
         if BACKENDS[backend].untimed or (is_quantized(precision) and stage in ("vae_decoder", "text_encoder")):
             return
         rounds, base = WARMUP + s.perf_rounds, eager_precision(precision)
-        if stage == "end_to_end":
-            if self.components_take_turns:
-                return  # skipped: a whole video moves the components (cases/test_perf.py)
+        if stage == "end_to_end":  # whole videos, each moving its components where they take turns
             first = len(self.phases)
             if self._video("torch", Precisions.as_run(base), None, kept=False) and \
                     self._video(backend, Precisions.as_run(precision), None, kept=False):
                 one = sum(p.seconds for p in self.phases[first:])
-                self._phase("end-to-end videos, timed", 0, seconds=(rounds - 1) * one)
+                self._phase("end-to-end videos, timed", 0, seconds=(VIDEO_WARMUP + s.perf_rounds - 1) * one)
             return
         component = "transformer" if stage == "cfg_step" else stage
         batch = s.cfg_batch if stage == "cfg_step" else 1

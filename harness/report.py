@@ -292,7 +292,8 @@ def _plain(value) -> str:
 # --- plots: PNG files next to summary.md, written atomically ---
 
 def write_plots(tables: dict[str, list[Row]], folder: Path) -> list[Path]:
-    """speedup.png (per backend and shape, with the gate) and error_vs_step.png, where rows exist."""
+    """speedup.png (per backend and shape, with the gate), video_breakdown.png (where a whole video's time goes,
+    eager beside the candidate) and error_vs_step.png, where rows exist."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on CI runners
@@ -303,10 +304,40 @@ def write_plots(tables: dict[str, list[Row]], folder: Path) -> list[Path]:
         quartiles = {(r.case, r.backend, r.metric, r.test): r.value for r in perf
                      if r.metric in ("speedup_q1", "speedup_q3")}
         written.append(_save(_speedup_figure(speedups, quartiles), Path(folder) / "speedup.png"))
+    videos = [r for r in perf if r.metric in VIDEO_BARS and r.value is not None]
+    if videos:
+        written.append(_save(_video_figure(videos), Path(folder) / "video_breakdown.png"))
     steps = [r for r in tables.get("parity", []) if STEP_METRIC.fullmatch(r.metric) and r.value is not None]
     if steps:
         written.append(_save(_step_figure(steps), Path(folder) / "error_vs_step.png"))
     return written
+
+
+# A whole video's parts, as harness/perf.py VideoBreakdown names its rows, stacked in the order they run.
+VIDEO_BARS = {"video_text_encode_s": "text encoding", "video_transformer_s": "high-noise expert's steps",
+              "video_transformer_2_s": "low-noise expert's steps", "video_vae_decode_s": "VAE decode",
+              "video_moves_s": "moves onto the card"}
+
+
+def _video_figure(rows: list[Row]):
+    """Stacked bars of each side's video time by part (medians of the timed videos), per case: eager beside the
+    candidate, so what fp8 buys in steps and in moves shows."""
+    import matplotlib.pyplot as plt
+
+    bars = list(dict.fromkeys((r.case, r.backend, r.test) for r in rows))
+    value = {(r.case, r.backend, r.test, r.metric): r.value for r in rows}
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(bars)), 4))
+    bottom = [0.0] * len(bars)
+    for metric, label in VIDEO_BARS.items():
+        heights = [value.get((*bar, metric), 0.0) for bar in bars]
+        ax.bar(range(len(bars)), heights, 0.6, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(range(len(bars)), [f"{backend}\n{case}" for case, backend, _ in bars], fontsize=7)
+    ax.set_ylabel("seconds per video (median of the timed videos)")
+    ax.set_title("where a whole video's time goes", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _speedup_figure(rows: list[Row], quartiles: dict[tuple[str, str, str, str], float]):

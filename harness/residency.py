@@ -56,6 +56,15 @@ def host_room(nbytes: int) -> bool:
     return available is not None and available - nbytes >= HOST_MARGIN
 
 
+@dataclass(frozen=True)
+class Move:
+    """One component coming onto the device: which, how many bytes, how long it took (a build counts as a move)."""
+
+    label: str
+    nbytes: int
+    seconds: float
+
+
 @dataclass(eq=False)
 class _Entry:
     module: torch.nn.Module
@@ -74,6 +83,7 @@ class Residency:
         self.device = torch.device(device)
         self._entries: dict[int, _Entry] = {}
         self.phase = "nothing on the device yet"
+        self.log: list[Move] = []  # every move so far, in order: a whole video's moves are reported with its time
 
     def manage(self, module: torch.nn.Module, label: str, recipe: Build) -> torch.nn.Module:
         """Take `module` (built on the meta device: structure and config, no weights) under management: it gets
@@ -96,7 +106,7 @@ class Residency:
     @property
     def moves(self) -> int:
         """How many times a component has come onto the device: a perf case checks none came while it timed."""
-        return sum(e.loads for e in self._entries.values())
+        return len(self.log)
 
     def manages(self, module: torch.nn.Module) -> bool:
         return id(module) in self._entries
@@ -127,9 +137,12 @@ class Residency:
         else:
             for name, t in _tensors(entry.module).items():
                 t.data = entry.host[name].to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies are queued: the move ends when they land
         entry.on_device, entry.loads = True, entry.loads + 1
         self.phase = f"running {entry.label}"
-        log.info("%s on %s in %.1f s (%s)", entry.label, self.device, time.perf_counter() - start,
+        self.log.append(Move(entry.label, entry.nbytes, time.perf_counter() - start))
+        log.info("%s on %s in %.1f s (%s)", entry.label, self.device, self.log[-1].seconds,
                  "from host memory" if entry.loads > 1 and entry.host is not None else "built")
 
     def _send_away(self, entry: _Entry) -> None:

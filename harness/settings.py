@@ -72,6 +72,8 @@ OPTIONS = (
                       "model card's, for experts of up to 8 layers and in `generate`, and 4 for deeper experts, where "
                       "40 fp32 steps take most of an hour per video)", type=int),
     Option("--speedup-gate", "minimum candidate/eager speed-up of one CFG step", 1.5, float),
+    Option("--video-gate", "minimum candidate/eager speed-up of one whole video, moves included (the end_to_end perf "
+                           "case; default: reported, not gated)", type=float),
     Option("--attribution", "comma-separated eager precisions (fp16, bf16) whose drift of the video the quality cases "
                             "attribute to the experts, the text encoder and the VAE: four more eager videos each "
                             "(default: none)"),
@@ -131,6 +133,7 @@ class Settings:
     shapes: tuple[VideoShape, ...] = ()
     steps: int = 4
     speedup_gate: float = 1.5
+    video_gate: float | None = None  # the end-to-end speed-up's gate, where one is asked for
     attribution: tuple[str, ...] = ()  # eager precisions whose video drift is attributed to the components
     results_dir: Path = Path("results")
     cache_dir: Path = Path(".cache")
@@ -156,6 +159,7 @@ class Settings:
                 "proxy layers": self.proxy_layers if self.source == "proxy" else None,
                 "backends": self.backends, "candidate": self.candidate, "precisions": self.precisions,
                 "shapes": self.shapes, "steps": self.steps, "speed-up gate": self.speedup_gate,
+                "video gate": self.video_gate,
                 "attribution": self.attribution or None,
                 "device": self.device, "perf rounds": self.perf_rounds, "perf precision": self.perf_precision,
                 "cfg batch": self.cfg_batch, "gpu memory (GiB)": self.gpu_memory,
@@ -209,7 +213,9 @@ def settings_from(values: dict) -> Settings:
         precisions=precisions, shapes=_shapes(given.get("shapes", DEFAULT_SHAPES[source]), source, path),
         steps=check_steps(given.get("steps", default_steps(source, _expert_depth(source, given, path),
                                                            bool(given.get("video"))))),
-        speedup_gate=_gate(given["speedup_gate"]), attribution=_attribution(given.get("attribution")),
+        speedup_gate=_gate(given["speedup_gate"]),
+        video_gate=None if given.get("video_gate") is None else _gate(given["video_gate"], "--video-gate"),
+        attribution=_attribution(given.get("attribution")),
         results_dir=_folder(given["results_dir"], "--results-dir"), cache_dir=cache_dir,
         device=device, perf_rounds=_positive(given["perf_rounds"], "--perf-rounds"),
         perf_precision=perf_precision,
@@ -461,11 +467,10 @@ def _opt_level(value) -> int:
     return value
 
 
-def _gate(value) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise HarnessError(f"--speedup-gate {value!r} must be a finite number > 0")
+def _gate(value, flag: str = "--speedup-gate") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise HarnessError(f"{flag} {value!r} must be a finite number > 0")
     return float(value)
-
 
 
 def _gpu_memory(value, device: str, what_if: bool) -> float | None:

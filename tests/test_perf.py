@@ -1,4 +1,5 @@
 """The gated path's rounds, seen from outside: the CFG-step perf case of cases/test_perf.py in its own pytest."""
+import csv
 import json
 import os
 import statistics
@@ -66,3 +67,60 @@ def test_the_gated_rounds_alternate_and_pytest_benchmark_cannot_change_them(benc
         assert bench["extra_info"]["candidate_median_ms"] == pytest.approx(statistics.median(candidate_s) * 1e3)
     else:
         assert not report.exists()
+
+
+VIDEO_PLAN = """
+import json, sys
+from harness.__main__ import collected_plan
+from harness.settings import settings_from
+settings = settings_from({"backends": "torch,onnxruntime", "precisions": "fp32", "perf_rounds": 2,
+                          "results_dir": sys.argv[1], "cache_dir": sys.argv[2]})
+print(json.dumps(collected_plan(settings, ["-k", "end_to_end", "cases/test_perf.py"]).needs))
+"""
+
+
+@pytest.mark.slow
+def test_a_whole_video_is_timed_in_both_regimes_with_its_moves_reported(tmp_path):
+    """Resident, a video moves nothing; where the components take turns (a card the plan says is too small for them
+    all), each video moves its components inside its time, and the rows say how many, how many GiB and how long;
+    the parts, the moves and the composed 40-step video are recorded for both sides."""
+    from harness.plan import GiB
+    from tests.helpers import pytest_session
+
+    done = run([sys.executable, "-c", VIDEO_PLAN, str(tmp_path / "plan"), str(tmp_path / "plan-cache")], timeout=300)
+    assert done.returncode == 0, done.stderr
+    needs = dict(json.loads(done.stdout.splitlines()[-1]))
+    turns = min(needs.values())
+    args = ["-m", "perf", "-k", "end_to_end", "--backends=torch,onnxruntime", "--precisions=fp32", "--perf-rounds=2",
+            "cases/test_perf.py"]
+    for name, card in (("resident", []), ("turns", [f"--gpu-memory={2 + turns * 1.01 / GiB!r}"])):
+        ran = pytest_session(tmp_path / name, *args, *card)
+        assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-2000:]
+        (folder,) = (tmp_path / name / "results").iterdir()
+        rows = {(r["backend"], r["metric"]): float(r["value"]) for r in csv.DictReader((folder / "perf.csv").open())
+                if r["value"]}
+        for side in ("torch", "onnxruntime"):
+            parts = sum(rows[(side, m)] for m in ("video_text_encode_s", "video_transformer_s",
+                                                   "video_transformer_2_s", "video_vae_decode_s", "video_moves_s"))
+            assert 0 < parts and rows[(side, "video_s_40_steps_composed")] > rows[(side, "video_transformer_s")]
+        # Eager's every component takes turns: three or four moves a video (the one left from the candidate's video,
+        # which runs only the VAE eagerly, stays); the candidate's own runners hold their graphs and never move.
+        moved = rows[("torch", "video_moves")]
+        assert moved == 0 if name == "resident" else (moved >= 3 and rows[("torch", "video_moved_gib")] > 0), rows
+        assert rows[("onnxruntime", "speedup")] > 0 and rows[("onnxruntime", "speedup_40_steps_composed")] > 0
+        assert (folder / "video_breakdown.png").is_file()
+
+
+def test_the_40_step_video_is_composed_from_each_experts_time_per_step_and_the_fixed_parts():
+    from harness.perf import VideoBreakdown
+    from harness.shapes import step_split
+
+    call = {"text_encode": 1.0, "transformer_steps": 4.0, "transformer_2_steps": 6.0, "vae_decode": 2.0,
+            "moves_s": 3.0, "moves": 4.0, "moved_gib": 50.0, "transformer_n": 2.0, "transformer_2_n": 2.0}
+    slow = {**call, "transformer_steps": 40.0}
+    breakdown = VideoBreakdown((call, slow, call), 0.875)
+    high, low = step_split(40)
+    assert breakdown.composed_40_steps() == pytest.approx(1 + 2 + 3 + high * 2.0 + low * 3.0)  # medians: 4 s a step pair
+    metrics = breakdown.metrics()
+    assert metrics["video_transformer_s"] == 4.0 and metrics["video_moves"] == 4.0 and metrics["video_moved_gib"] == 50
+    assert "composed, not measured" in breakdown.notes()["video_s_40_steps_composed"]

@@ -101,6 +101,10 @@ def test_rows_record_the_attention_kernel_and_the_options_their_backend_reads(tm
                                                                "torch,onnxruntime reads it; add one of torch-fp8, "
                                                                "modelopt, tensorrt, tensorrt_rtx"),
     ({"fp8_recipe": "middle"}, "--fp8-recipe 'middle': choose one of all-blocks, nvidia"),
+    ({"video_gate": 0.0}, "--video-gate 0.0 must be a finite number > 0"),
+    ({"video_gate": float("nan")}, "--video-gate nan must be a finite number > 0"),
+    ({"attribution": "fp8"}, "--attribution fp8: the drift attributed is eager PyTorch's against fp32"),
+    ({"attribution": "fp32"}, "--attribution fp32: the drift attributed is eager PyTorch's against fp32"),
     ({"fp8_recipe": "nvidia"}, "--fp8-recipe nvidia keeps blocks 0-2 and the last 3 of each expert in high precision, "
                                "so an expert of 2 layers would quantize nothing; use --fp8-recipe all-blocks"),
 ])
